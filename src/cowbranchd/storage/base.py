@@ -1,0 +1,145 @@
+"""The narrow storage-driver interface every copy-on-write backend implements.
+
+A pool holds *volumes* of two kinds, `bases` and `branches`, each a writable
+filesystem (ZFS dataset, btrfs subvolume) whose mountpoint holds `pgdata/`,
+plus read-only *snapshots* of volumes (`bases/shop@v3`, `branches/x@c-y`).
+Every volume carries string metadata written atomically with its creation,
+so `list()` can rebuild the whole inventory from storage alone.
+
+Drivers know nothing of PostgreSQL, gRPC or branch states: `meta` is an opaque
+str->str mapping to them. They may not start processes other than their own
+filesystem tools, and must never delete a volume a caller did not name.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+__all__ = ["Kind", "PoolUsage", "SnapshotRef", "StorageDriver", "Volume"]
+
+
+class Kind(enum.Enum):
+    BASES = "bases"
+    BRANCHES = "branches"
+
+
+@dataclass(frozen=True, order=True)
+class SnapshotRef:
+    """A read-only snapshot `snap` of the volume `kind/name`."""
+
+    kind: Kind
+    name: str
+    snap: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}/{self.name}@{self.snap}"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One volume as found on storage."""
+
+    kind: Kind
+    name: str
+    path: Path  # mountpoint; PostgreSQL data lives in path / "pgdata"
+    meta: Mapping[str, str]
+    snapshots: tuple[str, ...] = ()  # snapshot names of this volume, e.g. ("v1", "v2")
+    origin: SnapshotRef | None = None  # what it was cloned from, if known
+    # Snapshots of this volume that other volumes were cloned from and still
+    # depend on (ZFS); always empty on btrfs, whose snapshots are independent.
+    busy_snapshots: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    used_bytes: int
+    total_bytes: int
+
+
+class StorageDriver(abc.ABC):
+    """Snapshot/clone/destroy on one copy-on-write filesystem kind.
+
+    Capability flags tell callers what the filesystem gives for free.
+    """
+
+    kind: ClassVar[str]
+    # Clones keep their origin snapshot alive (ZFS): a snapshot with clones
+    # cannot be destroyed, so callers defer its removal (see destroy/gc).
+    clones_pin_snapshots: ClassVar[bool]
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise StorageError unless the pool exists on the right filesystem
+        and the tools/libraries are present; the message says what was found
+        and what is needed."""
+
+    @abc.abstractmethod
+    def ensure_layout(self) -> None:
+        """Create `bases/`, `branches/`, `.staging/`, `.trash/` if missing."""
+
+    @abc.abstractmethod
+    def create_volume(self, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        """Create an empty writable volume with `meta`; return its mountpoint.
+
+        Raise AlreadyExists if it exists. The volume is listed from the moment
+        it exists, with `meta` already on it (callers write state=creating).
+        """
+
+    @abc.abstractmethod
+    def snapshot(self, kind: Kind, name: str, snap: str) -> SnapshotRef:
+        """Take a read-only, crash-consistent snapshot `snap` of a volume.
+
+        NotFound if the volume is missing, AlreadyExists if `snap` exists."""
+
+    @abc.abstractmethod
+    def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        """Make a writable clone of `source` as `kind/name` with `meta`.
+
+        Atomic: on return the clone is in place with its metadata; after a
+        crash mid-way it is either absent or only under `.staging/` (which
+        gc() removes). AlreadyExists if `kind/name` exists, NotFound if
+        `source` does not. Returns the clone's mountpoint."""
+
+    @abc.abstractmethod
+    def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
+        """Merge `meta` into a volume's metadata (a value of "" removes the
+        key), durably. NotFound if the volume is missing."""
+
+    @abc.abstractmethod
+    def destroy(self, kind: Kind, name: str) -> None:
+        """Remove a volume and all its snapshots. Missing is success.
+
+        Moves it into `.trash/` first, then destroys it. When other volumes
+        still depend on one of its snapshots (ZFS), it stays in `.trash/`
+        until gc() finds it free. Never called under a live postmaster: the
+        caller stops postgres first (btrfs would not refuse)."""
+
+    @abc.abstractmethod
+    def destroy_snapshot(self, ref: SnapshotRef) -> bool:
+        """Remove one snapshot. Missing is success (True). Returns False and
+        keeps it when clones still depend on it."""
+
+    @abc.abstractmethod
+    def list(self) -> list[Volume]:
+        """Every volume under `bases/` and `branches/`, from storage alone.
+
+        Excludes `.staging/` and `.trash/`."""
+
+    @abc.abstractmethod
+    def usage(self, kind: Kind, name: str) -> int:
+        """Bytes a volume holds that its origin does not (written bytes) —
+        an estimate is fine where the filesystem cannot tell exactly."""
+
+    @abc.abstractmethod
+    def pool_usage(self) -> PoolUsage:
+        """Used and total bytes of the pool's filesystem."""
+
+    @abc.abstractmethod
+    def gc(self) -> list[str]:
+        """Remove leftovers: everything in `.staging/`, everything in
+        `.trash/` that nothing depends on any more. Return what was removed."""
