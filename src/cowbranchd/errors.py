@@ -65,6 +65,7 @@ class InvalidArgument(CowbranchError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}" if field else problem)
         self.field = field
+        self.problem = problem
 
 
 class NotFound(CowbranchError):

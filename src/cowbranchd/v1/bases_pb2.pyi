@@ -305,16 +305,23 @@ class CreateBaseVersionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARENT_FIELD_NUMBER: _builtins.int
+    DATA_DIRECTORY_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`bases/{base}`."""
+    data_directory: _builtins.str
+    """Optional: absolute path of a cleanly shut down data directory whose
+    contents replace the base's before the snapshot (refresh from a new
+    dump or a migrated copy). Empty: snapshot the base as it is.
+    """
     def __init__(
         self,
         *,
         parent: _builtins.str = ...,
+        data_directory: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_directory", b"data_directory", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,245 @@
+"""PostgreSQL data directories at rest: binaries, version, control state, pid file.
+
+Everything here works on files while no postmaster is involved (or reads what a
+postmaster left behind); nothing here spawns a server or knows about storage.
+The public names are re-exported by `cowbranchd.postgres`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from ._run import run
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+
+__all__ = [
+    "DAEMON_OWNED_SETTINGS",
+    "Binaries",
+    "PidFile",
+    "check_clean_shutdown",
+    "find_binaries",
+    "installed_versions",
+    "pg_version",
+    "prepare_clone",
+    "read_pid_file",
+    "validate_settings",
+]
+
+log = structlog.get_logger("cowbranchd.postgres")
+
+# Settings the daemon sets itself on every start, or that would move files, logs
+# or sockets out from under it. A client may not override them per branch.
+DAEMON_OWNED_SETTINGS = frozenset(
+    {
+        "archive_command",
+        "archive_library",
+        "archive_mode",
+        "config_file",
+        "data_directory",
+        "external_pid_file",
+        "hba_file",
+        "ident_file",
+        "listen_addresses",
+        "log_destination",
+        "logging_collector",
+        "max_logical_replication_workers",
+        "port",
+        "restore_command",
+        "unix_socket_directories",
+        "unix_socket_group",
+        "unix_socket_permissions",
+    }
+)
+_SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_.]*$")
+_MAX_NAME = 63  # NAMEDATALEN - 1: postgres truncates longer names anyway
+_MAX_VALUE = 4096
+_MAX_SETTINGS = 200
+
+_CLUSTER_STATE = re.compile(r"^Database cluster state:\s*(.+?)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """One installed PostgreSQL major version: where its programs live."""
+
+    major: int
+    bindir: str
+
+    @property
+    def postgres(self) -> str:
+        return os.path.join(self.bindir, "postgres")
+
+    @property
+    def initdb(self) -> str:
+        return os.path.join(self.bindir, "initdb")
+
+    @property
+    def pg_controldata(self) -> str:
+        return os.path.join(self.bindir, "pg_controldata")
+
+    @property
+    def psql(self) -> str:
+        return os.path.join(self.bindir, "psql")
+
+
+def _is_complete(bindir: str) -> bool:
+    return all(
+        os.access(os.path.join(bindir, prog), os.X_OK)
+        for prog in ("postgres", "initdb", "pg_controldata")
+    )
+
+
+def installed_versions(bin_dirs: Sequence[str]) -> list[int]:
+    """Major versions with a complete set of binaries under any `{version}` template."""
+    found: set[int] = set()
+    for template in bin_dirs:
+        if "{version}" not in template:
+            continue
+        head, _, tail = template.partition("{version}")
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + r"$")
+        for path in glob.glob(glob.escape(head) + "*" + glob.escape(tail)):
+            m = pattern.match(path)
+            if m and _is_complete(path):
+                found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def find_binaries(major: int, bin_dirs: Sequence[str]) -> Binaries:
+    """The binaries of PostgreSQL `major`, from the first template that has them all."""
+    for template in bin_dirs:
+        bindir = template.format(version=major)
+        if _is_complete(bindir):
+            return Binaries(major=major, bindir=bindir)
+    installed = ", ".join(map(str, installed_versions(bin_dirs))) or "none"
+    raise NotFound(
+        f"PostgreSQL {major} is needed but not installed "
+        f"(installed: {installed}; searched {', '.join(bin_dirs)})"
+    )
+
+
+def pg_version(pgdata: str | os.PathLike[str]) -> int:
+    """The major version a data directory was created by, from its PG_VERSION file."""
+    path = Path(pgdata, "PG_VERSION")
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise FailedPrecondition(f"{pgdata} is not a PostgreSQL data directory") from None
+    if not text.isdigit():
+        # "9.6" and older: the daemon relies on PG_VERSION being the major alone (10+).
+        raise FailedPrecondition(f"{path}: unsupported PostgreSQL version {text!r}")
+    return int(text)
+
+
+def check_clean_shutdown(pgdata: str | os.PathLike[str], binaries: Binaries) -> None:
+    """Raise FailedPrecondition unless pg_controldata says the cluster was shut down."""
+    # LC_ALL=C: the labels and states are translated otherwise.
+    proc = run([binaries.pg_controldata, "-D", os.fspath(pgdata)], env={"LC_ALL": "C"})
+    m = _CLUSTER_STATE.search(proc.stdout)
+    if m is None:
+        raise FailedPrecondition(f"{pgdata}: pg_controldata shows no cluster state")
+    state = m.group(1)
+    if state != "shut down":
+        raise FailedPrecondition(
+            f"{pgdata} was not shut down cleanly (cluster state: {state!r}); "
+            "stop its postgres with a fast shutdown first"
+        )
+
+
+def prepare_clone(pgdata: str | os.PathLike[str]) -> None:
+    """Make a fresh clone startable as a primary of its own.
+
+    Removes the parent's postmaster.pid, recovery/standby signal files and
+    replication slots (a slot would pin WAL forever in a branch). Only the top
+    level and pg_replslot are listed: no walk, so cost is independent of size.
+    """
+    root = Path(pgdata)
+    # recovery.conf: PG 12+ refuses to start while it exists.
+    for name in ("postmaster.pid", "recovery.conf"):
+        root.joinpath(name).unlink(missing_ok=True)
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.endswith(".signal") and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+    try:
+        with os.scandir(root / "pg_replslot") as slots:
+            for slot in slots:
+                if slot.is_dir(follow_symlinks=False):
+                    shutil.rmtree(slot.path)
+                else:
+                    os.unlink(slot.path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass(frozen=True)
+class PidFile:
+    """What a postmaster wrote to postmaster.pid (see pidfile.h)."""
+
+    pid: int
+    data_dir: str
+    start_time: int  # epoch seconds
+    port: int
+    socket_dir: str
+    listen_addresses: str
+    status: str  # "starting", "ready", "stopping", "standby", "" before known
+
+
+def read_pid_file(pgdata: str | os.PathLike[str]) -> PidFile | None:
+    """Parse postmaster.pid; None if absent or still being written."""
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid"), "rb") as f:
+            raw = f.read(4096)
+    except FileNotFoundError:
+        return None
+    lines = raw.decode(errors="replace").split("\n")
+    if len(lines) < 4 or not lines[0].strip().isdigit():
+        return None
+
+    def line(n: int) -> str:
+        return lines[n - 1].strip() if len(lines) >= n else ""
+
+    try:
+        return PidFile(
+            pid=int(line(1)),
+            data_dir=line(2),
+            start_time=int(line(3) or 0),
+            port=int(line(4) or 0),
+            socket_dir=line(5),
+            listen_addresses=line(6),
+            status=line(8),
+        )
+    except ValueError:
+        return None
+
+
+def validate_settings(settings: Mapping[str, str]) -> None:
+    """Raise InvalidArgument("postgres_settings", ...) for a setting a client may not pass."""
+    if len(settings) > _MAX_SETTINGS:
+        raise InvalidArgument("postgres_settings", f"more than {_MAX_SETTINGS} settings")
+    for name, value in settings.items():
+        if not isinstance(name, str) or not _SETTING_NAME.match(name) or len(name) > _MAX_NAME:
+            raise InvalidArgument(
+                "postgres_settings",
+                f"{name!r} is not a setting name (lower case, ^[a-z_][a-z0-9_.]*$, "
+                f"at most {_MAX_NAME} characters)",
+            )
+        if name in DAEMON_OWNED_SETTINGS:
+            raise InvalidArgument("postgres_settings", f"{name} is set by cowbranchd")
+        if not isinstance(value, str):
+            raise InvalidArgument("postgres_settings", f"{name}: value must be a string")
+        if any(c in value for c in "\0\n\r"):
+            raise InvalidArgument(
+                "postgres_settings", f"{name}: value contains NUL or a line break"
+            )
+        if len(value) > _MAX_VALUE:
+            raise InvalidArgument(
+                "postgres_settings", f"{name}: value longer than {_MAX_VALUE} characters"
+            )

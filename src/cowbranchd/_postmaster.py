@@ -1,0 +1,367 @@
+"""Postmaster processes: spawn one on a data directory, wait until it answers, adopt, stop.
+
+Nothing here knows about storage or gRPC. `postgres` is started directly (not
+pg_ctl, whose wait loop sleeps 100 ms) and watched without coarse sleeps: the
+postmaster's own status line in postmaster.pid says when it is ready, a waiter
+thread per child says at once when it died, and `SELECT 1` confirms.
+
+Children are reaped by that waiter thread, so a postmaster that dies on its
+own never lingers as a zombie in the long-lived daemon. Postmasters adopted
+after a daemon restart are not our children: they are signalled and watched
+through a pidfd, which also rules out signalling a recycled pid.
+The public names are re-exported by `cowbranchd.postgres`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pwd
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import psutil
+import psycopg
+import structlog
+
+from ._pgdata import Binaries, read_pid_file, validate_settings
+from .errors import PostgresError
+
+__all__ = ["PortInUse", "Postmaster", "find_postmaster", "start", "stop"]
+
+log = structlog.get_logger("cowbranchd.postgres")
+
+_POLL_INTERVAL = 0.001  # postmaster.pid is re-read this often while starting
+_LOG_TAIL_LINES = 30
+_CREATE_TIME_SLACK = 2.0  # postmaster.pid holds whole seconds; psutil derives from boot time
+# Defaults a branch may override: they change cost, never query semantics.
+_START_DEFAULTS = {
+    # A crash-consistent clone (snapshot of a running branch) otherwise fsyncs
+    # every file of the data directory before redo; syncfs is one call.
+    "recovery_init_sync_method": "syncfs",
+}
+_BIND_FAILED = ("could not bind", "Address already in use", "could not create any TCP/IP")
+
+
+class PortInUse(PostgresError):
+    """The postmaster could not listen on its port; retry on another one."""
+
+
+@dataclass(frozen=True)
+class _Child:
+    proc: subprocess.Popen[bytes]
+    exited: threading.Event
+
+
+# Postmasters this process spawned and has not reaped yet, by pid.
+_children: dict[int, _Child] = {}
+_children_lock = threading.Lock()
+
+
+def _reap(child: _Child) -> None:
+    child.proc.wait()
+    with _children_lock:
+        if _children.get(child.proc.pid) is child:
+            del _children[child.proc.pid]
+    child.exited.set()
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    """A running postmaster: ours (spawned here) or adopted from postmaster.pid."""
+
+    pid: int
+    create_time: float  # psutil's, to tell this process from a later one with its pid
+    port: int
+    socket_dir: str
+    pgdata: str
+    # Set by the reaper thread once our child is gone and reaped; None if adopted.
+    _exited: threading.Event | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_child(self) -> bool:
+        return self._exited is not None
+
+
+def _child_env() -> dict[str, str]:
+    # systemd's notify/socket-activation/watchdog variables belong to the daemon;
+    # libpq's PG* variables would leak into the server's own connections (dblink, fdw).
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k != "NOTIFY_SOCKET"
+        and not k.startswith(("LISTEN_", "WATCHDOG_"))
+        and not (k.startswith("PG") and not k.startswith("PG_"))
+    }
+
+
+def _ensure_socket_dir(socket_dir: str, user: pwd.struct_passwd) -> None:
+    # Local connections are trusted: this directory's mode is the access gate.
+    os.makedirs(socket_dir, mode=0o750, exist_ok=True)
+    os.chown(socket_dir, user.pw_uid, user.pw_gid)
+    os.chmod(socket_dir, 0o750)
+
+
+def _read_log(log_path: str, offset: int) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(offset, size - 65536))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(text: str) -> str:
+    return "\n".join(text.rstrip("\n").split("\n")[-_LOG_TAIL_LINES:])
+
+
+def _port_bound_elsewhere(listen_addresses: str, port: int) -> bool:
+    # Language-independent check (log messages may be translated): can we bind
+    # the port the way postgres does (SO_REUSEADDR on)?
+    hosts = [h.strip() for h in listen_addresses.split(",") if h.strip()]
+    for host in hosts:
+        addr = "" if host in ("*", "0.0.0.0") else host
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((addr, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _probe(ready_dsn: str, exited: threading.Event, deadline: float) -> None:
+    """Run SELECT 1 through `ready_dsn`, retrying only while the server is starting."""
+    while True:
+        timeout = max(2, int(deadline - time.monotonic()) + 1)
+        try:
+            with psycopg.connect(ready_dsn, connect_timeout=timeout, autocommit=True) as conn:
+                conn.execute("SELECT 1").fetchone()
+            return
+        except psycopg.OperationalError as exc:
+            # 57P03 cannot_connect_now: still starting; no sqlstate: not reachable yet.
+            if exc.sqlstate not in (None, "57P03") or time.monotonic() > deadline:
+                raise
+        if exited.wait(_POLL_INTERVAL):
+            return  # the caller sees the exit
+
+
+def start(
+    pgdata: str,
+    *,
+    binaries: Binaries,
+    os_user: str,
+    port: int,
+    socket_dir: str,
+    listen_addresses: str,
+    settings: Mapping[str, str],
+    log_path: str,
+    ready_dsn: str,
+    ready_timeout: float = 60.0,
+) -> Postmaster:
+    """Spawn postgres on `pgdata` and return once `SELECT 1` through `ready_dsn` worked.
+
+    Raises PortInUse if it could not listen on `port`, PostgresError (with the
+    tail of `log_path`) if it exited or was not ready within `ready_timeout`;
+    in both cases nothing is left running.
+    """
+    validate_settings(settings)
+    user = pwd.getpwnam(os_user)
+    _ensure_socket_dir(socket_dir, user)
+    overrides = {
+        **_START_DEFAULTS,
+        **settings,
+        "port": str(port),
+        "unix_socket_directories": socket_dir,
+        "listen_addresses": listen_addresses,
+        "archive_mode": "off",
+        "max_logical_replication_workers": "0",
+    }
+    argv = [binaries.postgres, "-D", pgdata]
+    for name, value in overrides.items():
+        argv += ["-c", f"{name}={value}"]
+    started = time.perf_counter()
+    # The daemon (root) opens the log; postgres only inherits the descriptor.
+    with open(log_path, "ab") as log_file:
+        offset = log_file.tell()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            env=_child_env(),
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+            start_new_session=True,  # own process group: killpg reaches every backend
+        )
+    child = _Child(proc, threading.Event())
+    with _children_lock:
+        _children[proc.pid] = child
+    threading.Thread(target=_reap, args=(child,), name=f"reap-{proc.pid}", daemon=True).start()
+    spawned = time.perf_counter()
+
+    def fail(message: str, error: type[PostgresError] = PostgresError) -> PostgresError:
+        stop(pm, fast_timeout=0)
+        return error(f"postgres on {pgdata} port {port}: {message}", _tail(_read_log(log_path, offset)))
+
+    try:
+        ctime = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        ctime = time.time()  # already gone; the wait below reports the exit
+    pm = Postmaster(proc.pid, ctime, port, socket_dir, pgdata, child.exited)
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if child.exited.wait(_POLL_INTERVAL):
+            text = _read_log(log_path, offset)
+            error = PostgresError
+            if any(s in text for s in _BIND_FAILED) or _port_bound_elsewhere(
+                listen_addresses, port
+            ):
+                error = PortInUse
+            raise fail(f"exited with code {proc.returncode} while starting", error)
+        status = read_pid_file(pgdata)
+        if status is not None and status.pid == proc.pid and status.status == "ready":
+            break
+        if time.monotonic() > deadline:
+            raise fail(f"not ready within {ready_timeout}s")
+    pid_ready = time.perf_counter()
+    try:
+        _probe(ready_dsn, child.exited, deadline)
+    except psycopg.Error as exc:
+        raise fail(f"SELECT 1 failed: {exc}") from exc
+    if child.exited.is_set():
+        raise fail(f"exited with code {proc.returncode} while starting")
+    # With several listen addresses postgres starts if any one of them binds;
+    # a client could then reach whoever holds the others.
+    if any(s in _read_log(log_path, offset) for s in _BIND_FAILED[:2]):
+        raise fail("could not bind every listen address", PortInUse)
+    log.debug(
+        "postgres started",
+        pgdata=pgdata,
+        pid=proc.pid,
+        port=port,
+        spawn_ms=round((spawned - started) * 1000, 2),
+        pidfile_ready_ms=round((pid_ready - started) * 1000, 2),
+        select1_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return pm
+
+
+def find_postmaster(pgdata: str) -> Postmaster | None:
+    """The live postmaster that postmaster.pid in `pgdata` names, or None if stale.
+
+    Live means: the pid exists and is not a zombie, the process is postgres,
+    its working directory is `pgdata` and it started when the pid file says.
+    """
+    status = read_pid_file(pgdata)
+    if status is None:
+        return None
+    try:
+        proc = psutil.Process(status.pid)
+        with proc.oneshot():
+            name = proc.name()
+            state = proc.status()
+            ctime = proc.create_time()
+            cwd = proc.cwd()
+    except psutil.Error:
+        return None
+    if (
+        state == psutil.STATUS_ZOMBIE
+        or name not in ("postgres", "postmaster")
+        or abs(ctime - status.start_time) > _CREATE_TIME_SLACK
+        or os.path.realpath(cwd) != os.path.realpath(pgdata)
+    ):
+        return None
+    with _children_lock:
+        child = _children.get(status.pid)
+    exited = child.exited if child is not None else None
+    return Postmaster(status.pid, ctime, status.port, status.socket_dir, pgdata, exited)
+
+
+def _postmaster_for_pid(pid: int) -> Postmaster | None:
+    with _children_lock:
+        child = _children.get(pid)
+    try:
+        proc = psutil.Process(pid)
+        ctime = proc.create_time()
+        if child is None and proc.name() not in ("postgres", "postmaster"):
+            return None
+    except psutil.Error:
+        ctime = 0.0  # gone (or a zombie child: its reaper finishes it)
+        if child is None:
+            return None
+    exited = child.exited if child is not None else None
+    return Postmaster(pid, ctime, 0, "", "", exited)
+
+
+def _wait_gone(pm: Postmaster, pidfd: int, timeout: float) -> bool:
+    if pm._exited is not None:
+        return pm._exited.wait(timeout)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def stop(
+    postmaster: Postmaster | int,
+    *,
+    fast_timeout: float = 10.0,
+    immediate_timeout: float = 10.0,
+    kill_timeout: float = 10.0,
+) -> None:
+    """Stop a postmaster and return once it is gone (and reaped, if ours).
+
+    Fast shutdown (SIGINT, a shutdown checkpoint, clean state) for up to
+    `fast_timeout` (0 skips it), then immediate (SIGQUIT), then SIGKILL of its
+    whole process group. A postmaster that is already gone is success.
+    """
+    pm = postmaster if isinstance(postmaster, Postmaster) else _postmaster_for_pid(postmaster)
+    if pm is None:
+        return
+    try:
+        pidfd = os.pidfd_open(pm.pid)
+    except ProcessLookupError:
+        if pm._exited is not None:
+            pm._exited.wait()
+        return
+    try:
+        with contextlib.suppress(psutil.Error):
+            # The pidfd pins this process; make sure it is still the one we mean.
+            if pm.create_time and psutil.Process(pm.pid).create_time() != pm.create_time:
+                return
+        steps = [(signal.SIGINT, fast_timeout)] if fast_timeout > 0 else []
+        steps += [(signal.SIGQUIT, immediate_timeout), (signal.SIGKILL, kill_timeout)]
+        for sig, timeout in steps:
+            if _wait_gone(pm, pidfd, 0):
+                return
+            if sig == signal.SIGKILL:
+                _kill_group(pm.pid, pidfd)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, sig)
+            if _wait_gone(pm, pidfd, timeout):
+                log.debug("postgres stopped", pid=pm.pid, signal=sig.name)
+                return
+        raise PostgresError(f"postgres pid {pm.pid} survived SIGKILL for {kill_timeout}s")
+    finally:
+        os.close(pidfd)
+
+
+def _kill_group(pid: int, pidfd: int) -> None:
+    # Backends outlive a SIGKILLed postmaster for a moment; they share its group.
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)

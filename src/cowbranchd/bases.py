@@ -1,0 +1,306 @@
+"""Bases: golden, cleanly shut down PostgreSQL data directories in the pool,
+with immutable numbered versions (storage snapshots `v<n>`).
+
+Creating a base runs `initdb` or copies an existing data directory into a new
+volume, owns it by the configured OS user once (clones inherit ownership and
+are never chowned), and snapshots it as version 1. This module orchestrates;
+it does not speak gRPC and does not run branch postmasters.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import structlog
+
+from . import postgres
+from ._revert import Revert
+from ._run import run
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .inventory import BaseEntry, BranchEntry, Context
+from .model import BaseRecord, Parent, State, now, validate_id, validate_labels
+from .storage.base import Kind, SnapshotRef
+
+__all__ = ["Bases", "InitdbSpec"]
+
+log = structlog.get_logger("cowbranchd.bases")
+
+PG_HBA = """\
+# Written by cowbranchd for every branch of this base.
+local   all   all                 trust
+host    all   all   0.0.0.0/0     scram-sha-256
+host    all   all   ::/0          scram-sha-256
+"""
+
+
+@dataclass(frozen=True)
+class InitdbSpec:
+    database: str = ""
+    pg_version: int = 0
+    init_sql: str = ""
+
+
+def version_snap(version: int) -> str:
+    return f"v{version}"
+
+
+def validate_data_directory(field_name: str, value: str) -> Path:
+    """An absolute, normalised path of an existing PostgreSQL data directory."""
+    if not value.startswith("/"):
+        raise InvalidArgument(field_name, f"{value[:200]!r} is not an absolute path")
+    if "\x00" in value or len(value) > 4096:
+        raise InvalidArgument(field_name, "is not a usable path")
+    if ".." in Path(value).parts or os.path.normpath(value) != value.rstrip("/") and value != "/":
+        raise InvalidArgument(field_name, f"{value[:200]!r} must be normalised (no '..', '.' or '//')")
+    path = Path(value)
+    if not path.is_dir():
+        raise InvalidArgument(field_name, f"{value} is not a directory")
+    if not (path / "PG_VERSION").is_file():
+        raise InvalidArgument(field_name, f"{value} is not a PostgreSQL data directory (no PG_VERSION)")
+    return path
+
+
+class Bases:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._creating: set[str] = set()
+
+    # -- queries -------------------------------------------------------------
+
+    def get(self, base_id: str) -> BaseEntry:
+        with self.ctx.inventory.lock:
+            entry = self.ctx.inventory.bases.get(base_id)
+        if entry is None:
+            raise NotFound(f"bases/{base_id} does not exist")
+        return entry
+
+    def list(self) -> list[BaseEntry]:
+        with self.ctx.inventory.lock:
+            return sorted(self.ctx.inventory.bases.values(), key=lambda e: e.record.base_id)
+
+    def branch_counts(self, base_id: str) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        with self.ctx.inventory.lock:
+            for child in self.ctx.inventory.children_of(Kind.BASES, base_id):
+                source = child.source
+                if source is not None and source.snap.startswith("v"):
+                    version = int(source.snap[1:])
+                    counts[version] = counts.get(version, 0) + 1
+        return counts
+
+    def resolve(self, parent: Parent) -> tuple[BaseRecord, SnapshotRef]:
+        """The base record and the version snapshot a branch of `parent` clones."""
+        assert parent.base is not None
+        record = self.get(parent.base).record
+        version = parent.version if parent.version is not None else record.latest_version
+        if version is None or version not in record.versions:
+            raise NotFound(f"bases/{parent.base}/versions/{parent.version} does not exist")
+        return record, SnapshotRef(Kind.BASES, record.base_id, version_snap(version))
+
+    # -- create --------------------------------------------------------------
+
+    def create(
+        self,
+        base_id: str,
+        *,
+        initdb: InitdbSpec | None = None,
+        data_directory: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> BaseRecord:
+        validate_id("base_id", base_id)
+        labels = validate_labels("labels", labels or {})
+        source_dir = validate_data_directory("data_directory", data_directory) if data_directory else None
+        if source_dir is None and initdb is None:
+            initdb = InitdbSpec()
+        if initdb is not None and initdb.database:
+            validate_id("initdb.database", initdb.database.replace("_", "-"))
+        pg_cfg = self.ctx.config.postgres
+        if source_dir is not None:
+            major = postgres.pg_version(source_dir)
+        else:
+            assert initdb is not None
+            installed = postgres.installed_versions(pg_cfg.bin_dirs)
+            major = initdb.pg_version or (max(installed) if installed else 0)
+        binaries = postgres.find_binaries(major, pg_cfg.bin_dirs)
+        if source_dir is not None:
+            postgres.check_clean_shutdown(source_dir, binaries)
+
+        inv = self.ctx.inventory
+        with inv.lock:
+            if base_id in inv.bases or base_id in self._creating:
+                raise AlreadyExists(f"bases/{base_id} already exists")
+            self._creating.add(base_id)
+        try:
+            return self._build(base_id, major, binaries, initdb, source_dir, labels)
+        finally:
+            with inv.lock:
+                self._creating.discard(base_id)
+
+    def _build(
+        self,
+        base_id: str,
+        major: int,
+        binaries: postgres.Binaries,
+        initdb: InitdbSpec | None,
+        source_dir: Path | None,
+        labels: dict[str, str],
+    ) -> BaseRecord:
+        pg_cfg = self.ctx.config.postgres
+        driver = self.ctx.driver
+        record = BaseRecord(
+            base_id=base_id,
+            state=State.CREATING,
+            create_time=now(),
+            pg_version=major,
+            user="postgres",
+            password=secrets.token_urlsafe(18),
+            database=(initdb.database if initdb and initdb.database else "postgres"),
+            labels=labels,
+        )
+        with Revert() as undo:
+            path = driver.create_volume(Kind.BASES, base_id, record.to_meta())
+            undo.add("destroy base volume", lambda: driver.destroy(Kind.BASES, base_id))
+            os.chmod(path, 0o755)
+            pgdata = path / "pgdata"
+            if source_dir is not None:
+                self._copy_in(source_dir, pgdata, binaries, record)
+            else:
+                assert initdb is not None
+                postgres.initdb(
+                    pgdata,
+                    binaries,
+                    os_user=pg_cfg.os_user,
+                    superuser=record.user,
+                    password=record.password,
+                    database=initdb.database or None,
+                    init_sql=initdb.init_sql or None,
+                )
+            postgres.check_clean_shutdown(pgdata, binaries)
+            driver.snapshot(Kind.BASES, base_id, version_snap(1))
+            record = record.evolve(state=State.READY, versions={1: now()})
+            driver.set_meta(Kind.BASES, base_id, record.to_meta())
+            undo.success()
+        with self.ctx.inventory.lock:
+            self.ctx.inventory.bases[base_id] = BaseEntry(record=record, path=path)
+        log.info("base_created", base=base_id, pg_version=major, source=str(source_dir or "initdb"))
+        return record
+
+    def _copy_in(
+        self, source_dir: Path, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord
+    ) -> None:
+        """Copy a clean data directory in (source untouched), own it once, and
+        make it answer with this base's credentials."""
+        pg_cfg = self.ctx.config.postgres
+        pgdata.mkdir(mode=0o700)
+        run(["cp", "-a", "--reflink=auto", f"{source_dir}/.", str(pgdata)], timeout=None)
+        run(["chown", "-R", f"{pg_cfg.os_user}:", str(pgdata)])
+        os.chmod(pgdata, 0o700)
+        (pgdata / "pg_hba.conf").write_text(PG_HBA)
+        shutil.chown(pgdata / "pg_hba.conf", pg_cfg.os_user)
+        postgres.prepare_clone(pgdata)
+        self._set_password(pgdata, binaries, record)
+
+    def _set_password(self, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord) -> None:
+        pg_cfg = self.ctx.config.postgres
+        socket_dir = self.ctx.socket_dir(f"base-{record.base_id}")
+        port = self.ctx.ports.allocate()
+        try:
+            master = postgres.start(
+                pgdata,
+                binaries=binaries,
+                os_user=pg_cfg.os_user,
+                port=port,
+                socket_dir=socket_dir,
+                listen_addresses="",
+                settings={},
+                log_path=self.ctx.log_path(f"base-{record.base_id}"),
+                ready_timeout=pg_cfg.start_timeout.total_seconds(),
+                check_dsn=None,
+            )
+            try:
+                with psycopg.connect(
+                    host=str(socket_dir), port=port, user=record.user, dbname="postgres",
+                    autocommit=True,
+                ) as conn:
+                    conn.execute(
+                        psycopg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                            psycopg.sql.Identifier(record.user), psycopg.sql.Literal(record.password)
+                        )
+                    )
+            except psycopg.OperationalError as exc:
+                raise FailedPrecondition(
+                    f"the data directory has no superuser role {record.user!r} reachable over "
+                    f"its local socket: {exc}"
+                ) from exc
+            finally:
+                postgres.stop(master)
+        finally:
+            self.ctx.ports.release(port)
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+    # -- versions ------------------------------------------------------------
+
+    def create_version(self, base_id: str, data_directory: str = "") -> tuple[BaseRecord, int]:
+        validate_id("parent", base_id)
+        source_dir = validate_data_directory("data_directory", data_directory) if data_directory else None
+        entry = self.get(base_id)
+        with entry.lock:
+            record = entry.record
+            binaries = postgres.find_binaries(record.pg_version, self.ctx.config.postgres.bin_dirs)
+            pgdata = entry.path / "pgdata"
+            if source_dir is not None:
+                if postgres.pg_version(source_dir) != record.pg_version:
+                    raise FailedPrecondition(
+                        f"{source_dir} is PostgreSQL {postgres.pg_version(source_dir)}, "
+                        f"bases/{base_id} is {record.pg_version}"
+                    )
+                postgres.check_clean_shutdown(source_dir, binaries)
+                run(["rm", "-rf", "--one-file-system", str(pgdata)])
+                self._copy_in(source_dir, pgdata, binaries, record)
+            postgres.check_clean_shutdown(pgdata, binaries)
+            version = (record.latest_version or 0) + 1
+            self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))
+            record = record.evolve(versions={**record.versions, version: now()})
+            self.ctx.driver.set_meta(Kind.BASES, base_id, record.to_meta())
+            entry.record = record
+        log.info("base_version_created", base=base_id, version=version)
+        return record, version
+
+    # -- delete --------------------------------------------------------------
+
+    def delete(
+        self,
+        base_id: str,
+        *,
+        force: bool,
+        allow_missing: bool,
+        delete_branch: Callable[[BranchEntry], None],
+    ) -> None:
+        validate_id("name", base_id)
+        try:
+            entry = self.get(base_id)
+        except NotFound:
+            if allow_missing:
+                return
+            raise
+        dependents = self.ctx.inventory.descendants_of_base(base_id)
+        if dependents and not force:
+            names = ", ".join(f"branches/{d.branch_id}" for d in dependents[:5])
+            more = f" and {len(dependents) - 5} more" if len(dependents) > 5 else ""
+            raise FailedPrecondition(
+                f"bases/{base_id} has {len(dependents)} branch(es): {names}{more}; "
+                "delete them first or pass force"
+            )
+        for dependent in dependents:
+            delete_branch(dependent)
+        with entry.lock:
+            self.ctx.driver.destroy(Kind.BASES, base_id)
+            with self.ctx.inventory.lock:
+                self.ctx.inventory.bases.pop(base_id, None)
+        log.info("base_deleted", base=base_id, branches_deleted=len(dependents))

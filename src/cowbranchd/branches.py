@@ -1,0 +1,449 @@
+"""Branches: writable clones of a base version or of another branch, each with
+its own postmaster on its own port.
+
+Create = (CHECKPOINT + snapshot, for a branch parent) -> port -> clone with
+state=creating -> start postgres -> SELECT 1 -> state=ready; each step
+registers its undo, so a failure leaves no clone, process or port behind.
+Slow work runs under the branch's own lock, never under the inventory lock.
+This module does not speak gRPC.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import structlog
+
+from . import postgres
+from ._revert import Revert
+from .bases import Bases
+from .errors import (
+    AlreadyExists,
+    CowbranchError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+)
+from .inventory import BranchEntry, Context
+from .model import (
+    BaseRecord,
+    BranchRecord,
+    Selector,
+    State,
+    now,
+    parse_parent,
+    validate_id,
+    validate_labels,
+    validate_request_id,
+    validate_ttl,
+)
+from .storage.base import Kind, SnapshotRef
+
+__all__ = ["Branches", "Connection", "CreateSpec"]
+
+log = structlog.get_logger("cowbranchd.branches")
+
+# How often start is retried on another port when postgres finds its port
+# taken (by something that bound it after our bind check).
+PORT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    parent: str
+    branch_id: str = ""
+    request_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ttl: timedelta | None = None
+    postgres_settings: Mapping[str, str] = field(default_factory=dict)
+    protected: bool = False
+
+
+@dataclass(frozen=True)
+class Connection:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    socket_dir: str
+    dsn: str
+
+
+class Branches:
+    def __init__(self, ctx: Context, bases: Bases) -> None:
+        self.ctx = ctx
+        self.bases = bases
+
+    # -- queries -------------------------------------------------------------
+
+    def get(self, branch_id: str) -> BranchEntry:
+        validate_id("name", branch_id)
+        with self.ctx.inventory.lock:
+            entry = self.ctx.inventory.branches.get(branch_id)
+        if entry is None or entry.error is not None:
+            raise NotFound(f"branches/{branch_id} does not exist")
+        return entry
+
+    def list(self, selector: Selector) -> list[BranchEntry]:
+        with self.ctx.inventory.lock:
+            entries = list(self.ctx.inventory.branches.values())
+        return sorted(
+            (e for e in entries if e.error is None and selector.matches(e.record.labels)),
+            key=lambda e: e.branch_id,
+        )
+
+    def state(self, entry: BranchEntry) -> State:
+        """The state clients see: stored state, corrected by what runs."""
+        record = entry.record
+        if entry.deleting:
+            return State.DELETING
+        if record.state is State.READY and not postmaster_alive(entry.postmaster):
+            return State.STOPPED
+        return record.state
+
+    def connection(self, entry: BranchEntry) -> Connection:
+        base = self._base_record(entry.record.base_id)
+        pg = self.ctx.config.postgres
+        user = base.user if base else "postgres"
+        password = base.password if base else ""
+        database = base.database if base else "postgres"
+        return Connection(
+            host=pg.host,
+            port=entry.record.port,
+            user=user,
+            password=password,
+            database=database,
+            socket_dir=str(self.ctx.socket_dir(entry.branch_id)),
+            dsn=postgres.dsn(pg.host, entry.record.port, user, password, database),
+        )
+
+    def written_bytes(self, entry: BranchEntry) -> int:
+        try:
+            return self.ctx.driver.usage(Kind.BRANCHES, entry.branch_id)
+        except CowbranchError:
+            return 0
+
+    # -- create --------------------------------------------------------------
+
+    def create(self, spec: CreateSpec) -> BranchEntry:
+        branch_id = validate_id("branch_id", spec.branch_id) if spec.branch_id else ""
+        request_id = validate_request_id(spec.request_id)
+        parent = parse_parent("parent", spec.parent)
+        labels = validate_labels("labels", spec.labels)
+        ttl = validate_ttl("ttl", spec.ttl) or self.ctx.config.daemon.default_ttl
+        postgres.validate_settings(spec.postgres_settings)
+        settings = dict(spec.postgres_settings)
+
+        inv = self.ctx.inventory
+        while True:
+            with inv.lock:
+                existing = inv.by_request_id(request_id)
+                if existing is None:
+                    branch_id = branch_id or self._generate_id()
+                    if branch_id in inv.branches:
+                        raise AlreadyExists(
+                            f"branches/{branch_id} already exists (created with another request_id)"
+                        )
+                    if len(inv.branches) >= self.ctx.config.daemon.max_branches:
+                        raise ResourceExhausted(
+                            f"all {self.ctx.config.daemon.max_branches} branch slots are in use "
+                            "(daemon.max_branches); delete some branches"
+                        )
+                    record = BranchRecord(
+                        branch_id=branch_id,
+                        base_id=parent.base or "",
+                        parent=str(parent),
+                        source_snapshot="",
+                        state=State.CREATING,
+                        create_time=now(),
+                        port=0,
+                        labels=labels,
+                        expire_time=now() + ttl if ttl else None,
+                        protected=spec.protected,
+                        request_id=request_id,
+                        settings=settings,
+                    )
+                    entry = BranchEntry(record=record, path=Path())
+                    entry.lock.acquire()
+                    inv.branches[branch_id] = entry
+                    break
+            # Same request_id as a create in flight or done: wait for it and
+            # answer with its result; if it failed, nothing exists, so retry.
+            existing.settled.wait()
+            if existing.error is None:
+                return existing
+        try:
+            self._build(entry, parent.branch)
+        except BaseException as exc:
+            entry.error = exc
+            raise
+        finally:
+            entry.settled.set()
+            entry.lock.release()
+        return entry
+
+    def _generate_id(self) -> str:
+        return "br-" + secrets.token_hex(4)
+
+    def _build(self, entry: BranchEntry, parent_branch: str | None) -> None:
+        started = time.perf_counter()
+        inv = self.ctx.inventory
+        driver = self.ctx.driver
+        record = entry.record
+        branch_id = record.branch_id
+        with Revert() as undo:
+
+            def forget() -> None:
+                with inv.lock:
+                    if inv.branches.get(branch_id) is entry:
+                        del inv.branches[branch_id]
+
+            undo.add("forget branch", forget)
+            if parent_branch is not None:
+                source = self._snapshot_branch(parent_branch, branch_id)
+                undo.add("destroy parent snapshot", lambda: driver.destroy_snapshot(source))
+                with inv.lock:
+                    base_id = inv.branches[parent_branch].record.base_id
+            else:
+                base_record, source = self.bases.resolve(parse_parent("parent", record.parent))
+                base_id = base_record.base_id
+                record = record.evolve(parent=f"bases/{base_id}/versions/{source.snap[1:]}")
+            t_source = time.perf_counter()
+            port = self.ctx.ports.allocate()
+            undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
+            record = record.evolve(base_id=base_id, source_snapshot=str(source), port=port)
+            entry.record = record
+            entry.path = driver.clone(source, Kind.BRANCHES, branch_id, record.to_meta())
+            undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
+            t_clone = time.perf_counter()
+            postgres.prepare_clone(entry.pgdata)
+            self._start(entry, allow_new_port=True)
+            undo.add("stop postgres", lambda: self._stop(entry))
+            t_start = time.perf_counter()
+            entry.record = entry.record.evolve(state=State.READY)
+            driver.set_meta(
+                Kind.BRANCHES, branch_id, {"state": "ready", "port": str(entry.record.port)}
+            )
+            undo.success()
+        log.info(
+            "branch_created",
+            branch=branch_id,
+            parent=record.parent,
+            port=entry.record.port,
+            ms_source=round((t_source - started) * 1000, 1),
+            ms_clone=round((t_clone - t_source) * 1000, 1),
+            ms_start=round((t_start - t_clone) * 1000, 1),
+            ms_total=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    def _snapshot_branch(self, parent_id: str, child_id: str) -> SnapshotRef:
+        """CHECKPOINT a running parent branch, then snapshot it for the child."""
+        parent = self.get(parent_id)
+        with parent.lock:
+            if parent.deleting or self.state(parent) is not State.READY:
+                raise FailedPrecondition(
+                    f"branches/{parent_id} is {self.state(parent).name}, not READY: "
+                    "only a running branch can be branched"
+                )
+            postgres.checkpoint(self.connection(parent).dsn)
+            return self.ctx.driver.snapshot(Kind.BRANCHES, parent_id, f"c-{child_id}")
+
+    def _base_record(self, base_id: str) -> BaseRecord | None:
+        with self.ctx.inventory.lock:
+            base = self.ctx.inventory.bases.get(base_id)
+        return base.record if base else None
+
+    # -- postmaster ------------------------------------------------------------
+
+    def _start(self, entry: BranchEntry, *, allow_new_port: bool) -> None:
+        """Start the branch's postgres on its port (another one if that port
+        turns out taken and `allow_new_port`), and wait for SELECT 1."""
+        pg = self.ctx.config.postgres
+        binaries = postgres.find_binaries(postgres.pg_version(entry.pgdata), pg.bin_dirs)
+        settings = {**pg.settings, **entry.record.settings}
+        self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(PORT_ATTEMPTS):
+            conn = self.connection(entry)
+            try:
+                entry.postmaster = postgres.start(
+                    entry.pgdata,
+                    binaries=binaries,
+                    os_user=pg.os_user,
+                    port=entry.record.port,
+                    socket_dir=self.ctx.socket_dir(entry.branch_id),
+                    listen_addresses=pg.listen_addresses,
+                    settings=settings,
+                    log_path=self.ctx.log_path(entry.branch_id),
+                    ready_timeout=pg.start_timeout.total_seconds(),
+                    check_dsn=conn.dsn,
+                )
+                return
+            except postgres.PortInUse:
+                if not allow_new_port or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                old = entry.record.port
+                new = self.ctx.ports.allocate(exclude=(old,))
+                entry.record = entry.record.evolve(port=new)
+                self.ctx.ports.release(old)
+                log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
+
+    def _stop(self, entry: BranchEntry) -> None:
+        master = entry.postmaster or postgres.find_postmaster(entry.pgdata)
+        if master is not None:
+            postgres.stop(master)
+        entry.postmaster = None
+
+    def restart(self, entry: BranchEntry) -> None:
+        """Start a stopped branch on its own port (used at start-up)."""
+        with entry.lock:
+            postgres.prepare_clone(entry.pgdata)
+            self._start(entry, allow_new_port=False)
+
+    # -- delete / reset / update ------------------------------------------------
+
+    def delete(self, branch_id: str, *, allow_missing: bool = False, force: bool = False) -> None:
+        try:
+            entry = self.get(branch_id)
+        except NotFound:
+            if allow_missing:
+                return
+            raise
+        if entry.record.protected and not force:
+            raise FailedPrecondition(
+                f"branches/{branch_id} is protected: unprotect it first or pass force"
+            )
+        self.delete_entry(entry)
+
+    def delete_entry(self, entry: BranchEntry) -> None:
+        started = time.perf_counter()
+        inv = self.ctx.inventory
+        with entry.lock:
+            with inv.lock:
+                if inv.branches.get(entry.branch_id) is not entry:
+                    return  # deleted meanwhile
+                entry.deleting = True
+            try:
+                self._stop(entry)
+                self.ctx.driver.destroy(Kind.BRANCHES, entry.branch_id)
+            except BaseException:
+                entry.deleting = False
+                raise
+            source = entry.source
+            if source is not None and source.kind is Kind.BRANCHES:
+                # The `c-<child>` snapshot of the parent exists for this branch only.
+                self.ctx.driver.destroy_snapshot(source)
+            with inv.lock:
+                inv.branches.pop(entry.branch_id, None)
+            self.ctx.ports.release(entry.record.port)
+            shutil.rmtree(self.ctx.socket_dir(entry.branch_id), ignore_errors=True)
+            self.ctx.log_path(entry.branch_id).unlink(missing_ok=True)
+        log.info(
+            "branch_deleted",
+            branch=entry.branch_id,
+            ms_total=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    def reset(self, branch_id: str) -> BranchEntry:
+        entry = self.get(branch_id)
+        driver = self.ctx.driver
+        with entry.lock:
+            source = entry.source
+            if source is None or entry.deleting:
+                raise FailedPrecondition(f"branches/{branch_id} cannot be reset while it is deleting")
+            self._stop(entry)
+            record = entry.record.evolve(state=State.CREATING, failure="")
+            driver.destroy(Kind.BRANCHES, branch_id)
+            try:
+                entry.path = driver.clone(source, Kind.BRANCHES, branch_id, record.to_meta())
+                entry.record = record
+                postgres.prepare_clone(entry.pgdata)
+                self._start(entry, allow_new_port=False)
+            except CowbranchError as exc:
+                self._mark_failed(entry, f"reset failed: {exc.message}")
+                raise
+            entry.record = entry.record.evolve(state=State.READY)
+            driver.set_meta(Kind.BRANCHES, branch_id, {"state": "ready"})
+        log.info("branch_reset", branch=branch_id)
+        return entry
+
+    def _mark_failed(self, entry: BranchEntry, why: str) -> None:
+        entry.record = entry.record.evolve(state=State.FAILED, failure=why)
+        try:
+            self.ctx.driver.set_meta(
+                Kind.BRANCHES, entry.branch_id, {"state": "failed", "failure": why[:500]}
+            )
+        except CowbranchError as exc:
+            log.error("mark_failed_failed", branch=entry.branch_id, error=exc.message)
+
+    def update(
+        self,
+        branch_id: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ttl: timedelta | None = None,
+        set_ttl: bool = False,
+        protected: bool | None = None,
+    ) -> BranchEntry:
+        entry = self.get(branch_id)
+        changes: dict[str, object] = {}
+        if labels is not None:
+            changes["labels"] = validate_labels("branch.labels", labels)
+        if set_ttl:
+            valid = validate_ttl("ttl", ttl)
+            changes["expire_time"] = now() + valid if valid else None
+        if protected is not None:
+            changes["protected"] = protected
+        with entry.lock:
+            record = entry.record.evolve(**changes)
+            meta = record.to_meta()
+            self.ctx.driver.set_meta(
+                Kind.BRANCHES,
+                branch_id,
+                {k: meta[k] for k in ("labels", "expires", "protected")},
+            )
+            entry.record = record
+        return entry
+
+    def reap_expired(self) -> list[str]:
+        """Delete unprotected branches whose expire_time has passed."""
+        moment = now()
+        with self.ctx.inventory.lock:
+            expired = [
+                e
+                for e in self.ctx.inventory.branches.values()
+                if e.record.expire_time is not None
+                and e.record.expire_time <= moment
+                and not e.record.protected
+                and e.settled.is_set()
+                and not e.deleting
+            ]
+        reaped = []
+        for entry in expired:
+            try:
+                self.delete_entry(entry)
+                reaped.append(entry.branch_id)
+            except CowbranchError as exc:
+                log.error("reap_failed", branch=entry.branch_id, error=exc.message)
+        if reaped:
+            log.info("branches_expired", branches=reaped)
+        return reaped
+
+
+def postmaster_alive(master: postgres.Postmaster | None) -> bool:
+    if master is None:
+        return False
+    try:
+        proc = psutil.Process(master.pid)
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (
+            abs(proc.create_time() - master.create_time) < 1.0
+        )
+    except psutil.Error:
+        return False

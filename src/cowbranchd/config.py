@@ -1,0 +1,223 @@
+"""The daemon's configuration: a TOML file read once at start into a frozen,
+validated dataclass. Every key has a default; unknown keys are errors, so a
+typo never silently falls back to a default.
+
+See docs/configuration.md for every key. This module does no I/O beyond
+reading the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+__all__ = ["Config", "load_config", "parse_duration"]
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+
+
+def parse_duration(field_name: str, text: str) -> timedelta:
+    """`90s`, `15m`, `2h30m`, `1d`, `250ms` -> timedelta."""
+    stripped = text.strip()
+    pos = 0
+    total = 0.0
+    for match in _DURATION_RE.finditer(stripped):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if not stripped or pos != len(stripped):
+        raise InvalidArgument(field_name, f"{text!r} is not a duration like 250ms, 30s, 15m, 2h, 1d")
+    return timedelta(seconds=total)
+
+
+def parse_size(field_name: str, text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise InvalidArgument(field_name, f"{text!r} is not a size like 512M or 8G")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(match.group(1)) * 1024**power
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: Path = Path("/run/cowbranchd/api.sock")
+    # Group that may use the socket (its directory is 0750 root:<group>); empty: root only.
+    socket_group: str = ""
+    tcp_address: str = ""  # e.g. "0.0.0.0:7443"; empty disables TCP
+    tls_cert: str = ""
+    tls_key: str = ""
+    token_file: str = ""  # bearer token required on TCP; empty: none
+    state_dir: Path = Path("/var/lib/cowbranchd")
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+    max_branches: int = 500
+    default_ttl: timedelta | None = None
+    reap_interval: timedelta = timedelta(seconds=5)
+    drain_timeout: timedelta = timedelta(seconds=30)
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    driver: str = "auto"  # auto | btrfs | zfs
+    # btrfs: a directory on a btrfs mount; zfs: a dataset (tank/cowbranchd).
+    # Empty: a loop-file-backed btrfs pool under state_dir (demo/quickstart).
+    root: str = ""
+    loop_size: int = 8 * 1024**3
+    min_free_bytes: int = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    os_user: str = "postgres"
+    bin_dirs: tuple[str, ...] = ("/usr/lib/postgresql/{version}/bin",)
+    port_range: tuple[int, int] = (54000, 54999)
+    listen_addresses: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # host put in the DSNs handed out
+    # Each branch's Unix socket directory lives under here; it must be
+    # reachable by os_user, so it is not inside the 0750 runtime directory.
+    socket_root: Path = Path("/run/cowbranchd-pg")
+    start_timeout: timedelta = timedelta(seconds=30)
+    # Applied to every branch (before the client's own postgres_settings).
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    # A small base made at start when the pool has no base at all.
+    enabled: bool = True
+    base_id: str = "demo"
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.daemon.socket.parent
+
+
+def _convert(section: str, key: str, default: object, value: Any) -> object:
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(where, "must be true or false")
+        return value
+    if isinstance(default, int) and key.endswith(("_size", "_bytes")):
+        size = parse_size(where, value)
+        if size <= 0:
+            raise InvalidArgument(where, "must be positive")
+        return size
+    if isinstance(default, int):
+        if not isinstance(value, int) or value <= 0:
+            raise InvalidArgument(where, "must be a positive integer")
+        return value
+    if isinstance(default, timedelta) or key.endswith("_ttl"):
+        if value in ("", 0):
+            return None
+        if not isinstance(value, str):
+            raise InvalidArgument(where, "must be a duration string like '30s'")
+        return parse_duration(where, value)
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise InvalidArgument(where, "must be an absolute path")
+        return Path(value)
+    if key == "port_range":
+        return _port_range(where, value)
+    if key == "bin_dirs":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(where, "must be a list of strings")
+        return tuple(value)
+    if key == "settings":
+        if not isinstance(value, dict):
+            raise InvalidArgument(where, "must be a table of name = value")
+        return {str(k): str(v) for k, v in value.items()}
+    if not isinstance(value, str):
+        raise InvalidArgument(where, "must be a string")
+    return value
+
+
+def _port_range(where: str, value: Any) -> tuple[int, int]:
+    text = str(value)
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not match:
+        raise InvalidArgument(where, f"{text!r} is not a range like 54000-54999")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 1024 <= first <= last <= 65535:
+        raise InvalidArgument(where, "must lie within 1024-65535, first <= last")
+    return first, last
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "daemon": DaemonConfig,
+    "storage": StorageConfig,
+    "postgres": PostgresConfig,
+    "demo": DemoConfig,
+}
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> Config:
+    built: dict[str, object] = {}
+    for section, values in data.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise InvalidArgument(section, f"unknown section; known: {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise InvalidArgument(section, "must be a table")
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, object] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise InvalidArgument(f"{section}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
+            kwargs[key] = _convert(section, key, getattr(defaults, key), value)
+        built[section] = cls(**kwargs)
+    config = Config(**built)  # type: ignore[arg-type]
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if config.storage.driver not in ("auto", "btrfs", "zfs"):
+        raise InvalidArgument("storage.driver", "must be auto, btrfs or zfs")
+    if config.daemon.log_format not in ("auto", "json", "console"):
+        raise InvalidArgument("daemon.log_format", "must be auto, json or console")
+    if config.daemon.log_level not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument("daemon.log_level", "must be debug, info, warning or error")
+    if bool(config.daemon.tls_cert) != bool(config.daemon.tls_key):
+        raise InvalidArgument("daemon.tls_cert", "tls_cert and tls_key go together")
+    if len(str(config.daemon.socket)) > 100:
+        raise InvalidArgument("daemon.socket", "Unix socket paths must be under 100 characters")
+
+
+def load_config(path: Path | None) -> Config:
+    """Read `path` (None: all defaults). Errors name the file and the key."""
+    if path is None:
+        return Config()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise InvalidArgument("config", f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument("config", f"{path}: {exc}") from exc
+    try:
+        return config_from_mapping(data)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.field, f"{exc.problem} (in {path})") from exc

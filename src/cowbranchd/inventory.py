@@ -1,0 +1,118 @@
+"""The daemon's in-memory view of its bases and branches, and the context the
+orchestration layers share (config, storage driver, port allocator).
+
+The truth lives on storage (volume metadata) and in the process table
+(postmaster.pid); this view is rebuilt from both at start-up by reconcile.py
+and kept in step by bases.py and branches.py. Only quick dictionary work
+happens under `Inventory.lock`; slow I/O happens under a per-entry lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .model import BaseRecord, BranchRecord
+from .ports import PortAllocator
+from .postgres import Postmaster
+from .storage.base import Kind, SnapshotRef, StorageDriver
+
+__all__ = ["BaseEntry", "BranchEntry", "Context", "Inventory"]
+
+
+@dataclass(eq=False)
+class BaseEntry:
+    record: BaseRecord
+    path: Path
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(eq=False)
+class BranchEntry:
+    record: BranchRecord
+    path: Path
+    postmaster: Postmaster | None = None
+    # Serialises slow operations on one branch (create, delete, reset).
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    # Set once creation has ended, successfully or not; waiters for the same
+    # request_id block on it instead of creating twice.
+    settled: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    deleting: bool = False
+
+    @property
+    def branch_id(self) -> str:
+        return self.record.branch_id
+
+    @property
+    def pgdata(self) -> Path:
+        return self.path / "pgdata"
+
+    @property
+    def source(self) -> SnapshotRef | None:
+        return parse_snapshot_ref(self.record.source_snapshot)
+
+
+def parse_snapshot_ref(text: str) -> SnapshotRef | None:
+    """`bases/shop@v3` -> SnapshotRef; None when empty or malformed."""
+    volume, sep, snap = text.partition("@")
+    kind_name, slash, name = volume.partition("/")
+    if not (sep and slash and snap and name) or kind_name not in ("bases", "branches"):
+        return None
+    return SnapshotRef(Kind(kind_name), name, snap)
+
+
+class Inventory:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bases: dict[str, BaseEntry] = {}
+        self.branches: dict[str, BranchEntry] = {}
+
+    def by_request_id(self, request_id: str) -> BranchEntry | None:
+        """Caller holds `lock`."""
+        if not request_id:
+            return None
+        for entry in self.branches.values():
+            if entry.record.request_id == request_id:
+                return entry
+        return None
+
+    def children_of(self, kind: Kind, name: str) -> Iterator[BranchEntry]:
+        """Branches cloned directly from a snapshot of `kind/name`. Caller holds `lock`."""
+        for entry in self.branches.values():
+            source = entry.source
+            if source is not None and source.kind is kind and source.name == name:
+                yield entry
+
+    def descendants_of_base(self, base_id: str) -> list[BranchEntry]:
+        """Every branch that depends on the base, children before their parents'
+        deletion order reversed: deleting in the returned order is safe."""
+        with self.lock:
+            found: list[BranchEntry] = []
+            frontier = list(self.children_of(Kind.BASES, base_id))
+            while frontier:
+                entry = frontier.pop()
+                found.append(entry)
+                frontier.extend(self.children_of(Kind.BRANCHES, entry.branch_id))
+        return list(reversed(found))
+
+
+@dataclass(frozen=True)
+class Context:
+    config: Config
+    driver: StorageDriver
+    ports: PortAllocator
+    inventory: Inventory
+
+    @property
+    def log_dir(self) -> Path:
+        return self.config.daemon.state_dir / "logs"
+
+    def socket_dir(self, branch_id: str) -> Path:
+        return self.config.postgres.socket_root / branch_id
+
+    def log_path(self, branch_id: str) -> Path:
+        return self.log_dir / f"{branch_id}.log"

@@ -1,0 +1,107 @@
+"""Start-up reconcile: rebuild the inventory from storage alone and bring it
+in line with the process table, before the daemon reports SERVING.
+
+Order (DESIGN.md): check driver -> ensure layout -> remove staging/trash ->
+list volumes -> remove half-built (`creating`) leftovers -> adopt live
+postmasters (pid + create time) or restart them, marking FAILED what will not
+start -> reserve ports in use. Branches outlive a daemon restart.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from . import postgres
+from .branches import Branches
+from .errors import CowbranchError
+from .inventory import BaseEntry, BranchEntry, Context, parse_snapshot_ref
+from .model import BaseRecord, BranchRecord, State
+from .storage.base import Kind, Volume
+
+__all__ = ["reconcile"]
+
+log = structlog.get_logger("cowbranchd.reconcile")
+
+
+def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
+    """Returns counts of what was found and done, for the start-up log line."""
+    driver = ctx.driver
+    driver.check()
+    driver.ensure_layout()
+    counts = {"bases": 0, "adopted": 0, "restarted": 0, "failed": 0, "removed": 0}
+    counts["removed"] += len(driver.gc())
+    volumes = driver.list()
+    branch_ids = {v.name for v in volumes if v.kind is Kind.BRANCHES}
+    for volume in volumes:
+        if volume.kind is Kind.BASES:
+            counts["bases"] += _adopt_base(ctx, volume)
+    for volume in volumes:
+        if volume.kind is Kind.BRANCHES:
+            outcome = _adopt_branch(ctx, branches, volume)
+            counts[outcome] += 1
+    # Snapshots a branch took for a child (`c-<child>`) whose child is gone.
+    for volume in volumes:
+        if volume.kind is Kind.BRANCHES and volume.name in ctx.inventory.branches:
+            for snap in volume.snapshots:
+                if snap.startswith("c-") and snap[2:] not in branch_ids:
+                    ref = parse_snapshot_ref(f"branches/{volume.name}@{snap}")
+                    if ref is not None and driver.destroy_snapshot(ref):
+                        counts["removed"] += 1
+    counts["removed"] += len(driver.gc())
+    log.info("reconciled", **counts)
+    return counts
+
+
+def _adopt_base(ctx: Context, volume: Volume) -> int:
+    record = BaseRecord.from_meta(volume.name, volume.meta)
+    if record.state is State.CREATING:
+        log.warning("removing_half_built_base", base=volume.name)
+        ctx.driver.destroy(Kind.BASES, volume.name)
+        return 0
+    # Trust the snapshots over the metadata: a crash between the snapshot and
+    # the metadata update leaves a version the record does not list yet.
+    versions = {
+        int(s[1:]): record.versions.get(int(s[1:]), record.create_time)
+        for s in volume.snapshots
+        if s.startswith("v") and s[1:].isdigit()
+    }
+    if versions != record.versions:
+        record = record.evolve(versions=versions)
+        ctx.driver.set_meta(Kind.BASES, volume.name, record.to_meta())
+    ctx.inventory.bases[volume.name] = BaseEntry(record=record, path=volume.path)
+    return 1
+
+
+def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
+    record = BranchRecord.from_meta(volume.name, volume.meta)
+    entry = BranchEntry(record=record, path=volume.path)
+    entry.settled.set()
+    master = postgres.find_postmaster(entry.pgdata)
+    if record.state is State.CREATING:
+        # Half-built at a crash (or a reset that did not finish): nothing was
+        # handed out for it unless it was a reset, and a reset re-clones anyway.
+        log.warning("removing_half_built_branch", branch=volume.name)
+        if master is not None:
+            postgres.stop(master)
+        ctx.driver.destroy(Kind.BRANCHES, volume.name)
+        source = entry.source
+        if source is not None and source.kind is Kind.BRANCHES:
+            ctx.driver.destroy_snapshot(source)
+        return "removed"
+    ctx.inventory.branches[volume.name] = entry
+    if record.port:
+        ctx.ports.reserve(record.port)
+    if master is not None:
+        entry.postmaster = master
+        log.info("adopted_branch", branch=volume.name, pid=master.pid, port=record.port)
+        return "adopted"
+    if record.state is not State.READY:
+        return "failed"
+    try:
+        branches.restart(entry)
+    except CowbranchError as exc:
+        branches._mark_failed(entry, f"restart after daemon start failed: {exc.message}")
+        log.error("restart_failed", branch=volume.name, error=exc.message)
+        return "failed"
+    log.info("restarted_branch", branch=volume.name, port=record.port)
+    return "restarted"

@@ -1,0 +1,278 @@
+"""The `cowbranchd` daemon: wires config, storage, ports and the servicers into
+one gRPC server on a Unix socket (and optionally TCP), runs start-up
+reconcile before reporting SERVING, expires branches in the background, and
+on SIGTERM drains in-flight calls and exits, leaving branches running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import __version__
+from ._logging import configure_logging
+from .bases import Bases, InitdbSpec
+from .branches import Branches
+from .config import Config, load_config
+from .errors import CowbranchError, InvalidArgument
+from .inventory import Context, Inventory
+from .ports import PortAllocator
+from .reconcile import reconcile
+from .service import BaseServicer, BranchServicer, Gate
+from .storage import open_driver
+from .storage.base import StorageDriver
+from .storage.loop import make_btrfs_loop_pool
+from .v1 import bases_pb2, bases_pb2_grpc, branches_pb2, branches_pb2_grpc
+
+__all__ = ["Daemon", "main"]
+
+log = structlog.get_logger("cowbranchd.server")
+
+SERVICE_NAMES = (
+    bases_pb2.DESCRIPTOR.services_by_name["BaseService"].full_name,
+    branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
+)
+
+DEMO_SQL = """
+CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
+"""
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on TCP; Unix-socket callers
+    are vetted by the socket directory's permissions instead."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        def deny(request: object, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return continuation(handler_call_details)
+        # The peer is not visible here; health checks stay open for probes.
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        return self._deny
+
+
+def open_storage(config: Config) -> StorageDriver:
+    """The configured driver, or with no pool configured, a loop-file btrfs
+    pool under the state directory (the quickstart's embedded default)."""
+    storage = config.storage
+    if storage.root:
+        kind = storage.driver
+        if kind == "auto":
+            kind = "btrfs" if storage.root.startswith("/") else "zfs"
+        return open_driver(kind, storage.root)
+    if storage.driver == "zfs":
+        raise InvalidArgument("storage.root", "a ZFS dataset name is required with driver = zfs")
+    state = config.daemon.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    pool = make_btrfs_loop_pool(state / "pool.img", state / "pool", storage.loop_size)
+    log.info("loop_pool", image=str(state / "pool.img"), mountpoint=str(pool.mountpoint))
+    return open_driver("btrfs", str(pool.mountpoint))
+
+
+def notify_systemd(message: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), path)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gate = Gate()
+        self.health = health.HealthServicer()
+        self.stopping = threading.Event()
+        self._prepare_runtime_dir()
+        driver = open_storage(config)
+        pg = config.postgres
+        self.ctx = Context(
+            config=config,
+            driver=driver,
+            ports=PortAllocator(pg.port_range[0], pg.port_range[1], pg.listen_addresses),
+            inventory=Inventory(),
+        )
+        self.bases = Bases(self.ctx)
+        self.branches = Branches(self.ctx, self.bases)
+        self.server = self._build_server()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _prepare_runtime_dir(self) -> None:
+        runtime = self.config.runtime_dir
+        runtime.mkdir(parents=True, exist_ok=True)
+        gid = grp.getgrnam(self.config.daemon.socket_group).gr_gid if self.config.daemon.socket_group else 0
+        os.chown(runtime, 0, gid)
+        os.chmod(runtime, 0o750)
+        self.config.postgres.socket_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.config.postgres.socket_root, 0o755)
+        sock = self.config.daemon.socket
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()  # a stale socket from a previous run
+
+    def _build_server(self) -> grpc.Server:
+        daemon = self.config.daemon
+        options = [
+            ("grpc.max_receive_message_length", daemon.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = []
+        if daemon.token_file:
+            token = Path(daemon.token_file).read_text().strip()
+            interceptors.append(_TokenInterceptor(token))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=256,
+        )
+        bases_pb2_grpc.add_BaseServiceServicer_to_server(
+            BaseServicer(self.bases, self.branches, self.gate), server
+        )
+        branches_pb2_grpc.add_BranchServiceServicer_to_server(
+            BranchServicer(self.branches, self.gate), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        server.add_insecure_port(f"unix:{daemon.socket}")
+        if daemon.tcp_address:
+            if daemon.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(daemon.tls_key).read_bytes(), Path(daemon.tls_cert).read_bytes())]
+                )
+                server.add_secure_port(daemon.tcp_address, creds)
+            else:
+                server.add_insecure_port(daemon.tcp_address)
+        return server
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Serve (UNAVAILABLE until reconciled), reconcile, then open up."""
+        started = time.perf_counter()
+        self.server.start()
+        os.chmod(self.config.daemon.socket, 0o660)
+        counts = reconcile(self.ctx, self.branches)
+        self._ensure_demo_base()
+        self.gate.open()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        notify_systemd("READY=1\nSTATUS=serving")
+        threading.Thread(target=self._reaper, name="reaper", daemon=True).start()
+        log.info(
+            "serving",
+            version=__version__,
+            socket=str(self.config.daemon.socket),
+            tcp=self.config.daemon.tcp_address or None,
+            driver=self.ctx.driver.kind,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+            **counts,
+        )
+
+    def _ensure_demo_base(self) -> None:
+        demo = self.config.demo
+        if not demo.enabled or self.ctx.inventory.bases:
+            return
+        self.bases.create(demo.base_id, initdb=InitdbSpec(database="", init_sql=DEMO_SQL))
+
+    def _reaper(self) -> None:
+        interval = self.config.daemon.reap_interval.total_seconds()
+        while not self.stopping.wait(interval):
+            try:
+                self.branches.reap_expired()
+                if self.ctx.driver.clones_pin_snapshots:
+                    self.ctx.driver.gc()
+            except Exception:
+                log.exception("reaper_failed")
+
+    def drain_and_stop(self) -> None:
+        """Refuse new calls, let in-flight ones finish, exit. Branches keep running."""
+        log.info("draining", timeout_s=self.config.daemon.drain_timeout.total_seconds())
+        notify_systemd("STOPPING=1")
+        self.stopping.set()
+        self.gate.close("cowbranchd is shutting down; retry against the restarted daemon")
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace=self.config.daemon.drain_timeout.total_seconds()).wait()
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cowbranchd", description="Copy-on-write PostgreSQL branches over gRPC."
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="TOML config file (default: /etc/cowbranchd/config.toml if it exists, else built-in defaults)",
+    )
+    parser.add_argument("--version", action="version", version=f"cowbranchd {__version__}")
+    args = parser.parse_args(argv)
+    config_path = args.config
+    if config_path is None and Path("/etc/cowbranchd/config.toml").exists():
+        config_path = Path("/etc/cowbranchd/config.toml")
+    try:
+        config = load_config(config_path)
+    except InvalidArgument as exc:
+        print(f"cowbranchd: bad configuration: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(config.daemon.log_format, config.daemon.log_level)
+    if os.geteuid() != 0:
+        print("cowbranchd: must run as root (it mounts, snapshots and starts postgres as "
+              f"{config.postgres.os_user!r})", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon = Daemon(config)
+        daemon.start()
+    except CowbranchError as exc:
+        log.error("start_failed", error=exc.message)
+        return 1
+    print(
+        f"cowbranchd is serving on unix://{config.daemon.socket}\n"
+        f"  create a branch:  cowbranchctl --address unix://{config.daemon.socket} "
+        f"create --parent bases/{config.demo.base_id}\n"
+        "  stop with Ctrl-C (branches keep running; they are adopted at the next start)",
+        file=sys.stderr,
+        flush=True,
+    )
+    done.wait()
+    daemon.drain_and_stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""The btrfs storage driver: volumes are subvolumes, snapshots are read-only
+snapshot subvolumes beside them, metadata is a `cowbranch.json` sidecar.
+
+Layout under the pool root (a plain directory on a btrfs mount)::
+
+    bases/<name>/{cowbranch.json,pgdata/}   a volume (subvolume)
+    bases/<name>@<snap>/                    its read-only snapshot (a sibling,
+                                            so snapshots never nest)
+    branches/<name>/...
+    .staging/<uuid>   volumes being built; renamed into place when complete
+    .trash/<uuid>     volumes being destroyed
+
+A subvolume in bases/ or branches/ without a sidecar is a leftover: list()
+skips it and gc() deletes it. btrfs snapshots are independent of each other,
+so nothing ever pins a snapshot (clones_pin_snapshots = False).
+
+Subvolume operations go through libbtrfsutil's Python bindings when they
+import (an ioctl, no process spawn), else through the `btrfs` command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import structlog
+
+from .._run import run
+from ..errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
+from . import _check_meta, _check_name
+from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
+
+__all__ = ["SIDECAR", "BtrfsDriver"]
+
+log = structlog.get_logger("cowbranchd.storage")
+
+SIDECAR = "cowbranch.json"
+_SIDECAR_TMP = ".cowbranch.json.tmp"
+_BTRFS_MAGIC = 0x9123683E
+_SUBVOLUME_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: the root inode of every subvolume
+_LAYOUT = ("bases", "branches", ".staging", ".trash")
+
+btrfsutil: ModuleType | None
+try:
+    import btrfsutil
+except ImportError:  # pragma: no cover - depends on the host
+    btrfsutil = None
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with EEXIST instead of replacing an empty `dst`
+    directory, so two clones racing for one name cannot both win."""
+    at_fdcwd, rename_noreplace = -100, 1
+    if _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(dst))
+
+
+def _fs_magic(path: Path) -> int:
+    # Python has statvfs but no statfs, and only statfs says which filesystem.
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(path))
+    return ctypes.c_long.from_buffer(buf).value
+
+
+def _fs_name(path: Path) -> str:
+    """Filesystem type and source of the mount holding `path`, for messages."""
+    target, best = str(path.resolve()), ("unknown", "?", -1)
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        for line in fh:
+            fields = line.split()
+            mnt, sep = fields[4], fields.index("-")
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best[2]:
+                best = (fields[sep + 1], fields[sep + 2], len(mnt))
+    return f"{best[0]} ({best[1]})"
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn OS, libbtrfsutil and command failures into the error tree."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"btrfs pool is full: {what}: {exc.strerror}") from exc
+        if exc.errno == errno.EEXIST:
+            raise AlreadyExists(f"{what}: already exists") from exc
+        if exc.errno == errno.ENOENT:
+            raise NotFound(f"{what}: not found") from exc
+        raise StorageError(f"{what}: {exc}") from exc
+    except CommandError as exc:
+        if "No space left" in exc.stderr or "Disk quota" in exc.stderr:
+            raise ResourceExhausted(f"btrfs pool is full: {what}: {exc.stderr}") from exc
+        if "exists" in exc.stderr:
+            raise AlreadyExists(f"{what}: already exists") from exc
+        raise StorageError(f"{what}: {exc.message}") from exc
+
+
+class BtrfsDriver(StorageDriver):
+    """Volumes as btrfs subvolumes under `root`."""
+
+    kind = "btrfs"
+    clones_pin_snapshots = False
+
+    def __init__(self, root: Path, *, use_library: bool | None = None) -> None:
+        """`use_library`: True requires libbtrfsutil, False forces the `btrfs`
+        command, None picks the library when it imports."""
+        if use_library and btrfsutil is None:
+            raise StorageError("libbtrfsutil Python bindings (python3-btrfsutil) are not importable")
+        self.root = Path(root)
+        self.use_library = btrfsutil is not None if use_library is None else use_library
+        # Staging entries of operations running in this process; gc() spares them.
+        self._in_flight: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"BtrfsDriver({str(self.root)!r}, use_library={self.use_library})"
+
+    # -- subvolume primitives: one ioctl through the library, or one command --
+
+    def _create_subvolume(self, path: Path) -> None:
+        if self.use_library:
+            assert btrfsutil is not None
+            btrfsutil.create_subvolume(str(path))
+        else:
+            run(["btrfs", "subvolume", "create", str(path)])
+
+    def _snapshot(self, src: Path, dst: Path, *, read_only: bool) -> None:
+        if self.use_library:
+            assert btrfsutil is not None
+            btrfsutil.create_snapshot(str(src), str(dst), read_only=read_only)
+        else:
+            run(["btrfs", "subvolume", "snapshot", *(["-r"] if read_only else []), str(src), str(dst)])
+
+    def _delete_subvolume(self, path: Path) -> None:
+        if self.use_library:
+            assert btrfsutil is not None
+            btrfsutil.delete_subvolume(str(path))
+        else:
+            run(["btrfs", "subvolume", "delete", str(path)])
+
+    @staticmethod
+    def _is_subvolume(path: Path) -> bool:
+        # What libbtrfsutil's is_subvolume does, without a spawn on the command path.
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_ino == _SUBVOLUME_INO
+
+    def _remove_tree(self, path: Path) -> None:
+        """Delete a trashed or staged entry, whatever it turned out to be."""
+        if self._is_subvolume(path):
+            self._delete_subvolume(path)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    # -- sidecar --
+
+    @staticmethod
+    def _read_sidecar(volume: Path) -> dict[str, Any] | None:
+        try:
+            with open(volume / SIDECAR, encoding="utf-8") as fh:
+                data: dict[str, Any] = json.load(fh)
+        except FileNotFoundError:
+            return None
+        return data
+
+    @staticmethod
+    def _write_sidecar(volume: Path, meta: Mapping[str, str], origin: str | None) -> None:
+        body = json.dumps({"format": 1, "meta": dict(meta), "origin": origin}, sort_keys=True)
+        tmp = volume / _SIDECAR_TMP
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, volume / SIDECAR)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dirfd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def _volume_path(self, kind: Kind, name: str) -> Path:
+        _check_name("name", name)
+        return self.root / kind.value / name
+
+    def _require_volume(self, kind: Kind, name: str) -> Path:
+        path = self._volume_path(kind, name)
+        if not self._is_subvolume(path) or not (path / SIDECAR).exists():
+            raise NotFound(f"volume {kind.value}/{name} not found in {self.root}")
+        return path
+
+    # -- StorageDriver --
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise StorageError(f"btrfs pool root {self.root} does not exist or is not a directory")
+        if _fs_magic(self.root) != _BTRFS_MAGIC:
+            raise StorageError(
+                f"{self.root} is on {_fs_name(self.root)}, not btrfs: "
+                "the btrfs driver needs a directory on a btrfs mount"
+            )
+        if not self.use_library and shutil.which("btrfs") is None:
+            raise StorageError("neither libbtrfsutil nor the `btrfs` command (btrfs-progs) found")
+
+    def ensure_layout(self) -> None:
+        for sub in _LAYOUT:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _build(self, kind: Kind, name: str, what: str, make: Any, origin: str | None,
+               meta: Mapping[str, str]) -> Path:
+        """Make a subvolume in .staging with `make(path)`, write its sidecar,
+        rename it into place: a crash leaves at most a staging entry."""
+        _check_meta(meta)
+        dst = self._volume_path(kind, name)
+        if os.path.lexists(dst):
+            raise AlreadyExists(f"volume {kind.value}/{name} already exists")
+        token = uuid.uuid4().hex
+        staging = self.root / ".staging" / token
+        self._in_flight.add(token)
+        started = time.perf_counter()
+        try:
+            with _translated(what):
+                try:
+                    make(staging)
+                    self._write_sidecar(staging, meta, origin)
+                    _rename_noreplace(staging, dst)
+                except BaseException:
+                    with contextlib.suppress(OSError, CommandError):
+                        self._remove_tree(staging)
+                    raise
+        finally:
+            self._in_flight.discard(token)
+        log.debug(what, volume=f"{kind.value}/{name}", origin=origin,
+                  ms=round((time.perf_counter() - started) * 1000, 2))
+        return dst
+
+    def create_volume(self, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        return self._build(kind, name, "create volume", self._create_subvolume, None, meta)
+
+    def snapshot(self, kind: Kind, name: str, snap: str) -> SnapshotRef:
+        _check_name("snap", snap)
+        src = self._require_volume(kind, name)
+        dst = src.with_name(f"{name}@{snap}")
+        if os.path.lexists(dst):
+            raise AlreadyExists(f"snapshot {kind.value}/{name}@{snap} already exists")
+        # A snapshot is atomic by itself; it needs no staging.
+        with _translated(f"snapshot {kind.value}/{name}@{snap}"):
+            self._snapshot(src, dst, read_only=True)
+        return SnapshotRef(kind, name, snap)
+
+    def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        src = self._volume_path(source.kind, source.name).with_name(f"{source.name}@{source.snap}")
+        if not self._is_subvolume(src):
+            raise NotFound(f"snapshot {source} not found in {self.root}")
+
+        def make(staging: Path) -> None:
+            self._snapshot(src, staging, read_only=False)
+
+        return self._build(kind, name, "clone", make, str(source), meta)
+
+    def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
+        _check_meta(meta)
+        path = self._require_volume(kind, name)
+        data = self._read_sidecar(path) or {}
+        merged = {**data.get("meta", {}), **meta}
+        merged = {key: value for key, value in merged.items() if value != ""}
+        with _translated(f"set meta of {kind.value}/{name}"):
+            self._write_sidecar(path, merged, data.get("origin"))
+
+    def _snapshot_names(self, kind: Kind, name: str) -> list[str]:
+        prefix = f"{name}@"
+        try:
+            entries = os.listdir(self.root / kind.value)
+        except FileNotFoundError:
+            return []
+        return sorted((e[len(prefix):] for e in entries if e.startswith(prefix)), key=_natural)
+
+    def _trash(self, path: Path) -> Path:
+        trashed = self.root / ".trash" / uuid.uuid4().hex
+        os.rename(path, trashed)
+        return trashed
+
+    def destroy(self, kind: Kind, name: str) -> None:
+        path = self._volume_path(kind, name)
+        with _translated(f"destroy {kind.value}/{name}"):
+            # Snapshots go first: a crash in between leaves the volume listed
+            # (so the caller retries) rather than orphaned snapshots.
+            trashed = [self._trash(path.with_name(f"{name}@{s}"))
+                       for s in self._snapshot_names(kind, name)]
+            if os.path.lexists(path):
+                trashed.append(self._trash(path))
+            for entry in trashed:
+                self._remove_tree(entry)
+        if trashed:
+            log.debug("destroyed", volume=f"{kind.value}/{name}", entries=len(trashed))
+
+    def destroy_snapshot(self, ref: SnapshotRef) -> bool:
+        path = self._volume_path(ref.kind, ref.name).with_name(f"{ref.name}@{ref.snap}")
+        _check_name("snap", ref.snap)
+        if os.path.lexists(path):
+            with _translated(f"destroy snapshot {ref}"):
+                self._remove_tree(self._trash(path))
+        return True
+
+    def list(self) -> list[Volume]:
+        volumes: list[Volume] = []
+        for kind in Kind:
+            folder = self.root / kind.value
+            try:
+                entries = sorted(os.listdir(folder))
+            except FileNotFoundError:
+                continue
+            snaps: dict[str, list[str]] = {}
+            for entry in entries:
+                if "@" in entry:
+                    base, _, snap = entry.partition("@")
+                    snaps.setdefault(base, []).append(snap)
+            for entry in entries:
+                path = folder / entry
+                if "@" in entry or not self._is_subvolume(path):
+                    continue
+                data = self._read_sidecar(path)
+                if data is None:  # never finished; gc() removes it
+                    continue
+                volumes.append(Volume(
+                    kind=kind, name=entry, path=path, meta=dict(data.get("meta", {})),
+                    snapshots=tuple(sorted(snaps.get(entry, []), key=_natural)),
+                    origin=_parse_ref(data.get("origin")),
+                ))
+        return volumes
+
+    def usage(self, kind: Kind, name: str) -> int:
+        """Exclusive bytes (extents shared with no other subvolume) from
+        `btrfs filesystem du`; data not yet written back is not counted."""
+        path = self._require_volume(kind, name)
+        proc = run(["btrfs", "filesystem", "du", "-s", "--raw", str(path)], check=False)
+        lines = proc.stdout.split("\n")
+        if proc.returncode != 0 or len(lines) < 2 or len(lines[1].split()) < 3:
+            log.debug("usage unknown", volume=f"{kind.value}/{name}", stderr=proc.stderr.strip())
+            return 0
+        return int(lines[1].split()[1])
+
+    def pool_usage(self) -> PoolUsage:
+        st = os.statvfs(self.root)
+        return PoolUsage(
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            total_bytes=st.f_blocks * st.f_frsize,
+        )
+
+    def gc(self) -> list[str]:
+        removed: list[str] = []
+        for sub in (".staging", ".trash"):
+            folder = self.root / sub
+            for entry in sorted(os.listdir(folder)) if folder.is_dir() else []:
+                if entry in self._in_flight:
+                    continue
+                with _translated(f"gc {sub}/{entry}"):
+                    self._remove_tree(folder / entry)
+                removed.append(f"{sub}/{entry}")
+        for kind in Kind:
+            folder = self.root / kind.value
+            for entry in sorted(os.listdir(folder)) if folder.is_dir() else []:
+                path = folder / entry
+                if "@" in entry or not self._is_subvolume(path) or (path / SIDECAR).exists():
+                    continue
+                with _translated(f"gc {kind.value}/{entry}"):
+                    self._remove_tree(self._trash(path))
+                removed.append(f"{kind.value}/{entry}")
+        if removed:
+            log.debug("gc", removed=removed)
+        return removed
+
+
+def _parse_ref(text: object) -> SnapshotRef | None:
+    if not isinstance(text, str):
+        return None
+    match = re.fullmatch(r"(bases|branches)/([^@/]+)@([^@/]+)", text)
+    return SnapshotRef(Kind(match[1]), match[2], match[3]) if match else None
