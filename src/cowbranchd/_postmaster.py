@@ -193,18 +193,21 @@ def start(
     # The daemon (root) opens the log; postgres only inherits the descriptor.
     with open(log_path, "ab") as log_file:
         offset = log_file.tell()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd="/",
-            env=_child_env(),
-            user=user.pw_uid,
-            group=user.pw_gid,
-            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
-            start_new_session=True,  # own process group: killpg reaches every backend
-        )
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                env=_child_env(),
+                user=user.pw_uid,
+                group=user.pw_gid,
+                extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+                start_new_session=True,  # own process group: killpg reaches every backend
+            )
+        except OSError as exc:
+            raise PostgresError(f"could not run {binaries.postgres}: {exc}") from exc
     child = _Child(proc, threading.Event())
     with _children_lock:
         _children[proc.pid] = child
@@ -213,7 +216,9 @@ def start(
 
     def fail(message: str, error: type[PostgresError] = PostgresError) -> PostgresError:
         stop(pm, fast_timeout=0)
-        return error(f"postgres on {pgdata} port {port}: {message}", _tail(_read_log(log_path, offset)))
+        return error(
+            f"postgres on {pgdata} port {port}: {message}", _tail(_read_log(log_path, offset))
+        )
 
     try:
         ctime = psutil.Process(proc.pid).create_time()
@@ -327,7 +332,7 @@ def stop(
     whole process group. A postmaster that is already gone is success.
     """
     pm = postmaster if isinstance(postmaster, Postmaster) else _postmaster_for_pid(postmaster)
-    if pm is None:
+    if pm is None or (pm._exited is not None and pm._exited.is_set()):
         return
     try:
         pidfd = os.pidfd_open(pm.pid)
@@ -336,19 +341,27 @@ def stop(
             pm._exited.wait()
         return
     try:
-        with contextlib.suppress(psutil.Error):
-            # The pidfd pins this process; make sure it is still the one we mean.
-            if pm.create_time and psutil.Process(pm.pid).create_time() != pm.create_time:
-                return
+        # The pidfd pins whatever process has this pid now; make sure it is ours.
+        if pm._exited is not None:
+            if pm._exited.is_set():
+                return  # reaped before the pidfd was opened: the pid may be recycled
+        elif not _same_process(pm):
+            return
+        try:
+            own_group = os.getpgid(pm.pid) == pm.pid
+        except ProcessLookupError:
+            own_group = False
         steps = [(signal.SIGINT, fast_timeout)] if fast_timeout > 0 else []
         steps += [(signal.SIGQUIT, immediate_timeout), (signal.SIGKILL, kill_timeout)]
         for sig, timeout in steps:
             if _wait_gone(pm, pidfd, 0):
                 return
-            if sig == signal.SIGKILL:
-                _kill_group(pm.pid, pidfd)
-            else:
-                with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+                if sig == signal.SIGKILL and own_group:
+                    # Backends outlive a SIGKILLed postmaster for a moment; they
+                    # share its process group (started with a new session).
+                    os.killpg(pm.pid, signal.SIGKILL)
+                else:
                     signal.pidfd_send_signal(pidfd, sig)
             if _wait_gone(pm, pidfd, timeout):
                 log.debug("postgres stopped", pid=pm.pid, signal=sig.name)
@@ -358,10 +371,9 @@ def stop(
         os.close(pidfd)
 
 
-def _kill_group(pid: int, pidfd: int) -> None:
-    # Backends outlive a SIGKILLed postmaster for a moment; they share its group.
-    with contextlib.suppress(ProcessLookupError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
+def _same_process(pm: Postmaster) -> bool:
+    try:
+        ctime = psutil.Process(pm.pid).create_time()
+    except psutil.Error:
+        return False
+    return not pm.create_time or abs(ctime - pm.create_time) < 1.0

@@ -14,6 +14,7 @@ filesystem tools, and must never delete a volume a caller did not name.
 from __future__ import annotations
 
 import abc
+import builtins
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ class StorageDriver(abc.ABC):
         """Used and total bytes of the pool's filesystem."""
 
     @abc.abstractmethod
-    def gc(self) -> list[str]:
+    # builtins.list: inside the class body `list` names the method above.
+    def gc(self) -> builtins.list[str]:
         """Remove leftovers: everything in `.staging/`, everything in
         `.trash/` that nothing depends on any more. Return what was removed."""

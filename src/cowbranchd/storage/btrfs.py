@@ -20,9 +20,11 @@ import (an ioctl, no process spawn), else through the `btrfs` command.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import errno
+import importlib
 import json
 import os
 import re
@@ -30,16 +32,16 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import structlog
 
-from .._run import run
-from ..errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
-from . import _check_meta, _check_name
+from cowbranchd._run import run
+from cowbranchd.errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
+from ._names import check_meta, check_name
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
 
 __all__ = ["SIDECAR", "BtrfsDriver"]
@@ -52,11 +54,16 @@ _BTRFS_MAGIC = 0x9123683E
 _SUBVOLUME_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: the root inode of every subvolume
 _LAYOUT = ("bases", "branches", ".staging", ".trash")
 
-btrfsutil: ModuleType | None
-try:
-    import btrfsutil
-except ImportError:  # pragma: no cover - depends on the host
-    btrfsutil = None
+
+
+def _optional(module: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+btrfsutil = _optional("btrfsutil")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -126,7 +133,7 @@ class BtrfsDriver(StorageDriver):
         """`use_library`: True requires libbtrfsutil, False forces the `btrfs`
         command, None picks the library when it imports."""
         if use_library and btrfsutil is None:
-            raise StorageError("libbtrfsutil Python bindings (python3-btrfsutil) are not importable")
+            raise StorageError("libbtrfsutil's Python bindings (python3-btrfsutil) do not import")
         self.root = Path(root)
         self.use_library = btrfsutil is not None if use_library is None else use_library
         # Staging entries of operations running in this process; gc() spares them.
@@ -149,7 +156,8 @@ class BtrfsDriver(StorageDriver):
             assert btrfsutil is not None
             btrfsutil.create_snapshot(str(src), str(dst), read_only=read_only)
         else:
-            run(["btrfs", "subvolume", "snapshot", *(["-r"] if read_only else []), str(src), str(dst)])
+            flags = ["-r"] if read_only else []
+            run(["btrfs", "subvolume", "snapshot", *flags, str(src), str(dst)])
 
     def _delete_subvolume(self, path: Path) -> None:
         if self.use_library:
@@ -207,7 +215,7 @@ class BtrfsDriver(StorageDriver):
             os.close(dirfd)
 
     def _volume_path(self, kind: Kind, name: str) -> Path:
-        _check_name("name", name)
+        check_name("name", name)
         return self.root / kind.value / name
 
     def _require_volume(self, kind: Kind, name: str) -> Path:
@@ -233,11 +241,11 @@ class BtrfsDriver(StorageDriver):
         for sub in _LAYOUT:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def _build(self, kind: Kind, name: str, what: str, make: Any, origin: str | None,
-               meta: Mapping[str, str]) -> Path:
+    def _build(self, kind: Kind, name: str, meta: Mapping[str, str], *, what: str,
+               make: Callable[[Path], None], origin: str | None) -> Path:
         """Make a subvolume in .staging with `make(path)`, write its sidecar,
         rename it into place: a crash leaves at most a staging entry."""
-        _check_meta(meta)
+        check_meta(meta)
         dst = self._volume_path(kind, name)
         if os.path.lexists(dst):
             raise AlreadyExists(f"volume {kind.value}/{name} already exists")
@@ -262,10 +270,11 @@ class BtrfsDriver(StorageDriver):
         return dst
 
     def create_volume(self, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
-        return self._build(kind, name, "create volume", self._create_subvolume, None, meta)
+        return self._build(kind, name, meta, what="create volume",
+                           make=self._create_subvolume, origin=None)
 
     def snapshot(self, kind: Kind, name: str, snap: str) -> SnapshotRef:
-        _check_name("snap", snap)
+        check_name("snap", snap)
         src = self._require_volume(kind, name)
         dst = src.with_name(f"{name}@{snap}")
         if os.path.lexists(dst):
@@ -283,10 +292,10 @@ class BtrfsDriver(StorageDriver):
         def make(staging: Path) -> None:
             self._snapshot(src, staging, read_only=False)
 
-        return self._build(kind, name, "clone", make, str(source), meta)
+        return self._build(kind, name, meta, what="clone", make=make, origin=str(source))
 
     def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
-        _check_meta(meta)
+        check_meta(meta)
         path = self._require_volume(kind, name)
         data = self._read_sidecar(path) or {}
         merged = {**data.get("meta", {}), **meta}
@@ -323,7 +332,7 @@ class BtrfsDriver(StorageDriver):
 
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         path = self._volume_path(ref.kind, ref.name).with_name(f"{ref.name}@{ref.snap}")
-        _check_name("snap", ref.snap)
+        check_name("snap", ref.snap)
         if os.path.lexists(path):
             with _translated(f"destroy snapshot {ref}"):
                 self._remove_tree(self._trash(path))
@@ -374,7 +383,7 @@ class BtrfsDriver(StorageDriver):
             total_bytes=st.f_blocks * st.f_frsize,
         )
 
-    def gc(self) -> list[str]:
+    def gc(self) -> builtins.list[str]:
         removed: list[str] = []
         for sub in (".staging", ".trash"):
             folder = self.root / sub

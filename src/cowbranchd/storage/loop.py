@@ -18,8 +18,8 @@ from pathlib import Path
 
 import structlog
 
-from .._run import run
-from ..errors import CommandError, StorageError
+from cowbranchd._run import run
+from cowbranchd.errors import CommandError, StorageError
 
 __all__ = [
     "LoopPool",
@@ -67,11 +67,11 @@ class LoopPool:
 
     def release(self) -> None:
         """Unmount and detach the loop device. Calling it twice is fine."""
-        if mounted_source(self.mountpoint) is not None:
-            # Lazy unmount as a last resort: a test that failed with an open
-            # file must not leave the mount (and so the loop device) behind.
-            if run(["umount", str(self.mountpoint)], check=False).returncode != 0:
-                run(["umount", "-l", str(self.mountpoint)])
+        mounted = mounted_source(self.mountpoint) is not None
+        # Lazy unmount as a last resort: a test that failed with an open file
+        # must not leave the mount (and so the loop device) behind.
+        if mounted and run(["umount", str(self.mountpoint)], check=False).returncode != 0:
+            run(["umount", "-l", str(self.mountpoint)])
         for device in _loop_devices_of(self.image):
             run(["losetup", "-d", device], check=False)
         log.debug("loop pool released", image=str(self.image), mountpoint=str(self.mountpoint))
@@ -92,7 +92,10 @@ def make_btrfs_loop_pool(image: Path, mountpoint: Path, size_bytes: int) -> Loop
         with open(image, "ab") as fh:
             fh.truncate(size_bytes)
     existing = _loop_devices_of(image)
-    device = existing[0] if existing else run(["losetup", "-f", "--show", str(image)]).stdout.strip()
+    if existing:
+        device = existing[0]
+    else:
+        device = run(["losetup", "-f", "--show", str(image)]).stdout.strip()
     pool = LoopPool(image, mountpoint, device)
     try:
         fstype = run(["blkid", "-o", "value", "-s", "TYPE", device], check=False).stdout.strip()

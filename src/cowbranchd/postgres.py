@@ -1,0 +1,243 @@
+"""Everything about PostgreSQL processes and data directories, nothing about storage or gRPC.
+
+A base is made here (`initdb`) or accepted (`check_clean_shutdown`); a clone of
+it is made startable (`prepare_clone`), started (`start`: ready means `SELECT 1`
+answered), adopted after a daemon restart (`find_postmaster`), checkpointed
+before it is snapshotted (`checkpoint`) and stopped (`stop`).
+
+Errors: PostgresError (with the tail of the postgres log) and its subclass
+PortInUse (retry on another port); FailedPrecondition for a dirty or foreign
+data directory; NotFound for a missing PostgreSQL version; InvalidArgument for
+a bad per-branch setting. The implementation lives in `_pgdata` (files at rest)
+and `_postmaster` (processes).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from ._pgdata import (
+    DAEMON_OWNED_SETTINGS,
+    Binaries,
+    check_clean_shutdown,
+    find_binaries,
+    installed_versions,
+    pg_version,
+    prepare_clone,
+    validate_settings,
+)
+from ._postmaster import PortInUse, Postmaster, find_postmaster, start, stop
+from ._run import run
+from .errors import InvalidArgument
+
+__all__ = [
+    "DAEMON_OWNED_SETTINGS",
+    "Binaries",
+    "PortInUse",
+    "Postmaster",
+    "check_clean_shutdown",
+    "checkpoint",
+    "dsn",
+    "find_binaries",
+    "find_postmaster",
+    "initdb",
+    "installed_versions",
+    "pg_version",
+    "prepare_clone",
+    "start",
+    "stop",
+    "validate_settings",
+]
+
+log = structlog.get_logger("cowbranchd.postgres")
+
+# Appended to postgresql.conf of bases made here. Each one changes cost only,
+# never what a query returns or how the planner sees the data.
+_CONF_DEFAULTS = """
+# --- cowbranchd: defaults for copy-on-write branches (query semantics unchanged) ---
+# On ZFS/btrfs, zero-filling and recycling WAL segments only costs extra
+# copy-on-write blocks (see the PostgreSQL docs for both settings).
+wal_init_zero = off
+wal_recycle = off
+# A crash-consistent clone fsyncs its whole data directory before redo; syncfs
+# does that in one call.
+recovery_init_sync_method = syncfs
+"""
+
+# Local (socket) connections are trusted: the per-branch socket directory's
+# mode is the gate. Over TCP, from anywhere the branch listens, the password.
+_HBA = """\
+# Written by cowbranchd.
+# TYPE  DATABASE     USER  ADDRESS     METHOD
+local   all          all               trust
+local   replication  all               trust
+host    all          all   0.0.0.0/0   scram-sha-256
+host    all          all   ::/0        scram-sha-256
+host    replication  all   0.0.0.0/0   scram-sha-256
+host    replication  all   ::/0        scram-sha-256
+"""
+
+
+def dsn(host: str, port: int, user: str, password: str, database: str) -> str:
+    """A libpq URI; `host` may be a name, an IP address or a socket directory."""
+    auth = quote(user, safe="")
+    if password:
+        auth += ":" + quote(password, safe="")
+    db = quote(database, safe="")
+    if host.startswith("/"):
+        return f"postgresql://{auth}@:{port}/{db}?host={quote(host, safe='')}"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"postgresql://{auth}@{quote(host, safe='[]:')}:{port}/{db}"
+
+
+def checkpoint(conninfo: str) -> None:
+    """Run CHECKPOINT, so a snapshot of the running cluster recovers quickly."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+
+
+def _check_text(field: str, value: str, *, allow_empty: bool = False) -> None:
+    if not value and not allow_empty:
+        raise InvalidArgument(field, "must not be empty")
+    if any(c in value for c in "\0\n\r"):
+        raise InvalidArgument(field, "must not contain NUL or line breaks")
+
+
+def initdb(
+    pgdata: str,
+    binaries: Binaries,
+    *,
+    os_user: str,
+    superuser: str,
+    password: str,
+    database: str | None = None,
+    init_sql: str | None = None,
+    locale: str = "C.UTF-8",
+) -> None:
+    """Create a new base cluster in the existing, empty directory `pgdata`.
+
+    The cluster is owned by `os_user`; `superuser` logs in over TCP with
+    `password` (scram-sha-256), over the socket without one. If `database` or
+    `init_sql` is given, the cluster is started on a private socket to create
+    the database and run the script (with psql, ON_ERROR_STOP), then shut down
+    cleanly. Ownership is set here, once, for every file: clones inherit it.
+    """
+    _check_text("superuser", superuser)
+    _check_text("password", password)
+    if database is not None:
+        _check_text("database", database)
+    user = pwd.getpwnam(os_user)
+    os.chown(pgdata, user.pw_uid, user.pw_gid)
+    os.chmod(pgdata, 0o700)
+    with tempfile.TemporaryDirectory(prefix="cowbranchd-initdb-") as scratch:
+        # Scratch is root's; the password file in it is os_user's and private.
+        os.chmod(scratch, 0o711)
+        pwfile = os.path.join(scratch, "pwfile")
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        os.chown(pwfile, user.pw_uid, user.pw_gid)
+        run(
+            [
+                binaries.initdb,
+                "-D",
+                pgdata,
+                "-U",
+                superuser,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                f"--locale={locale}",
+                "--no-instructions",
+            ],
+            user=os_user,
+            env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+        )
+        os.unlink(pwfile)
+        with open(os.path.join(pgdata, "postgresql.conf"), "a") as conf:
+            conf.write(_CONF_DEFAULTS)
+        Path(pgdata, "pg_hba.conf").write_text(_HBA)
+        _chown_tree(pgdata, user.pw_uid, user.pw_gid)
+        if database is not None or init_sql is not None:
+            _initialise(
+                pgdata,
+                binaries=binaries,
+                os_user=os_user,
+                superuser=superuser,
+                database=database,
+                init_sql=init_sql,
+                scratch=scratch,
+            )
+    log.debug("initdb", pgdata=pgdata, major=binaries.major, database=database)
+
+
+def _chown_tree(root: str, uid: int, gid: int) -> None:
+    # initdb ran with the daemon's group (the run helper switches user only).
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.lchown(dirpath, uid, gid)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def _initialise(
+    pgdata: str,
+    *,
+    binaries: Binaries,
+    os_user: str,
+    superuser: str,
+    database: str | None,
+    init_sql: str | None,
+    scratch: str,
+) -> None:
+    socket_dir = os.path.join(scratch, "socket")
+    port = 5432  # no TCP (listen_addresses is empty): only names the socket file
+    socket_dsn = dsn(socket_dir, port, superuser, "", "postgres")
+    pm = start(
+        pgdata,
+        binaries=binaries,
+        os_user=os_user,
+        port=port,
+        socket_dir=socket_dir,
+        listen_addresses="",
+        settings={},
+        log_path=os.path.join(scratch, "postgres.log"),
+        ready_dsn=socket_dsn,
+    )
+    try:
+        if database is not None and database != "postgres":
+            with psycopg.connect(socket_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        if init_sql is not None:
+            # psql, not psycopg: init scripts are often pg_dump output
+            # (COPY FROM stdin, backslash commands).
+            run(
+                [
+                    binaries.psql,
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    dsn(socket_dir, port, superuser, "", database or "postgres"),
+                    "-f",
+                    "-",
+                ],
+                input=init_sql,
+                user=os_user,
+                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+            )
+    finally:
+        stop(pm)
+    check_clean_shutdown(pgdata, binaries)
+    shutil.rmtree(socket_dir, ignore_errors=True)

@@ -1,0 +1,348 @@
+"""The ZFS storage driver: volumes are datasets, snapshots are ZFS snapshots,
+metadata is ZFS user properties `cowbranchd:<key>`.
+
+Layout under the pool dataset `<ds>` (e.g. `tank/cowbranchd`)::
+
+    <ds>/bases/<name>            a volume; `<ds>/bases/<name>@<snap>` its snapshots
+    <ds>/branches/<name>
+    <ds>/.trash/<uuid>           volumes being destroyed, or kept because clones
+                                 still depend on one of their snapshots
+    <ds>/.staging                unused: `zfs clone -o` creates a clone and its
+                                 properties in one call, so nothing is staged
+
+Every volume carries `cowbranchd:.volume=1` (a key meta cannot use) so a
+dataset with empty meta is still told apart from a foreign or half-made one.
+
+Values are stored with `\\` and control characters escaped as `\\xHH`: `zfs get
+-H` output is tab/newline separated. A stored value may be at most 8191 bytes
+(ZAP_MAXVALUELEN 8192 with its NUL; longer values crash zfs-fuse's `zfs set`),
+so longer values raise InvalidArgument naming the key.
+
+Commands are the default because that is all zfs-fuse (used in tests) offers
+and because `zfs clone` also mounts. Where /dev/zfs exists and OpenZFS's
+`libzfs_core` bindings import, snapshots are taken in-process instead.
+Old zfs-fuse has no `zfs list -p`; `zfs get -H -p` is used for everything.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import importlib
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+
+import structlog
+
+from cowbranchd._run import run
+from cowbranchd.errors import (
+    AlreadyExists,
+    CommandError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StorageError,
+)
+from ._names import check_meta, check_name
+from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
+
+__all__ = ["MAX_VALUE_BYTES", "ZfsDriver"]
+
+log = structlog.get_logger("cowbranchd.storage")
+
+PREFIX = "cowbranchd:"
+_MARKER = PREFIX + ".volume"
+MAX_VALUE_BYTES = 8191
+_BUSY = ("busy", "cannot unmount", "umount failed")
+_BACKOFF = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+
+def _optional(module: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+# OpenZFS ships these bindings with its packages; zfs-fuse has none.
+lzc = _optional("libzfs_core")
+
+
+def _encode(value: str) -> str:
+    return re.sub(r"[\x00-\x1f\x7f\\]", lambda m: f"\\x{ord(m[0]):02x}", value)
+
+
+def _decode(value: str) -> str:
+    return re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m[1], 16)), value)
+
+
+def _props(meta: Mapping[str, str]) -> list[str]:
+    """`-o cowbranchd:key=value` options for the non-empty entries of meta."""
+    check_meta(meta)
+    argv: list[str] = []
+    for key, value in sorted(meta.items()):
+        if value == "":
+            continue
+        encoded = _encode(value)
+        if len(encoded.encode()) > MAX_VALUE_BYTES:
+            raise InvalidArgument(key, f"longer than ZFS allows ({MAX_VALUE_BYTES} bytes stored)")
+        argv += ["-o", f"{PREFIX}{key}={encoded}"]
+    return argv
+
+
+class ZfsDriver(StorageDriver):
+    """Volumes as ZFS datasets under `dataset`."""
+
+    kind = "zfs"
+    clones_pin_snapshots = True
+
+    def __init__(self, dataset: str, *, use_library: bool | None = None) -> None:
+        """`use_library`: None uses libzfs_core where /dev/zfs exists and it
+        imports; False forces commands; True requires it."""
+        available = lzc is not None and os.path.exists("/dev/zfs")
+        if use_library and not available:
+            raise StorageError("libzfs_core is not importable or /dev/zfs is missing")
+        self.dataset = dataset.strip("/")
+        self.use_library = available if use_library is None else use_library
+        self._mountpoint: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"ZfsDriver({self.dataset!r}, use_library={self.use_library})"
+
+    def _zfs(self, what: str, *args: str) -> str:
+        """Run `zfs args`, translating its complaints into the error tree and
+        retrying while a mount is busy (zfs-fuse unmounts lazily)."""
+        for delay in (*_BACKOFF, None):
+            try:
+                return run(["zfs", *args]).stdout
+            except CommandError as exc:
+                err = exc.stderr
+                if any(word in err for word in _BUSY) and delay is not None:
+                    time.sleep(delay)
+                    continue
+                if "does not exist" in err or "could not find any snapshots" in err:
+                    raise NotFound(f"{what}: {err}") from exc
+                if "already exists" in err:
+                    raise AlreadyExists(f"{what}: {err}") from exc
+                if "out of space" in err or "No space left" in err:
+                    raise ResourceExhausted(f"zfs pool is full: {what}: {err}") from exc
+                if "dependent clones" in err:
+                    raise _Pinned(what) from exc
+                raise StorageError(f"{what}: {exc.message}") from exc
+        raise AssertionError("unreachable")
+
+    def _name(self, kind: Kind, name: str, snap: str | None = None) -> str:
+        check_name("name", name)
+        if snap is None:
+            return f"{self.dataset}/{kind.value}/{name}"
+        check_name("snap", snap)
+        return f"{self.dataset}/{kind.value}/{name}@{snap}"
+
+    def _path(self, kind: Kind, name: str) -> Path:
+        if self._mountpoint is None:
+            value = self._zfs("mountpoint", "get", "-H", "-o", "value", "mountpoint", self.dataset)
+            self._mountpoint = Path(value.strip())
+        # Children inherit the mountpoint: ensure_layout never sets one on them.
+        return self._mountpoint / kind.value / name
+
+    def check(self) -> None:
+        if shutil.which("zfs") is None:
+            raise StorageError("the `zfs` command is not installed (zfsutils-linux or zfs-fuse)")
+        proc = run(["zfs", "get", "-H", "-o", "value", "type,mountpoint", self.dataset],
+                   check=False)
+        if proc.returncode == 0:
+            kind, mountpoint = proc.stdout.split("\n")[:2]
+            if kind != "filesystem" or not mountpoint.startswith("/"):
+                raise StorageError(
+                    f"zfs dataset {self.dataset} is a {kind} mounted at {mountpoint!r}: "
+                    "the zfs driver needs a filesystem dataset with a mountpoint"
+                )
+            return
+        if "does not exist" not in proc.stderr:
+            raise StorageError(f"zfs does not answer for {self.dataset}: {proc.stderr.strip()}")
+        pool = self.dataset.split("/")[0]
+        pools = run(["zpool", "list", "-H", "-o", "name"], check=False)
+        if pool not in pools.stdout.split():
+            found = ", ".join(pools.stdout.split()) or pools.stderr.strip() or "none"
+            raise StorageError(
+                f"zfs dataset {self.dataset} not found and pool {pool} is not imported "
+                f"(pools found: {found})"
+            )
+
+    def ensure_layout(self) -> None:
+        found = run(["zfs", "list", "-H", "-o", "name", "-r", "-d", "1", self.dataset],
+                    check=False).stdout.split()
+        for sub in ("bases", "branches", ".staging", ".trash"):
+            if f"{self.dataset}/{sub}" not in found:
+                self._zfs("ensure layout", "create", "-p", f"{self.dataset}/{sub}")
+        self._mountpoint = None
+
+    def create_volume(self, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        target = self._name(kind, name)
+        self._zfs(f"create {target}", "create", "-o", f"{_MARKER}=1", *_props(meta), target)
+        return self._path(kind, name)
+
+    def snapshot(self, kind: Kind, name: str, snap: str) -> SnapshotRef:
+        target = self._name(kind, name, snap)
+        if self.use_library:
+            assert lzc is not None
+            module = lzc
+            _lzc_call(f"snapshot {target}", lambda: module.lzc_snapshot([target.encode()]))
+        else:
+            self._zfs(f"snapshot {target}", "snapshot", target)
+        return SnapshotRef(kind, name, snap)
+
+    def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        origin = self._name(source.kind, source.name, source.snap)
+        target = self._name(kind, name)
+        props = _props(meta)
+        # One spawn on the hot path: the clone, its properties and its mount.
+        self._zfs(f"clone {origin} as {target}", "clone", "-o", f"{_MARKER}=1", *props,
+                  origin, target)
+        return self._path(kind, name)
+
+    def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
+        target = self._name(kind, name)
+        sets = _props(meta)[1::2]
+        removals = sorted(key for key, value in meta.items() if value == "")
+        if not sets and not removals:  # still NotFound for a missing volume
+            self._zfs(f"set meta of {target}", "get", "-H", "-o", "value", "type", target)
+        # Old `zfs set` takes one property per call, so several keys are not atomic.
+        for prop in sets:
+            self._zfs(f"set meta of {target}", "set", prop, target)
+        for key in removals:
+            self._zfs(f"set meta of {target}", "inherit", PREFIX + key, target)
+
+    def _destroy_trashed(self, trashed: str) -> bool:
+        """Destroy a trashed dataset and its snapshots (never their clones);
+        False when clones still depend on it or it stays busy: gc() retries."""
+        try:
+            self._zfs(f"destroy {trashed}", "destroy", "-r", trashed)
+        except NotFound:
+            return True
+        except _Pinned:
+            log.debug("kept in trash: clones depend on it", dataset=trashed)
+            return False
+        except StorageError as exc:
+            log.warning("kept in trash", dataset=trashed, error=exc.message)
+            return False
+        return True
+
+    def destroy(self, kind: Kind, name: str) -> None:
+        source = self._name(kind, name)
+        trashed = f"{self.dataset}/.trash/{uuid.uuid4().hex}"
+        try:
+            self._zfs(f"destroy {source}", "rename", source, trashed)
+        except NotFound:
+            return
+        self._destroy_trashed(trashed)
+        log.debug("destroyed", volume=f"{kind.value}/{name}", trash=trashed)
+
+    def destroy_snapshot(self, ref: SnapshotRef) -> bool:
+        target = self._name(ref.kind, ref.name, ref.snap)
+        try:
+            self._zfs(f"destroy snapshot {target}", "destroy", target)
+        except NotFound:
+            return True
+        except _Pinned:
+            return False
+        return True
+
+    def _get_all(self) -> dict[str, dict[str, tuple[str, str]]]:
+        """name -> property -> (value, source) for the whole tree, one spawn."""
+        out = self._zfs("list", "get", "-H", "-p", "-r", "-o", "name,property,value,source",
+                        "all", self.dataset)
+        tree: dict[str, dict[str, tuple[str, str]]] = {}
+        for line in out.split("\n"):
+            fields = line.split("\t")
+            if len(fields) == 4:  # foreign values with tabs/newlines are skipped
+                tree.setdefault(fields[0], {})[fields[1]] = (fields[2], fields[3])
+        return tree
+
+    def list(self) -> list[Volume]:
+        tree = self._get_all()
+        pattern = re.compile(re.escape(self.dataset) + r"/(bases|branches)/([^/@]+)(?:@(.+))?")
+        snaps: dict[tuple[str, str], list[str]] = {}
+        origins = {p["origin"][0] for p in tree.values() if "origin" in p}
+        for dataset in tree:
+            match = pattern.fullmatch(dataset)
+            if match and match[3]:
+                snaps.setdefault((match[1], match[2]), []).append(match[3])
+        volumes: list[Volume] = []
+        for dataset, props in sorted(tree.items()):
+            match = pattern.fullmatch(dataset)
+            if not match or match[3] or props.get(_MARKER, ("", ""))[1] != "local":
+                continue
+            origin = pattern.fullmatch(props.get("origin", ("-", ""))[0])
+            snapshots = tuple(sorted(snaps.get((match[1], match[2]), []), key=_natural))
+            volumes.append(Volume(
+                kind=Kind(match[1]), name=match[2], path=Path(props["mountpoint"][0]),
+                meta={k[len(PREFIX):]: _decode(v) for k, (v, src) in props.items()
+                      if k.startswith(PREFIX) and k != _MARKER and src == "local"},
+                snapshots=snapshots,
+                origin=SnapshotRef(Kind(origin[1]), origin[2], origin[3])
+                if origin and origin[3] else None,
+                busy_snapshots=tuple(s for s in snapshots if f"{dataset}@{s}" in origins),
+            ))
+        return volumes
+
+    def usage(self, kind: Kind, name: str) -> int:
+        """`usedbydataset`: for a clone, the bytes it does not share with its
+        origin snapshot (old zfs has no `written` property)."""
+        target = self._name(kind, name)
+        return int(self._zfs(f"usage of {target}", "get", "-H", "-p", "-o", "value",
+                             "usedbydataset", target).strip())
+
+    def pool_usage(self) -> PoolUsage:
+        out = self._zfs("pool usage", "get", "-H", "-p", "-o", "value", "used,available",
+                        self.dataset).split()
+        used, available = int(out[0]), int(out[1])
+        return PoolUsage(used_bytes=used, total_bytes=used + available)
+
+    def gc(self) -> builtins.list[str]:
+        tree = self._get_all()
+        leftovers: list[str] = []
+        for dataset, props in sorted(tree.items()):
+            rel = dataset[len(self.dataset) + 1:]
+            parts = rel.split("/")
+            if "@" in rel or len(parts) != 2 or props.get("type", ("", ""))[0] != "filesystem":
+                continue
+            if parts[0] in (".staging", ".trash") or (
+                parts[0] in ("bases", "branches") and _MARKER not in props
+            ):
+                leftovers.append(dataset)
+        removed = [d[len(self.dataset) + 1:] for d in leftovers if self._destroy_trashed(d)]
+        if removed:
+            log.debug("gc", removed=removed)
+        return removed
+
+
+class _Pinned(StorageError):
+    """A dataset or snapshot has dependent clones (never raised to callers)."""
+
+
+def _natural(name: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _lzc_call(what: str, call: Callable[[], object]) -> None:
+    """Run a libzfs_core call, mapping its errno-carrying errors like _zfs()."""
+    try:
+        call()
+    except Exception as exc:
+        # lzc_snapshot raises SnapshotFailure holding one error per snapshot.
+        codes = {getattr(e, "errno", None) for e in getattr(exc, "errors", None) or [exc]}
+        if errno.EEXIST in codes:
+            raise AlreadyExists(f"{what}: already exists") from exc
+        if errno.ENOENT in codes:
+            raise NotFound(f"{what}: not found") from exc
+        if errno.ENOSPC in codes:
+            raise ResourceExhausted(f"zfs pool is full: {what}") from exc
+        raise StorageError(f"{what}: {exc}") from exc

@@ -1,0 +1,209 @@
+"""Fixtures that run a real cowbranchd daemon (a subprocess, as in production)
+on a real copy-on-write pool, reached over a real Unix socket.
+
+`daemon` is one session-wide daemon on btrfs with a demo base; tests that
+kill or reconfigure a daemon take their own from `daemon_factory`. Teardown
+stops the daemon and every postmaster it left running (branches outlive the
+daemon by design), by pid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cowbranchd import postgres
+from cowbranchd.v1 import bases_pb2_grpc, branches_pb2_grpc
+
+_counter = itertools.count()
+PORT_BLOCK = 200
+FIRST_PORT = 56000
+
+
+@dataclass
+class DaemonHandle:
+    """A cowbranchd subprocess and everything needed to talk to it."""
+
+    workdir: Path
+    pool_root: str
+    driver: str
+    ports: tuple[int, int]
+    base: str = "demo"
+    extra_config: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "run" / "api.sock"
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "daemon.log"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(
+            f"""
+[daemon]
+socket = "{self.socket_path}"
+state_dir = "{self.workdir / 'state'}"
+log_format = "json"
+log_level = "debug"
+reap_interval = "200ms"
+drain_timeout = "5s"
+
+[storage]
+driver = "{self.driver}"
+root = "{self.pool_root}"
+
+[postgres]
+port_range = "{self.ports[0]}-{self.ports[1]}"
+socket_root = "{self.workdir / 'pg'}"
+
+[demo]
+base_id = "{self.base}"
+{self.extra_config}
+"""
+        )
+
+    def start(self, *, wait: bool = True) -> None:
+        self.write_config()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cowbranchd.server", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait:
+            self.wait_serving()
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"cowbranchd exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
+            if self.socket_path.exists() and self.health() == "SERVING":
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"cowbranchd not SERVING in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def health(self, service: str = "") -> str:
+        with self.channel() as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            except grpc.RpcError:
+                return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def branches(self, channel: grpc.Channel) -> branches_pb2_grpc.BranchServiceStub:
+        return branches_pb2_grpc.BranchServiceStub(channel)
+
+    def bases(self, channel: grpc.Channel) -> bases_pb2_grpc.BaseServiceStub:
+        return bases_pb2_grpc.BaseServiceStub(channel)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def postmasters(self) -> list[psutil.Process]:
+        """Live postmasters whose data directory lies in this daemon's pool."""
+        found = []
+        for pid_file in self._pid_files():
+            master = postgres.find_postmaster(pid_file.parent)
+            if master is not None:
+                found.append(psutil.Process(master.pid))
+        return found
+
+    def _pid_files(self) -> list[Path]:
+        if self.driver == "btrfs":
+            return list(Path(self.pool_root).glob("*/*/pgdata/postmaster.pid"))
+        out = subprocess.run(
+            ["zfs", "get", "-H", "-o", "value", "-r", "mountpoint", self.pool_root],
+            capture_output=True, text=True, check=False,
+        ).stdout.split()
+        return [Path(m) / "pgdata" / "postmaster.pid" for m in out if m.startswith("/")]
+
+    def cleanup(self) -> None:
+        self.stop()
+        for pid_file in self._pid_files():
+            master = postgres.find_postmaster(pid_file.parent)
+            if master is not None:
+                postgres.stop(master)
+
+
+def _new_handle(root: Path, pool_root: str, driver: str) -> DaemonHandle:
+    n = next(_counter)
+    # Unix socket paths are limited to ~107 bytes: keep the work dir short.
+    workdir = Path(tempfile.mkdtemp(prefix=f"cbd{n}-", dir="/tmp"))
+    os.chmod(workdir, 0o755)
+    first = FIRST_PORT + (n * PORT_BLOCK) % 8000
+    return DaemonHandle(
+        workdir=workdir, pool_root=pool_root, driver=driver, ports=(first, first + PORT_BLOCK - 1)
+    )
+
+
+DaemonFactory = Callable[..., DaemonHandle]
+
+
+@pytest.fixture(scope="session")
+def daemon_factory(btrfs_pool: Path) -> Iterator[DaemonFactory]:
+    """Makes daemons, each on its own directory of the session's btrfs pool
+    (or on a ZFS dataset when given `driver="zfs", pool_root=...`)."""
+    made: list[DaemonHandle] = []
+
+    def make(
+        *, driver: str = "btrfs", pool_root: str = "", start: bool = True, extra_config: str = ""
+    ) -> DaemonHandle:
+        if not pool_root:
+            pool = btrfs_pool / f"d{next(_counter)}"
+            pool.mkdir(mode=0o755)
+            pool_root = str(pool)
+        handle = _new_handle(btrfs_pool, pool_root, driver)
+        handle.extra_config = extra_config
+        made.append(handle)
+        if start:
+            handle.start()
+        return handle
+
+    yield make
+    for handle in reversed(made):
+        handle.cleanup()
+
+
+@pytest.fixture(scope="session")
+def daemon(daemon_factory: DaemonFactory) -> DaemonHandle:
+    """One shared daemon on btrfs with the demo base `demo` (table `items`, 3 rows)."""
+    return daemon_factory()

@@ -1,0 +1,183 @@
+"""Real copy-on-write pools for tests: btrfs on a loop device, zfs-fuse pools on
+files. Nothing is mocked; everything made here is torn down here.
+
+Fixtures: `btrfs_pool` (a directory on a session-wide loop btrfs), `zfs_pool`
+(a dataset on a session-wide zfs-fuse pool `cbt<pid>`), `driver` (a fresh
+driver in its own subdirectory/dataset, once per driver flavour) and
+`tiny_driver` (the same on a pool small enough to fill). A zfs-fuse daemon
+that was already running is used and left running; one we start is stopped
+by pid. Skips, with the reason, when not root or the tools are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cowbranchd._run import run
+from cowbranchd.errors import CowbranchError
+from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
+from cowbranchd.storage.btrfs import BtrfsDriver
+from cowbranchd.storage.loop import (
+    ZfsFuse,
+    make_btrfs_loop_pool,
+    make_zfs_file_pool,
+    start_zfs_fuse,
+)
+from cowbranchd.storage.zfs import ZfsDriver
+
+__all__ = ["leave_leftovers", "misplaced_like", "reopen"]
+
+FLAVOURS = ["btrfs-library", "btrfs-command", "zfs-command"]
+_counter = itertools.count()
+
+
+def _require(*tools: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("real pools need root (loop devices, mounts, zfs-fuse)")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def btrfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory on a fresh 1 GiB btrfs loop pool; give each user a subdirectory."""
+    _require("losetup", "mkfs.btrfs", "btrfs", "blkid", "mount", "umount")
+    work = tmp_path_factory.mktemp("btrfs")
+    pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 1 << 30)
+    try:
+        yield pool.mountpoint
+    finally:
+        pool.release()
+        (work / "pool.img").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def zfs_fuse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsFuse]:
+    """A running zfs-fuse: the machine's own if one answers, else ours."""
+    _require("zfs-fuse", "zfs", "zpool")
+    daemon = start_zfs_fuse(tmp_path_factory.mktemp("zfs-fuse") / "zfs-fuse.pid")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def zfs_pool(tmp_path_factory: pytest.TempPathFactory, zfs_fuse: ZfsFuse) -> Iterator[str]:
+    """A dataset on a fresh 1 GiB file-backed pool named for this session."""
+    work = tmp_path_factory.mktemp("zfs")
+    pool = make_zfs_file_pool(f"cbt{os.getpid()}", work / "pool.img", 1 << 30, work / "mnt")
+    try:
+        yield pool.name
+    finally:
+        pool.destroy()
+        (work / "pool.img").unlink(missing_ok=True)
+
+
+def _teardown(driver: StorageDriver) -> None:
+    """Destroy what a test left, clones before what they pin."""
+    for _ in range(3):
+        volumes = driver.list()
+        for volume in sorted(volumes, key=lambda v: v.origin is None):
+            with contextlib.suppress(CowbranchError):
+                driver.destroy(volume.kind, volume.name)
+        with contextlib.suppress(CowbranchError):
+            driver.gc()
+        if not volumes:
+            break
+
+
+def _driver_for(flavour: str, request: pytest.FixtureRequest) -> StorageDriver:
+    unique = f"t{next(_counter)}"
+    if flavour.startswith("btrfs"):
+        root = request.getfixturevalue("btrfs_pool") / unique
+        root.mkdir()
+        return BtrfsDriver(root, use_library=flavour == "btrfs-library")
+    dataset = f"{request.getfixturevalue('zfs_pool')}/{unique}"
+    run(["zfs", "create", dataset])
+    return ZfsDriver(dataset, use_library=False)
+
+
+@pytest.fixture(params=FLAVOURS)
+def driver(request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
+    """A fresh, checked driver with its layout, alone in its subdirectory/dataset."""
+    flavour: str = request.param
+    made = _driver_for(flavour, request)
+    made.check()
+    made.ensure_layout()
+    try:
+        yield made
+    finally:
+        _teardown(made)
+        if isinstance(made, ZfsDriver):
+            run(["zfs", "destroy", "-r", made.dataset], check=False)
+
+
+@pytest.fixture(params=FLAVOURS)
+def tiny_driver(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[StorageDriver]:
+    """A driver on its own pool small enough to fill (btrfs 114 MiB, zfs 64 MiB)."""
+    flavour: str = request.param
+    if flavour.startswith("btrfs"):
+        _require("losetup", "mkfs.btrfs", "btrfs", "blkid", "mount", "umount")
+        pool = make_btrfs_loop_pool(tmp_path / "tiny.img", tmp_path / "mnt", 114 << 20)
+        try:
+            yield BtrfsDriver(pool.mountpoint, use_library=flavour == "btrfs-library")
+        finally:
+            pool.release()
+            (tmp_path / "tiny.img").unlink(missing_ok=True)
+        return
+    request.getfixturevalue("zfs_fuse")
+    name = f"cbt{os.getpid()}tiny{next(_counter)}"
+    zpool = make_zfs_file_pool(name, tmp_path / "tiny.img", 64 << 20, tmp_path / "mnt")
+    try:
+        yield ZfsDriver(name, use_library=False)
+    finally:
+        zpool.destroy()
+        (tmp_path / "tiny.img").unlink(missing_ok=True)
+
+
+def leave_leftovers(driver: StorageDriver, source: SnapshotRef) -> None:
+    """Do what a crash mid-clone leaves behind: a staged copy of `source` and
+    a volume under branches/ that never got its metadata."""
+    token = uuid.uuid4().hex
+    if isinstance(driver, BtrfsDriver):
+        snap = driver.root / source.kind.value / f"{source.name}@{source.snap}"
+        run(["btrfs", "subvolume", "snapshot", str(snap), str(driver.root / ".staging" / token)])
+        run(["btrfs", "subvolume", "create", str(driver.root / Kind.BRANCHES.value / "half")])
+    elif isinstance(driver, ZfsDriver):
+        origin = f"{driver.dataset}/{source}"
+        run(["zfs", "clone", origin, f"{driver.dataset}/.staging/{token}"])
+        run(["zfs", "create", f"{driver.dataset}/{Kind.BRANCHES.value}/half"])
+    else:  # pragma: no cover - a new driver must teach this helper
+        raise NotImplementedError(type(driver).__name__)
+
+
+def misplaced_like(driver: StorageDriver) -> tuple[StorageDriver, str]:
+    """A driver of the same kind pointed at storage it cannot use, and a word
+    its check() error must contain (what it found there)."""
+    if isinstance(driver, BtrfsDriver):
+        # /dev/shm is tmpfs on every Linux: copy-on-write it is not.
+        return BtrfsDriver(Path("/dev/shm"), use_library=driver.use_library), "tmpfs"
+    if isinstance(driver, ZfsDriver):
+        return ZfsDriver(f"cbtnopool{os.getpid()}/x", use_library=False), "not imported"
+    raise NotImplementedError(type(driver).__name__)  # pragma: no cover
+
+
+def reopen(driver: StorageDriver) -> StorageDriver:
+    """A fresh instance of the same driver on the same pool (as after a restart)."""
+    if isinstance(driver, BtrfsDriver):
+        return BtrfsDriver(driver.root, use_library=driver.use_library)
+    if isinstance(driver, ZfsDriver):
+        return ZfsDriver(driver.dataset, use_library=driver.use_library)
+    raise NotImplementedError(type(driver).__name__)  # pragma: no cover

@@ -1,0 +1,164 @@
+"""Faults made for real: the daemon SIGKILLed with live and half-built
+branches, a postmaster killed, a broken postgres setting, SIGTERM draining."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import psycopg
+import pytest
+
+from cowbranchd import postgres
+from cowbranchd.v1 import branches_pb2
+from tests.fix_daemon import DaemonFactory, DaemonHandle
+
+Branch = branches_pb2.Branch
+
+
+def branch_volumes(d: DaemonHandle) -> set[str]:
+    return {p.name for p in (Path(d.pool_root) / "branches").iterdir()}
+
+
+def select_one(dsn: str) -> object:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT 1").fetchone()
+    return row[0] if row else None
+
+
+def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """After SIGKILL and restart, live branches are READY and still answer on the
+    same DSN, keep their request_id idempotency, and a branch half-built at the
+    kill is gone with its postmaster."""
+    d = daemon_factory()
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        live = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", request_id="keep-me"), timeout=120
+        )
+        # Every connection waits 30 s before authenticating, so the readiness
+        # check hangs with the clone made and its postmaster running: a branch
+        # half-built at the moment of the kill.
+        outcome: list[grpc.StatusCode] = []
+
+        def slow_create() -> None:
+            try:
+                stub.CreateBranch(
+                    branches_pb2.CreateBranchRequest(
+                        parent="bases/demo", branch_id="halfway",
+                        postgres_settings={"pre_auth_delay": "30s"},
+                    ),
+                    timeout=120,
+                )
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+        worker = threading.Thread(target=slow_create)
+        worker.start()
+        pid_file = Path(d.pool_root) / "branches" / "halfway" / "pgdata" / "postmaster.pid"
+        for _ in range(600):
+            if pid_file.exists() and postgres.find_postmaster(pid_file.parent) is not None:
+                break
+            time.sleep(0.05)
+        half_master = postgres.find_postmaster(pid_file.parent)
+        assert half_master is not None
+        d.kill(signal.SIGKILL)
+        worker.join(60)
+        assert outcome == [grpc.StatusCode.UNAVAILABLE]
+    assert select_one(live.connection.dsn) == 1  # the branch outlived its daemon
+
+    d.start()
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        listed = stub.ListBranches(branches_pb2.ListBranchesRequest()).branches
+        assert [(b.name, b.state) for b in listed] == [(live.name, Branch.READY)]
+        assert listed[0].connection == live.connection
+        assert select_one(live.connection.dsn) == 1
+        again = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", request_id="keep-me"), timeout=120
+        )
+        assert again.name == live.name
+    assert "halfway" not in branch_volumes(d)
+    assert not psutil.pid_exists(half_master.pid) or (
+        psutil.Process(half_master.pid).create_time() != half_master.create_time
+    )
+    d.stop()
+
+
+def test_dead_postmaster_is_restarted_at_daemon_start(daemon_factory: DaemonFactory) -> None:
+    """A branch whose postmaster died while the daemon was down is restarted on
+    its own port when the daemon comes back."""
+    d = daemon_factory()
+    with d.channel() as ch:
+        branch = d.branches(ch).CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
+        )
+    d.stop()
+    master = postgres.find_postmaster(Path(d.pool_root) / "branches" / branch.name[9:] / "pgdata")
+    assert master is not None
+    os.kill(master.pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(master.pid)], timeout=10) if psutil.pid_exists(master.pid) else None
+    d.start()
+    with d.channel() as ch:
+        got = d.branches(ch).GetBranch(branches_pb2.GetBranchRequest(name=branch.name))
+    assert (got.state, got.connection.port) == (Branch.READY, branch.connection.port)
+    assert select_one(got.connection.dsn) == 1
+    d.stop()
+
+
+def test_broken_setting_fails_with_log_tail_and_leaks_nothing(daemon: DaemonHandle) -> None:
+    """A setting postgres rejects fails the create with the log tail, naming the
+    field, and leaves no clone, process or port behind."""
+    before_volumes = branch_volumes(daemon)
+    before_masters = {p.pid for p in daemon.postmasters()}
+    with daemon.channel() as ch:
+        stub = daemon.branches(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateBranch(
+                branches_pb2.CreateBranchRequest(
+                    parent="bases/demo", branch_id="broken",
+                    postgres_settings={"shared_buffers": "banana"},
+                ),
+                timeout=120,
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details() or ""
+        assert details.startswith("postgres_settings")
+        assert 'invalid value for parameter "shared_buffers"' in details
+        assert branch_volumes(daemon) == before_volumes
+        assert {p.pid for p in daemon.postmasters()} == before_masters
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetBranch(branches_pb2.GetBranchRequest(name="branches/broken"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # The name and the port are free again.
+        ok = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="broken"), timeout=120
+        )
+        stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=ok.name), timeout=120)
+
+
+def test_sigterm_drains_and_leaves_branches_running(daemon_factory: DaemonFactory) -> None:
+    """SIGTERM lets the daemon exit cleanly with its branches still answering,
+    and logs one JSON line per RPC with its duration."""
+    d = daemon_factory()
+    with d.channel() as ch:
+        branch = d.branches(ch).CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", request_id="r-drain"), timeout=120
+        )
+    d.stop()
+    assert d.proc is not None and d.proc.returncode == 0
+    assert select_one(branch.connection.dsn) == 1
+    events = [json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")]
+    rpcs = [e for e in events if e.get("event") == "rpc" and e.get("method") == "CreateBranch"]
+    assert len(rpcs) == 1
+    assert rpcs[0]["code"] == "OK" and rpcs[0]["request_id"] == "r-drain"
+    assert isinstance(rpcs[0]["ms"], float)
+    assert any(e.get("event") == "draining" for e in events)
