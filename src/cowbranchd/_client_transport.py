@@ -202,7 +202,7 @@ def translate(exc: BaseException, endpoint: Endpoint) -> CowbranchError:
             )
             return Unavailable(
                 f"daemon not reachable at {where} — {hint} "
-                f"(set COWBRANCHD_ADDRESS or --address to use another one; {details})"
+                f"(COWBRANCHD_ADDRESS selects another address; {details})"
             )
         return Unavailable(
             f"daemon at {where} is unavailable (starting up or draining): {details}; "

@@ -18,7 +18,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "cowbranch fixtures from `parent`, with extra postgres `settings` and `labels`",
     )
     config.stash[_STATE] = _State(config)
+    # Check durations now, so a typo is one usage error, not an error per test.
+    for name, default in (("ttl", "1h"), ("keep_failed", "")):
+        if _setting(config, name) != default:
+            _duration_or_none(config, name)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -131,7 +135,24 @@ class _State:
 
 
 class _Unreachable(Exception):
-    """The daemon cannot serve this process; its message is the one-line reason."""
+    """The daemon cannot serve this process; its message is the reason."""
+
+
+def _client_or_fail(config: pytest.Config, item: pytest.Item | None) -> Client:
+    """The client, or the test fails (or skips, per cowbranch_unreachable) with one short line.
+
+    The full reason, grpc's detail included, is printed once in the summary.
+    """
+    try:
+        return config.stash[_STATE].client()
+    except _Unreachable as exc:
+        reason = str(exc)
+    if item is not None:
+        item.stash[_UNREACHABLE] = reason
+    short = f"cowbranchd unreachable: {reason.split(' (', maxsplit=1)[0]}"
+    if _setting(config, "unreachable") == "skip":
+        pytest.skip(short)
+    pytest.fail(short, pytrace=False)
 
 
 def _duration_or_none(config: pytest.Config, name: str) -> timedelta | None:
@@ -182,14 +203,7 @@ class BranchFactory:
         from ._client_plugin import ci_labels, run_labels  # noqa: PLC0415
 
         config = self._request.config
-        try:
-            client = self._state.client()
-        except _Unreachable as exc:
-            if self._item is not None:
-                self._item.stash[_UNREACHABLE] = str(exc)
-            if _setting(config, "unreachable") == "skip":
-                pytest.skip(f"cowbranchd unreachable: {exc}")
-            pytest.fail(f"cowbranchd unreachable: {exc}", pytrace=False)
+        client = _client_or_fail(self._request.config, self._item)
         mark = self._marker()
         parent = parent or mark.parent or _setting(config, "parent")
         if not parent:
@@ -220,7 +234,7 @@ class BranchFactory:
         return branch
 
     def dispose(self, failed: bool) -> None:
-        """Delete the branches; keep them (ttl = keep-failed) when `failed` and keep-failed is on."""
+        """Delete the branches, or keep them for keep-failed's duration when `failed`."""
         keep = _duration_or_none(self._request.config, "keep_failed") if failed else None
         client = self._state.client() if self.branches else None
         for branch in reversed(self.branches):
@@ -240,8 +254,8 @@ def _test_failed(item: pytest.Item) -> bool:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None] | Any:
-    rep: pytest.TestReport = yield
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    rep = yield
     item.stash.setdefault(_REPORTS, {})[rep.when] = rep
     reason = item.stash.get(_UNREACHABLE, None)
     if reason and rep.when == "setup":
@@ -306,10 +320,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(scope="session")
 def cowbranch_client(request: pytest.FixtureRequest) -> Client:
     """The session's `cowbranchd.client.Client` (health-checked once)."""
-    try:
-        return request.config.stash[_STATE].client()
-    except _Unreachable as exc:
-        pytest.fail(f"cowbranchd unreachable: {exc}", pytrace=False)
+    return _client_or_fail(request.config, request.node if request.scope == "function" else None)
 
 
 @pytest.fixture

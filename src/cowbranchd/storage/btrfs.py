@@ -41,6 +41,7 @@ import structlog
 
 from cowbranchd._run import run
 from cowbranchd.errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
+
 from ._names import check_meta, check_name
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
 

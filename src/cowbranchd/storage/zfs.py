@@ -49,6 +49,7 @@ from cowbranchd.errors import (
     ResourceExhausted,
     StorageError,
 )
+
 from ._names import check_meta, check_name
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
 
