@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 
 import psycopg
+import structlog
+from structlog.testing import LogCapture
 
 from cowbranchd import postgres as pg
 from cowbranchd._pgdata import read_pid_file
@@ -42,7 +44,15 @@ def bench(
     stop: Callable[[pg.Postmaster], None],
     ready_dsn: str,
 ) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"start": [], "pidfile_ready": [], "stop": []}
+    out: dict[str, list[float]] = {
+        "start": [],
+        "spawn": [],
+        "pidfile_ready": [],
+        "select1": [],
+        "stop": [],
+    }
+    capture = LogCapture()
+    structlog.configure(processors=[capture])
     for i in range(n):
         clone = os.path.join(root, f"clone{i}")
         subprocess.run(["cp", "-a", base, clone], check=True)
@@ -64,6 +74,10 @@ def bench(
         stop(pm)
         t3 = time.perf_counter()
         out["start"].append(t1 - t0)
+        started = next(e for e in reversed(capture.entries) if e["event"] == "postgres started")
+        out["spawn"].append(started["spawn_ms"] / 1000)
+        out["pidfile_ready"].append(started["pidfile_ready_ms"] / 1000)
+        out["select1"].append((started["select1_ms"] - started["pidfile_ready_ms"]) / 1000)
         out["stop"].append(t3 - t2)
         shutil.rmtree(clone)
     return out
@@ -142,6 +156,9 @@ def main() -> None:
             r = bench(root, base, binaries, n, settings, stop, probe)
             print(f"{label}:")
             print(f"  start->SELECT 1  {_ms(r['start'])}")
+            print(f"    spawn (Popen)  {_ms(r['spawn'])}")
+            print(f"    pid file ready {_ms(r['pidfile_ready'])}  (since start() was called)")
+            print(f"    then SELECT 1  {_ms(r['select1'])}")
             print(f"  stop             {_ms(r['stop'])}")
     finally:
         shutil.rmtree(root)

@@ -142,7 +142,7 @@ base_id = "{self.base}"
         """Live postmasters whose data directory lies in this daemon's pool."""
         found = []
         for pid_file in self._pid_files():
-            master = postgres.find_postmaster(pid_file.parent)
+            master = postgres.find_postmaster(str(pid_file.parent))
             if master is not None:
                 found.append(psutil.Process(master.pid))
         return found
@@ -159,7 +159,7 @@ base_id = "{self.base}"
     def cleanup(self) -> None:
         self.stop()
         for pid_file in self._pid_files():
-            master = postgres.find_postmaster(pid_file.parent)
+            master = postgres.find_postmaster(str(pid_file.parent))
             if master is not None:
                 postgres.stop(master)
 
@@ -191,6 +191,12 @@ def daemon_factory(btrfs_pool: Path) -> Iterator[DaemonFactory]:
             pool = btrfs_pool / f"d{next(_counter)}"
             pool.mkdir(mode=0o755)
             pool_root = str(pool)
+            # postgres runs as its own OS user and must reach its data
+            # directory through pytest's private (0700) temporary directories.
+            for parent in pool.parents:
+                if parent == Path(tempfile.gettempdir()):
+                    break
+                os.chmod(parent, parent.stat().st_mode | 0o011)
         handle = _new_handle(btrfs_pool, pool_root, driver)
         handle.extra_config = extra_config
         made.append(handle)

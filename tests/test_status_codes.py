@@ -8,6 +8,8 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,13 +143,24 @@ def test_not_found_and_allow_missing(daemon: DaemonHandle, channel: grpc.Channel
     )[0] == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory the postgres OS user can reach."""
+    path = Path(tempfile.mkdtemp(prefix="cbt-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_dirty_base_is_failed_precondition(
-    daemon: DaemonHandle, channel: grpc.Channel, tmp_path: Path
+    daemon: DaemonHandle, channel: grpc.Channel, shared_tmp: Path
 ) -> None:
     """A data directory that was not shut down cleanly is refused as a base,
     and the source directory is left untouched."""
+    tmp_path = shared_tmp
     pgdata = tmp_path / "dirty"
-    os.chmod(tmp_path, 0o755)
+    pgdata.mkdir(mode=0o700)
+    shutil.chown(pgdata, "postgres", "postgres")
     bindir = "/usr/lib/postgresql/15/bin"
     subprocess.run(
         ["runuser", "-u", "postgres", "--", f"{bindir}/initdb", "-D", str(pgdata), "-A", "trust"],
@@ -155,7 +168,7 @@ def test_dirty_base_is_failed_precondition(
     )
     proc = subprocess.Popen(
         ["runuser", "-u", "postgres", "--", f"{bindir}/postgres", "-D", str(pgdata),
-         "-c", "listen_addresses=", "-c", f"unix_socket_directories={tmp_path}", "-c", "port=5999"],
+         "-c", "listen_addresses=", "-c", f"unix_socket_directories={pgdata}", "-c", "port=5999"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -163,7 +176,7 @@ def test_dirty_base_is_failed_precondition(
         for _ in range(300):
             if pid_file.exists() and "ready" in pid_file.read_text():
                 break
-            psutil.wait_procs([], timeout=0.05)
+            time.sleep(0.05)
         postmaster = int(pid_file.read_text().split()[0])
         os.kill(postmaster, 9)  # crash: the cluster state stays "in production"
         psutil.Process(postmaster).wait(10) if psutil.pid_exists(postmaster) else None

@@ -242,4 +242,3 @@ def health(service: str = HEALTH_SERVICE) -> Op[str]:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     return Op("health", "Check", health_pb2.HealthCheckRequest(service=service), convert)
-

@@ -105,9 +105,7 @@ def format_selector(selector: SelectorLike) -> str:
         terms = [t.strip() for t in selector.split(",") if t.strip()]
     for term in terms:
         if not _SELECTOR_TERM.match(term):
-            raise InvalidArgument(
-                "label_selector", f"{term!r} is not key, key=value or key!=value"
-            )
+            raise InvalidArgument("label_selector", f"{term!r} is not key, key=value or key!=value")
     return ",".join(terms)
 
 

@@ -30,8 +30,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """Columns left-aligned to their widest cell, two spaces apart, no trailing blanks."""
     all_rows = [list(headers), *(list(r) for r in rows)]
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-             for r in all_rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in all_rows
+    ]
     return "\n".join(lines)
 
 

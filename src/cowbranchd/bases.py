@@ -172,8 +172,9 @@ class Bases:
                 self._copy_in(source_dir, pgdata, binaries, record)
             else:
                 assert initdb is not None
+                pgdata.mkdir(mode=0o700)
                 postgres.initdb(
-                    pgdata,
+                    str(pgdata),
                     binaries,
                     os_user=pg_cfg.os_user,
                     superuser=record.user,
@@ -211,17 +212,18 @@ class Bases:
         socket_dir = self.ctx.socket_dir(f"base-{record.base_id}")
         port = self.ctx.ports.allocate()
         try:
+            self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
             master = postgres.start(
-                pgdata,
+                str(pgdata),
                 binaries=binaries,
                 os_user=pg_cfg.os_user,
                 port=port,
-                socket_dir=socket_dir,
+                socket_dir=str(socket_dir),
                 listen_addresses="",
                 settings={},
-                log_path=self.ctx.log_path(f"base-{record.base_id}"),
+                log_path=str(self.ctx.log_path(f"base-{record.base_id}")),
+                ready_dsn=postgres.dsn(str(socket_dir), port, record.user, "", "postgres"),
                 ready_timeout=pg_cfg.start_timeout.total_seconds(),
-                check_dsn=None,
             )
             try:
                 with psycopg.connect(

@@ -274,16 +274,16 @@ class Branches:
             conn = self.connection(entry)
             try:
                 entry.postmaster = postgres.start(
-                    entry.pgdata,
+                    str(entry.pgdata),
                     binaries=binaries,
                     os_user=pg.os_user,
                     port=entry.record.port,
-                    socket_dir=self.ctx.socket_dir(entry.branch_id),
+                    socket_dir=str(self.ctx.socket_dir(entry.branch_id)),
                     listen_addresses=pg.listen_addresses,
                     settings=settings,
-                    log_path=self.ctx.log_path(entry.branch_id),
+                    log_path=str(self.ctx.log_path(entry.branch_id)),
+                    ready_dsn=conn.dsn,
                     ready_timeout=pg.start_timeout.total_seconds(),
-                    check_dsn=conn.dsn,
                 )
                 return
             except postgres.PortInUse:
@@ -296,7 +296,7 @@ class Branches:
                 log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
 
     def _stop(self, entry: BranchEntry) -> None:
-        master = entry.postmaster or postgres.find_postmaster(entry.pgdata)
+        master = entry.postmaster or postgres.find_postmaster(str(entry.pgdata))
         if master is not None:
             postgres.stop(master)
         entry.postmaster = None

@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_text: str, where: argparse._SubParsersAction[
-            argparse.ArgumentParser] = sub) -> argparse.ArgumentParser:
+    def add(
+        name: str, help_text: str, where: argparse._SubParsersAction[argparse.ArgumentParser] = sub
+    ) -> argparse.ArgumentParser:
         return where.add_parser(name, help=help_text, description=help_text, parents=[common])
 
     p = add("create", "create a branch and print it once it answers queries")
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", metavar="DURATION", help="expire after e.g. 30m, 2h, 1d")
     _labels_arg(p, "label")
     p.add_argument(
-        "-s", "--setting", action="append", metavar="NAME=VALUE",
+        "-s",
+        "--setting",
+        action="append",
+        metavar="NAME=VALUE",
         help="postgres setting for this branch (repeatable)",
     )
     p.add_argument("--protected", action="store_true", help="refuse deletion without --force")

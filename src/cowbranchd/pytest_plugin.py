@@ -38,8 +38,10 @@ _OPTIONS = {
 }
 _INI_ONLY = {
     "ttl": ("safety ttl of every test branch, so a killed run leaks nothing (0: none)", "1h"),
-    "unreachable": ("daemon unreachable: 'error' the tests needing a branch, or 'skip' them",
-                    "error"),
+    "unreachable": (
+        "daemon unreachable: 'error' the tests needing a branch, or 'skip' them",
+        "error",
+    ),
     "connect_timeout": ("seconds to keep retrying an unavailable daemon at the first use", "10"),
 }
 _BRANCHES = pytest.StashKey[list["Branch"]]()
@@ -52,8 +54,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cowbranchd", "cowbranchd: a PostgreSQL branch per test")
     for name, (help_text, default) in _OPTIONS.items():
         flag = "--cowbranch-" + name.replace("_", "-")
-        group.addoption(flag, dest=f"cowbranch_{name}", default=None, metavar="VALUE",
-                        help=f"{help_text} [ini: cowbranch_{name}]")
+        group.addoption(
+            flag,
+            dest=f"cowbranch_{name}",
+            default=None,
+            metavar="VALUE",
+            help=f"{help_text} [ini: cowbranch_{name}]",
+        )
         parser.addini(f"cowbranch_{name}", help_text, default=default)
     for name, (help_text, default) in _INI_ONLY.items():
         parser.addini(f"cowbranch_{name}", help_text, default=default)
@@ -108,15 +115,18 @@ class _State:
         if self._verdict is None:
             try:
                 wait = float(_setting(self.config, "connect_timeout") or 10)
-                client = Client(_setting(self.config, "address") or None,
-                                retry=RetryPolicy(max_elapsed=wait))
+                client = Client(
+                    _setting(self.config, "address") or None, retry=RetryPolicy(max_elapsed=wait)
+                )
                 status = client.health()
             except (CowbranchError, ValueError) as exc:
                 self._verdict = str(exc)
             else:
                 self._client = client
-                self._verdict = "" if status == "SERVING" else (
-                    f"cowbranchd at {client.address} is {status}, not SERVING"
+                self._verdict = (
+                    ""
+                    if status == "SERVING"
+                    else (f"cowbranchd at {client.address} is {status}, not SERVING")
                 )
         if self._verdict:
             raise _Unreachable(self._verdict)

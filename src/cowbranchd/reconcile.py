@@ -76,7 +76,7 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
     record = BranchRecord.from_meta(volume.name, volume.meta)
     entry = BranchEntry(record=record, path=volume.path)
     entry.settled.set()
-    master = postgres.find_postmaster(entry.pgdata)
+    master = postgres.find_postmaster(str(entry.pgdata))
     if record.state is State.CREATING:
         # Half-built at a crash (or a reset that did not finish): nothing was
         # handed out for it unless it was a reset, and a reset re-clones anyway.

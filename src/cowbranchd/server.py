@@ -6,9 +6,15 @@ on SIGTERM drains in-flight calls and exits, leaving branches running.
 
 from __future__ import annotations
 
+import os
+
+# grpc's fork handlers crash children forked while RPC threads are busy (each
+# postgres is forked from an RPC thread); the daemon never uses grpc in a
+# child, so turn them off before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import grp
-import os
 import signal
 import socket
 import sys

@@ -319,24 +319,25 @@ class BtrfsDriver(StorageDriver):
 
     def destroy(self, kind: Kind, name: str) -> None:
         path = self._volume_path(kind, name)
+        snaps = self._snapshot_names(kind, name)
         with _translated(f"destroy {kind.value}/{name}"):
             # Snapshots go first: a crash in between leaves the volume listed
-            # (so the caller retries) rather than orphaned snapshots.
-            trashed = [self._trash(path.with_name(f"{name}@{s}"))
-                       for s in self._snapshot_names(kind, name)]
+            # (so the caller retries) rather than orphaned snapshots. They are
+            # deleted in place: a read-only subvolume cannot move to another
+            # directory (EROFS: its `..` would change), and deleting one
+            # subvolume is a single atomic ioctl anyway.
+            for snap in snaps:
+                self._delete_subvolume(path.with_name(f"{name}@{snap}"))
             if os.path.lexists(path):
-                trashed.append(self._trash(path))
-            for entry in trashed:
-                self._remove_tree(entry)
-        if trashed:
-            log.debug("destroyed", volume=f"{kind.value}/{name}", entries=len(trashed))
+                self._remove_tree(self._trash(path))
+        log.debug("destroyed", volume=f"{kind.value}/{name}", snapshots=len(snaps))
 
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         path = self._volume_path(ref.kind, ref.name).with_name(f"{ref.name}@{ref.snap}")
         check_name("snap", ref.snap)
         if os.path.lexists(path):
             with _translated(f"destroy snapshot {ref}"):
-                self._remove_tree(self._trash(path))
+                self._delete_subvolume(path)  # in place: see destroy()
         return True
 
     def list(self) -> list[Volume]:

@@ -1,0 +1,296 @@
+"""cowbranchctl: rendering and exit codes on their own, then every command in
+table and JSON output against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cowbranchd import __version__
+from cowbranchd._ctl_render import branch_rows, format_bytes, key_values, table
+from cowbranchd.client import Branch
+from cowbranchd.ctl import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
+from tests.fix_daemon import DaemonHandle
+
+NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """cowbranchctl `argv` in-process: exit code, stdout, stderr."""
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    """cowbranchctl `argv --output json`, which must succeed; its parsed document."""
+    code, out, err = run(capsys, *argv, "--output", "json")
+    assert code == EXIT_OK, err
+    return json.loads(out)
+
+
+# -- rendering ------------------------------------------------------------------
+
+
+def test_table_aligns_columns_without_trailing_blanks() -> None:
+    """Columns are as wide as their widest cell, two spaces apart."""
+    assert table(("A", "LONGER"), [["xx", "1"], ["y", ""]]) == "A   LONGER\nxx  1\ny"
+
+
+def test_key_values_align_values() -> None:
+    """Key/value blocks align the values after the longest key."""
+    assert key_values([("a", "1"), ("long", "2")]) == "a:     1\nlong:  2"
+
+
+def test_format_bytes_uses_binary_units() -> None:
+    """Sizes read as B, KiB, MiB, GiB."""
+    assert [format_bytes(n) for n in (0, 512, 1536, 3 * 1024**3)] == [
+        "0 B",
+        "512 B",
+        "1.5 KiB",
+        "3.0 GiB",
+    ]
+
+
+def test_branch_rows_show_age_expiry_size_and_labels() -> None:
+    """A branch row has id, state, parent, port, age, expiry, written bytes and labels."""
+    branch = Branch(
+        name="branches/pr-7",
+        parent="bases/shop/versions/3",
+        state="READY",
+        host="127.0.0.1",
+        port=56010,
+        user="postgres",
+        password="pw",
+        database="shop",
+        socket_dir="/run/x",
+        dsn="postgresql://x",
+        labels={"team": "web", "pr": "7"},
+        create_time=NOW - timedelta(minutes=5),
+        expire_time=NOW + timedelta(hours=1, minutes=55, seconds=3),
+        protected=True,
+        written_bytes=2048,
+        request_id="r",
+        failure="",
+    )
+    assert branch_rows([branch], NOW) == [
+        [
+            "pr-7 (protected)",
+            "READY",
+            "bases/shop/versions/3",
+            "56010",
+            "5m",
+            "in 1h55m",
+            "2.0 KiB",
+            "pr=7,team=web",
+        ]
+    ]
+
+
+# -- exit codes without a daemon ------------------------------------------------
+
+
+def test_version_needs_no_daemon(capsys: pytest.CaptureFixture[str]) -> None:
+    """`version` prints the client version in both outputs and exits 0."""
+    assert run(capsys, "version") == (EXIT_OK, f"cowbranchctl {__version__}\n", "")
+    assert run_json(capsys, "version") == {"client_version": __version__}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["frobnicate"],
+        ["list", "--bogus"],
+        ["create"],
+        ["--output", "yaml", "list"],
+        ["update", "x", "--ttl", "1h", "--no-expiry"],
+    ],
+)
+def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """Unknown commands, flags, missing or conflicting arguments exit 2."""
+    assert run(capsys, *argv)[0] == EXIT_USAGE
+
+
+def test_bad_duration_or_label_exits_2_before_calling(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A bad --ttl or -l is a usage error (2), found before any call to the daemon."""
+    address = f"unix://{tmp_path}/none.sock"
+    code, _, err = run(capsys, "--address", address, "create", "bases/x", "--ttl", "soon")
+    assert (code, "ttl" in err) == (EXIT_USAGE, True)
+    assert run(capsys, "--address", address, "create", "bases/x", "-l", "novalue")[0] == EXIT_USAGE
+    assert run(capsys, "--address", address, "delete")[0] == EXIT_USAGE
+
+
+def test_unreachable_daemon_exits_1_with_advice(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """No daemon at the address: exit 1 and a message saying what to check."""
+    address = f"unix://{tmp_path}/none.sock"
+    code, out, err = run(capsys, "list", "--address", address, "--wait", "0.2")
+    assert (code, out) == (EXIT_FAILURE, "")
+    assert err.startswith(
+        f"cowbranchctl: error: daemon not reachable at {address} — "
+        "is the cowbranchd service running?"
+    )
+
+
+# -- every command against a real daemon ------------------------------------------
+
+
+@pytest.fixture
+def ctl(
+    daemon: DaemonHandle, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> pytest.CaptureFixture[str]:
+    """capsys, with COWBRANCHD_ADDRESS pointing cowbranchctl at the test daemon."""
+    monkeypatch.setenv("COWBRANCHD_ADDRESS", daemon.address)
+    return capsys
+
+
+def test_branch_commands_in_json(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:
+    """create, show, list, update, reset and delete print the documented JSON documents."""
+    run_id = uuid.uuid4().hex[:8]
+    created = run_json(ctl, "create", f"bases/{daemon.base}", "-l", f"run={run_id}", "--ttl", "1h")
+    assert (created["state"], created["labels"]) == ("READY", {"run": run_id})
+    assert created["expire_time"] is not None
+    with psycopg.connect(created["connection"]["dsn"]) as conn:
+        assert conn.execute("select count(*) from items").fetchone() == (3,)
+    name = created["name"]
+    assert run_json(ctl, "show", created["branch_id"])["name"] == name
+    assert [b["name"] for b in run_json(ctl, "list", "-l", f"run={run_id}")] == [name]
+    updated = run_json(ctl, "update", name, "-l", "extra=yes", "--no-expiry", "--protect")
+    assert (updated["labels"], updated["expire_time"], updated["protected"]) == (
+        {"extra": "yes", "run": run_id},
+        None,
+        True,
+    )
+    removed = run_json(ctl, "update", name, "--remove-label", "extra", "--unprotect")
+    assert (removed["labels"], removed["protected"]) == ({"run": run_id}, False)
+    assert run_json(ctl, "reset", name)["connection"] == created["connection"]
+    assert run_json(ctl, "delete", name) == {"deleted": [name], "missing": []}
+    assert run_json(ctl, "list", "--selector", f"run={run_id}") == []
+
+
+def test_branch_commands_in_tables(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:
+    """The same commands print aligned tables and key/value blocks for people."""
+    run_id = uuid.uuid4().hex[:8]
+    code, out, _ = run(ctl, "create", f"bases/{daemon.base}", "-l", f"run={run_id}")
+    assert code == EXIT_OK
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    name = fields["name"].strip()
+    assert (fields["state"].strip(), fields["labels"].strip()) == ("READY", f"run={run_id}")
+    code, out, _ = run(ctl, "show", name, "--dsn-only")
+    assert (code, out.strip()) == (EXIT_OK, fields["dsn"].strip())
+    code, out, _ = run(ctl, "list", "-l", f"run={run_id}")
+    header, row = out.splitlines()
+    assert header.split() == [
+        "BRANCH",
+        "STATE",
+        "PARENT",
+        "PORT",
+        "AGE",
+        "EXPIRES",
+        "WRITTEN",
+        "LABELS",
+    ]
+    assert row.startswith(name.removeprefix("branches/"))
+    assert header.index("STATE") == row.index("READY")
+    code, out, _ = run(ctl, "update", name, "--ttl", "30m")
+    assert "expires:" in out and "in 2" in out.split("expires:")[1].splitlines()[0]
+    assert run(ctl, "reset", name)[0] == EXIT_OK
+    assert run(ctl, "delete", "--selector", f"run={run_id}") == (EXIT_OK, f"deleted {name}\n", "")
+    assert run(ctl, "list", "-l", f"run={run_id}") == (EXIT_OK, "no branches\n", "")
+
+
+def test_not_found_exits_3(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:
+    """show, reset and delete of a missing branch exit 3; --allow-missing makes delete succeed."""
+    for argv in (["show", "nope"], ["reset", "nope"], ["base", "show", "nope"]):
+        code, out, err = run(ctl, *argv)
+        assert (code, out, err.startswith("cowbranchctl: error:")) == (EXIT_NOT_FOUND, "", True)
+    code, out, _ = run(ctl, "delete", "nope", "--output", "json")
+    assert (code, json.loads(out)) == (
+        EXIT_NOT_FOUND,
+        {"deleted": [], "missing": ["nope"]},
+    )
+    assert run(ctl, "delete", "nope", "--allow-missing")[0] == EXIT_OK
+
+
+def test_invalid_argument_from_the_daemon_exits_2(
+    ctl: pytest.CaptureFixture[str], daemon: DaemonHandle
+) -> None:
+    """A branch id the daemon refuses is a usage error (2) naming the problem."""
+    code, _, err = run(ctl, "create", f"bases/{daemon.base}", "--id", "Bad_Id")
+    assert (code, err.startswith("cowbranchctl: error:")) == (EXIT_USAGE, True)
+
+
+def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:
+    """status shows health, base and branch counts; JSON has the documented keys."""
+    document = run_json(ctl, "status")
+    assert document["health"] == {"daemon": "SERVING", "branch_service": "SERVING"}
+    assert document["address"] == daemon.address
+    assert set(document) == {
+        "address",
+        "health",
+        "bases",
+        "branches",
+        "branches_by_state",
+        "base_bytes",
+        "written_bytes",
+    }
+    assert document["bases"] >= 1
+    code, out, _ = run(ctl, "status")
+    assert code == EXIT_OK
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "address",
+        "health",
+        "bases",
+        "branches",
+        "written",
+    ]
+
+
+def test_base_commands_in_both_outputs(
+    ctl: pytest.CaptureFixture[str], daemon: DaemonHandle, tmp_path: Path
+) -> None:
+    """base create/list/show/version/delete work in JSON and in tables."""
+    base_id = f"c-{uuid.uuid4().hex[:8]}"
+    sql = tmp_path / "init.sql"
+    sql.write_text("create table t (id int);")
+    created = run_json(ctl, "base", "create", base_id, "--init-sql-file", str(sql), "-l", "k=v")
+    assert (created["name"], created["labels"], len(created["versions"])) == (
+        f"bases/{base_id}",
+        {"k": "v"},
+        1,
+    )
+    assert base_id in [b["base_id"] for b in run_json(ctl, "base", "list")]
+    code, out, _ = run(ctl, "base", "list")
+    assert out.splitlines()[0].split() == [
+        "BASE",
+        "PG",
+        "LATEST",
+        "VERSIONS",
+        "BRANCHES",
+        "SIZE",
+        "AGE",
+        "LABELS",
+    ]
+    assert any(line.startswith(base_id + " ") for line in out.splitlines())
+    assert run(ctl, "base", "version", base_id) == (
+        EXIT_OK,
+        f"created bases/{base_id}/versions/2\n",
+        "",
+    )
+    assert run_json(ctl, "base", "version", base_id)["version"] == 3
+    code, out, _ = run(ctl, "base", "show", base_id)
+    assert code == EXIT_OK
+    assert out.splitlines()[0] == f"name:        bases/{base_id}"
+    assert f"bases/{base_id}/versions/3" in out
+    assert [v["version"] for v in run_json(ctl, "base", "show", base_id)["versions"]] == [1, 2, 3]
+    assert run(ctl, "base", "delete", base_id) == (EXIT_OK, f"deleted bases/{base_id}\n", "")
+    assert run(ctl, "base", "delete", base_id)[0] == EXIT_NOT_FOUND
