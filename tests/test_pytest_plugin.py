@@ -194,9 +194,9 @@ def test_session_branch_is_shared_and_deleted_at_the_end(
     )
     result = pytester.runpytest_subprocess(*_options(daemon, "-s"))
     result.assert_outcomes(passed=2)
-    [line] = [x for x in result.outlines if x.startswith("SESSION-BRANCH")]
+    [name] = re.findall(r"SESSION-BRANCH (branches/[a-z0-9-]+)", result.stdout.str())
     with Client(daemon.address) as client, pytest.raises(NotFound):
-        client.get_branch(line.split()[1])
+        client.get_branch(name)
 
 
 def test_xdist_workers_get_distinct_branches(

@@ -28,7 +28,9 @@ from .errors import (
     AlreadyExists,
     CowbranchError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
+    PostgresError,
     ResourceExhausted,
 )
 from .inventory import BranchEntry, Context
@@ -271,7 +273,6 @@ class Branches:
         settings = {**pg.settings, **entry.record.settings}
         self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(PORT_ATTEMPTS):
-            conn = self.connection(entry)
             try:
                 entry.postmaster = postgres.start(
                     str(entry.pgdata),
@@ -282,18 +283,20 @@ class Branches:
                     listen_addresses=pg.listen_addresses,
                     settings=settings,
                     log_path=str(self.ctx.log_path(entry.branch_id)),
-                    ready_dsn=conn.dsn,
+                    ready_dsn=self.connection(entry).dsn,
                     ready_timeout=pg.start_timeout.total_seconds(),
                 )
                 return
             except postgres.PortInUse:
                 if not allow_new_port or attempt == PORT_ATTEMPTS - 1:
                     raise
-                old = entry.record.port
-                new = self.ctx.ports.allocate(exclude=(old,))
-                entry.record = entry.record.evolve(port=new)
-                self.ctx.ports.release(old)
-                log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
+            except PostgresError as exc:
+                raise _client_setting_error(entry.record.settings, exc) or exc from None
+            old = entry.record.port
+            new = self.ctx.ports.allocate(exclude=(old,))
+            entry.record = entry.record.evolve(port=new)
+            self.ctx.ports.release(old)
+            log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
 
     def _stop(self, entry: BranchEntry) -> None:
         master = entry.postmaster or postgres.find_postmaster(str(entry.pgdata))
@@ -435,6 +438,21 @@ class Branches:
         if reaped:
             log.info("branches_expired", branches=reaped)
         return reaped
+
+
+def _client_setting_error(
+    settings: Mapping[str, str], exc: PostgresError
+) -> InvalidArgument | None:
+    """postgres alone knows which values it accepts: a start failure that
+    names one of the client's own settings is the client's bad input."""
+    rejected = [name for name in settings if f'parameter "{name}"' in exc.log_tail]
+    if not rejected:
+        return None
+    error = InvalidArgument(
+        "postgres_settings", f"postgres rejected {', '.join(rejected)}: {exc.message}"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def postmaster_alive(master: postgres.Postmaster | None) -> bool:

@@ -14,6 +14,7 @@ of the fixtures. See docs/clients.md for the full reference.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -245,15 +246,17 @@ class BranchFactory:
 
     def dispose(self, failed: bool) -> None:
         """Delete the branches, or keep them for keep-failed's duration when `failed`."""
+        from .errors import NotFound  # noqa: PLC0415
+
         keep = _duration_or_none(self._request.config, "keep_failed") if failed else None
-        client = self._state.client() if self.branches else None
-        for branch in reversed(self.branches):
-            assert client is not None
-            if keep is not None:
-                client.update_branch(branch.name, ttl=keep)
-            else:
+        branches, self.branches = self.branches, []
+        for branch in reversed(branches):
+            client = self._state.client()
+            if keep is None:
                 client.delete_branch(branch.name, allow_missing=True, force=True)
-        self.branches.clear()
+                continue
+            with contextlib.suppress(NotFound):  # the test deleted it itself
+                client.update_branch(branch.name, ttl=keep)
 
 
 def _test_failed(item: pytest.Item) -> bool:

@@ -60,7 +60,7 @@ log = structlog.get_logger("cowbranchd.storage")
 PREFIX = "cowbranchd:"
 _MARKER = PREFIX + ".volume"
 MAX_VALUE_BYTES = 8191
-_BUSY = ("busy", "cannot unmount", "umount failed")
+_BUSY = ("busy",)  # "dataset is busy", "umount: ...: target is busy"
 _BACKOFF = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
@@ -239,6 +239,15 @@ class ZfsDriver(StorageDriver):
     def destroy(self, kind: Kind, name: str) -> None:
         source = self._name(kind, name)
         trashed = f"{self.dataset}/.trash/{uuid.uuid4().hex}"
+        # Unmount first: zfs-fuse refuses to rename a mounted dataset ("dataset
+        # is busy"), and a trashed volume has no business being mounted.
+        try:
+            self._zfs(f"unmount {source}", "unmount", source)
+        except NotFound:
+            return
+        except StorageError as exc:
+            if "not currently mounted" not in exc.message:
+                raise
         try:
             self._zfs(f"destroy {source}", "rename", source, trashed)
         except NotFound:
