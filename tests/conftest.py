@@ -1,3 +1,3 @@
-"""Fixture plugins: real pools (fix_pools), real postgres (fix_postgres), a real daemon (fix_daemon)."""
+"""Fixture plugins: real pools, real postgres and a real daemon."""
 
 pytest_plugins = ["tests.fix_pools", "tests.fix_postgres", "tests.fix_daemon"]

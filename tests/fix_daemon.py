@@ -67,7 +67,7 @@ class DaemonHandle:
             f"""
 [daemon]
 socket = "{self.socket_path}"
-state_dir = "{self.workdir / 'state'}"
+state_dir = "{self.workdir / "state"}"
 log_format = "json"
 log_level = "debug"
 reap_interval = "200ms"
@@ -79,7 +79,7 @@ root = "{self.pool_root}"
 
 [postgres]
 port_range = "{self.ports[0]}-{self.ports[1]}"
-socket_root = "{self.workdir / 'pg'}"
+socket_root = "{self.workdir / "pg"}"
 
 [demo]
 base_id = "{self.base}"
@@ -104,13 +104,14 @@ base_id = "{self.base}"
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"cowbranchd exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
-                )
+                tail = self.log_path.read_text()[-4000:]
+                raise RuntimeError(f"cowbranchd exited {self.proc.returncode}:\n{tail}")
             if self.socket_path.exists() and self.health() == "SERVING":
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"cowbranchd not SERVING in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        raise RuntimeError(
+            f"cowbranchd not SERVING in {timeout}s:\n{self.log_path.read_text()[-4000:]}"
+        )
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
@@ -122,7 +123,7 @@ base_id = "{self.base}"
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
             except grpc.RpcError:
                 return "UNREACHABLE"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def branches(self, channel: grpc.Channel) -> branches_pb2_grpc.BranchServiceStub:
         return branches_pb2_grpc.BranchServiceStub(channel)
@@ -152,7 +153,9 @@ base_id = "{self.base}"
             return list(Path(self.pool_root).glob("*/*/pgdata/postmaster.pid"))
         out = subprocess.run(
             ["zfs", "get", "-H", "-o", "value", "-r", "mountpoint", self.pool_root],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.split()
         return [Path(m) / "pgdata" / "postmaster.pid" for m in out if m.startswith("/")]
 
@@ -178,6 +181,16 @@ def _new_handle(root: Path, pool_root: str, driver: str) -> DaemonHandle:
 DaemonFactory = Callable[..., DaemonHandle]
 
 
+def _let_postgres_through(path: Path) -> None:
+    """postgres runs as its own OS user and must reach its data directory
+    through pytest's private (0700) temporary directories."""
+    for parent in path.parents:
+        if parent == Path(tempfile.gettempdir()):
+            break
+        if parent.exists():
+            os.chmod(parent, parent.stat().st_mode | 0o011)
+
+
 @pytest.fixture(scope="session")
 def daemon_factory(btrfs_pool: Path) -> Iterator[DaemonFactory]:
     """Makes daemons, each on its own directory of the session's btrfs pool
@@ -191,12 +204,15 @@ def daemon_factory(btrfs_pool: Path) -> Iterator[DaemonFactory]:
             pool = btrfs_pool / f"d{next(_counter)}"
             pool.mkdir(mode=0o755)
             pool_root = str(pool)
-            # postgres runs as its own OS user and must reach its data
-            # directory through pytest's private (0700) temporary directories.
-            for parent in pool.parents:
-                if parent == Path(tempfile.gettempdir()):
-                    break
-                os.chmod(parent, parent.stat().st_mode | 0o011)
+            _let_postgres_through(pool)
+        elif driver == "zfs":
+            mountpoint = subprocess.run(
+                ["zfs", "get", "-H", "-o", "value", "mountpoint", pool_root.split("/")[0]],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            _let_postgres_through(Path(mountpoint) / "x")
         handle = _new_handle(btrfs_pool, pool_root, driver)
         handle.extra_config = extra_config
         made.append(handle)

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,40 +48,58 @@ def _require(*tools: str) -> None:
         pytest.skip(f"missing tools: {', '.join(missing)}")
 
 
+@contextlib.contextmanager
+def _workdir(label: str) -> Iterator[Path]:
+    """A private directory for pool images and mountpoints.
+
+    Not under pytest's basetemp: pytest deletes old basetemps with rmtree,
+    which would walk into a pool another session still has mounted there.
+    Removed with rmdir only, so nothing is ever deleted through a mount.
+    """
+    work = Path(tempfile.mkdtemp(prefix=f"cbt-{label}-"))
+    try:
+        yield work
+    finally:
+        (work / "pool.img").unlink(missing_ok=True)
+        (work / "zfs-fuse.pid").unlink(missing_ok=True)
+        for leftover in (work / "mnt", work):
+            with contextlib.suppress(OSError):
+                leftover.rmdir()
+
+
 @pytest.fixture(scope="session")
-def btrfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def btrfs_pool() -> Iterator[Path]:
     """A directory on a fresh 1 GiB btrfs loop pool; give each user a subdirectory."""
     _require("losetup", "mkfs.btrfs", "btrfs", "blkid", "mount", "umount")
-    work = tmp_path_factory.mktemp("btrfs")
-    pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 1 << 30)
-    try:
-        yield pool.mountpoint
-    finally:
-        pool.release()
-        (work / "pool.img").unlink(missing_ok=True)
+    with _workdir("btrfs") as work:
+        pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 1 << 30)
+        try:
+            yield pool.mountpoint
+        finally:
+            pool.release()
 
 
 @pytest.fixture(scope="session")
-def zfs_fuse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZfsFuse]:
+def zfs_fuse() -> Iterator[ZfsFuse]:
     """A running zfs-fuse: the machine's own if one answers, else ours."""
     _require("zfs-fuse", "zfs", "zpool")
-    daemon = start_zfs_fuse(tmp_path_factory.mktemp("zfs-fuse") / "zfs-fuse.pid")
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    with _workdir("zfs-fuse") as work:
+        daemon = start_zfs_fuse(work / "zfs-fuse.pid")
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
 
 
 @pytest.fixture(scope="session")
-def zfs_pool(tmp_path_factory: pytest.TempPathFactory, zfs_fuse: ZfsFuse) -> Iterator[str]:
+def zfs_pool(zfs_fuse: ZfsFuse) -> Iterator[str]:
     """A dataset on a fresh 1 GiB file-backed pool named for this session."""
-    work = tmp_path_factory.mktemp("zfs")
-    pool = make_zfs_file_pool(f"cbt{os.getpid()}", work / "pool.img", 1 << 30, work / "mnt")
-    try:
-        yield pool.name
-    finally:
-        pool.destroy()
-        (work / "pool.img").unlink(missing_ok=True)
+    with _workdir("zfs") as work:
+        pool = make_zfs_file_pool(f"cbt{os.getpid()}", work / "pool.img", 1 << 30, work / "mnt")
+        try:
+            yield pool.name
+        finally:
+            pool.destroy()
 
 
 def _teardown(driver: StorageDriver) -> None:
@@ -123,28 +142,26 @@ def driver(request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
 
 
 @pytest.fixture(params=FLAVOURS)
-def tiny_driver(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[StorageDriver]:
+def tiny_driver(request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
     """A driver on its own pool small enough to fill (btrfs 114 MiB, zfs 64 MiB)."""
     flavour: str = request.param
     if flavour.startswith("btrfs"):
         _require("losetup", "mkfs.btrfs", "btrfs", "blkid", "mount", "umount")
-        pool = make_btrfs_loop_pool(tmp_path / "tiny.img", tmp_path / "mnt", 114 << 20)
-        try:
-            yield BtrfsDriver(pool.mountpoint, use_library=flavour == "btrfs-library")
-        finally:
-            pool.release()
-            (tmp_path / "tiny.img").unlink(missing_ok=True)
+        with _workdir("tiny") as work:
+            pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 114 << 20)
+            try:
+                yield BtrfsDriver(pool.mountpoint, use_library=flavour == "btrfs-library")
+            finally:
+                pool.release()
         return
     request.getfixturevalue("zfs_fuse")
-    name = f"cbt{os.getpid()}tiny{next(_counter)}"
-    zpool = make_zfs_file_pool(name, tmp_path / "tiny.img", 64 << 20, tmp_path / "mnt")
-    try:
-        yield ZfsDriver(name, use_library=False)
-    finally:
-        zpool.destroy()
-        (tmp_path / "tiny.img").unlink(missing_ok=True)
+    with _workdir("tiny") as work:
+        name = f"cbt{os.getpid()}tiny{next(_counter)}"
+        zpool = make_zfs_file_pool(name, work / "pool.img", 64 << 20, work / "mnt")
+        try:
+            yield ZfsDriver(name, use_library=False)
+        finally:
+            zpool.destroy()
 
 
 def leave_leftovers(driver: StorageDriver, source: SnapshotRef) -> None:

@@ -32,7 +32,9 @@ def test_file_values_are_parsed(tmp_path: Path) -> None:
     assert config.daemon.default_ttl == timedelta(hours=2)
     assert config.daemon.max_branches == 7
     assert (config.storage.driver, config.storage.root, config.storage.loop_size) == (
-        "zfs", "tank/cb", 2 * 1024**3,
+        "zfs",
+        "tank/cb",
+        2 * 1024**3,
     )
     assert config.postgres.port_range == (6000, 6009)
     assert config.postgres.settings == {"work_mem": "8MB"}

@@ -78,7 +78,9 @@ def test_branch_sees_base_and_isolates_writes(any_daemon: DaemonHandle) -> None:
         try:
             assert a.state == Branch.READY
             assert names(fetch(a.connection.dsn, "SELECT name FROM items ORDER BY id")) == [
-                "apple", "banana", "cherry",
+                "apple",
+                "banana",
+                "cherry",
             ]
             execute(a.connection.dsn, "INSERT INTO items VALUES (4, 'durian')")
             execute(a.connection.dsn, "DELETE FROM items WHERE id = 1")
@@ -109,17 +111,27 @@ def test_branch_from_branch_carries_parent_writes(any_daemon: DaemonHandle) -> N
             child = create(d, ch, parent=parent.name)
             assert child.parent == parent.name
             assert names(fetch(child.connection.dsn, "SELECT id FROM items ORDER BY id")) == [
-                1, 2, 3, 10,
+                1,
+                2,
+                3,
+                10,
             ]
             execute(parent.connection.dsn, "INSERT INTO items VALUES (11, 'later')")
             execute(child.connection.dsn, "INSERT INTO items VALUES (12, 'child')")
             assert names(fetch(child.connection.dsn, "SELECT id FROM items ORDER BY id")) == [
-                1, 2, 3, 10, 12,
+                1,
+                2,
+                3,
+                10,
+                12,
             ]
             # Resetting the child goes back to the parent's state at branch time.
             d.branches(ch).ResetBranch(branches_pb2.ResetBranchRequest(name=child.name))
             assert names(fetch(child.connection.dsn, "SELECT id FROM items ORDER BY id")) == [
-                1, 2, 3, 10,
+                1,
+                2,
+                3,
+                10,
             ]
             delete(d, ch, child)
         finally:

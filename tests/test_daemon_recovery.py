@@ -63,7 +63,8 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
             try:
                 stub.CreateBranch(
                     branches_pb2.CreateBranchRequest(
-                        parent="bases/demo", branch_id="halfway",
+                        parent="bases/demo",
+                        branch_id="halfway",
                         postgres_settings={"pre_auth_delay": "30s"},
                     ),
                     timeout=120,
@@ -110,10 +111,14 @@ def test_dead_postmaster_is_restarted_at_daemon_start(daemon_factory: DaemonFact
             branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
         )
     d.stop()
-    master = postgres.find_postmaster(str(Path(d.pool_root) / "branches" / branch.name[9:] / "pgdata"))
+    master = postgres.find_postmaster(
+        str(Path(d.pool_root) / "branches" / branch.name[9:] / "pgdata")
+    )
     assert master is not None
     os.kill(master.pid, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(master.pid)], timeout=10) if psutil.pid_exists(master.pid) else None
+    psutil.wait_procs([psutil.Process(master.pid)], timeout=10) if psutil.pid_exists(
+        master.pid
+    ) else None
     d.start()
     with d.channel() as ch:
         got = d.branches(ch).GetBranch(branches_pb2.GetBranchRequest(name=branch.name))
@@ -132,7 +137,8 @@ def test_broken_setting_fails_with_log_tail_and_leaks_nothing(daemon: DaemonHand
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateBranch(
                 branches_pb2.CreateBranchRequest(
-                    parent="bases/demo", branch_id="broken",
+                    parent="bases/demo",
+                    branch_id="broken",
                     postgres_settings={"shared_buffers": "banana"},
                 ),
                 timeout=120,
@@ -164,7 +170,9 @@ def test_sigterm_drains_and_leaves_branches_running(daemon_factory: DaemonFactor
     d.stop()
     assert d.proc is not None and d.proc.returncode == 0
     assert select_one(branch.connection.dsn) == 1
-    events = [json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")]
+    events = [
+        json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")
+    ]
     rpcs = [e for e in events if e.get("event") == "rpc" and e.get("method") == "CreateBranch"]
     assert len(rpcs) == 1
     assert rpcs[0]["code"] == "OK" and rpcs[0]["request_id"] == "r-drain"

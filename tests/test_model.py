@@ -45,8 +45,17 @@ def test_parents_parse_to_their_kind() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "shop", "bases/", "bases/shop/versions/0", "bases/shop/versions/x",
-            "bases/shop/versions/3/extra", "branches/../x", "snapshots/a"],
+    "bad",
+    [
+        "",
+        "shop",
+        "bases/",
+        "bases/shop/versions/0",
+        "bases/shop/versions/x",
+        "bases/shop/versions/3/extra",
+        "branches/../x",
+        "snapshots/a",
+    ],
 )
 def test_bad_parents_are_rejected(bad: str) -> None:
     """Malformed parents are InvalidArgument on the parent field."""
@@ -76,7 +85,8 @@ def test_bad_selectors_are_rejected(bad: str) -> None:
 def test_labels_and_ttl_limits() -> None:
     """Labels are bounded in count, key and value; TTLs are non-negative and at most a year."""
     assert validate_labels("labels", {"pr": "123", "node": "tests/a.py::t"}) == {
-        "pr": "123", "node": "tests/a.py::t",
+        "pr": "123",
+        "node": "tests/a.py::t",
     }
     for bad in ({"K": "v"}, {"k": "v" * 64}, {"k": "sp ace"}, {f"k{i}": "" for i in range(33)}):
         with pytest.raises(InvalidArgument):
@@ -92,17 +102,32 @@ def test_records_round_trip_through_storage_metadata() -> None:
     """Branch and base records survive the str->str metadata kept on storage."""
     created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     branch = BranchRecord(
-        branch_id="b", base_id="shop", parent="bases/shop/versions/2",
-        source_snapshot="bases/shop@v2", state=State.READY, create_time=created, port=54001,
-        labels={"pr": "1"}, expire_time=created + timedelta(hours=1), protected=True,
-        request_id="r-1", settings={"work_mem": "8MB"},
+        branch_id="b",
+        base_id="shop",
+        parent="bases/shop/versions/2",
+        source_snapshot="bases/shop@v2",
+        state=State.READY,
+        create_time=created,
+        port=54001,
+        labels={"pr": "1"},
+        expire_time=created + timedelta(hours=1),
+        protected=True,
+        request_id="r-1",
+        settings={"work_mem": "8MB"},
     )
     meta = branch.to_meta()
     assert all(isinstance(v, str) for v in meta.values())
     assert BranchRecord.from_meta("b", meta) == branch
     base = BaseRecord(
-        base_id="shop", state=State.READY, create_time=created, pg_version=15, user="postgres",
-        password="pw", database="shop", labels={}, versions={1: created, 2: created},
+        base_id="shop",
+        state=State.READY,
+        create_time=created,
+        pg_version=15,
+        user="postgres",
+        password="pw",
+        database="shop",
+        labels={},
+        versions={1: created, 2: created},
     )
     assert BaseRecord.from_meta("shop", base.to_meta()) == base
     assert base.latest_version == 2

@@ -23,5 +23,5 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     committed = ROOT / "src" / "cowbranchd" / "v1"
     names = sorted(p.name for p in fresh.iterdir() if p.is_file())
     assert names == sorted(p.name for p in committed.iterdir() if p.is_file())
-    match, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
     assert (mismatch, errors) == ([], []), "stale stubs: run `bash .ci/gen-protos`"

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from cowbranchd.v1 import bases_pb2, branches_pb2
 from tests.fix_daemon import DaemonFactory, DaemonHandle
@@ -66,7 +66,9 @@ BAD_CREATES = [
 ]
 
 
-@pytest.mark.parametrize(("field", "fields"), BAD_CREATES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_CREATES)])
+@pytest.mark.parametrize(
+    ("field", "fields"), BAD_CREATES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_CREATES)]
+)
 def test_bad_create_input_is_invalid_argument(
     daemon: DaemonHandle, channel: grpc.Channel, field: str, fields: dict[str, object]
 ) -> None:
@@ -88,20 +90,42 @@ def test_other_bad_input_is_invalid_argument(daemon: DaemonHandle, channel: grpc
     br, ba = daemon.branches(channel), daemon.bases(channel)
     cases = [
         ("name", br.GetBranch, branches_pb2.GetBranchRequest(name="branches/UP")),
-        ("label_selector", br.ListBranches, branches_pb2.ListBranchesRequest(label_selector="a=b,,")),
-        ("label_selector", br.ListBranches, branches_pb2.ListBranchesRequest(label_selector="a=(b)")),
+        (
+            "label_selector",
+            br.ListBranches,
+            branches_pb2.ListBranchesRequest(label_selector="a=b,,"),
+        ),
+        (
+            "label_selector",
+            br.ListBranches,
+            branches_pb2.ListBranchesRequest(label_selector="a=(b)"),
+        ),
         ("page_token", br.ListBranches, branches_pb2.ListBranchesRequest(page_token="garbage!")),
         ("page_size", br.ListBranches, branches_pb2.ListBranchesRequest(page_size=-1)),
-        ("data_directory", ba.CreateBase,
-         bases_pb2.CreateBaseRequest(base_id="x", data_directory="relative/path")),
-        ("data_directory", ba.CreateBase,
-         bases_pb2.CreateBaseRequest(base_id="x", data_directory="/var/lib/../../etc")),
-        ("data_directory", ba.CreateBase,
-         bases_pb2.CreateBaseRequest(base_id="x", data_directory="/etc")),
+        (
+            "data_directory",
+            ba.CreateBase,
+            bases_pb2.CreateBaseRequest(base_id="x", data_directory="relative/path"),
+        ),
+        (
+            "data_directory",
+            ba.CreateBase,
+            bases_pb2.CreateBaseRequest(base_id="x", data_directory="/var/lib/../../etc"),
+        ),
+        (
+            "data_directory",
+            ba.CreateBase,
+            bases_pb2.CreateBaseRequest(base_id="x", data_directory="/etc"),
+        ),
         ("base_id", ba.CreateBase, bases_pb2.CreateBaseRequest(base_id="Bad_Id")),
-        ("update_mask", br.UpdateBranch, branches_pb2.UpdateBranchRequest(
-            branch=branches_pb2.Branch(name="branches/x"),
-            update_mask={"paths": ["state"]})),
+        (
+            "update_mask",
+            br.UpdateBranch,
+            branches_pb2.UpdateBranchRequest(
+                branch=branches_pb2.Branch(name="branches/x"),
+                update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+            ),
+        ),
     ]
     for field, call, request in cases:
         code, details = code_of(call, request)
@@ -129,18 +153,26 @@ def test_not_found_and_allow_missing(daemon: DaemonHandle, channel: grpc.Channel
     assert code_of(br.DeleteBranch, branches_pb2.DeleteBranchRequest(name="branches/nope"))[0] == (
         grpc.StatusCode.NOT_FOUND
     )
-    assert code_of(
-        br.DeleteBranch, branches_pb2.DeleteBranchRequest(name="branches/nope", allow_missing=True)
-    )[0] == grpc.StatusCode.OK
+    assert (
+        code_of(
+            br.DeleteBranch,
+            branches_pb2.DeleteBranchRequest(name="branches/nope", allow_missing=True),
+        )[0]
+        == grpc.StatusCode.OK
+    )
     assert code_of(ba.GetBase, bases_pb2.GetBaseRequest(name="bases/nope"))[0] == (
         grpc.StatusCode.NOT_FOUND
     )
-    assert code_of(
-        br.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo/versions/99")
-    )[0] == grpc.StatusCode.NOT_FOUND
-    assert code_of(
-        br.CreateBranch, branches_pb2.CreateBranchRequest(parent="branches/nope")
-    )[0] == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(br.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo/versions/99"))[
+            0
+        ]
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        code_of(br.CreateBranch, branches_pb2.CreateBranchRequest(parent="branches/nope"))[0]
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 @pytest.fixture
@@ -164,12 +196,27 @@ def test_dirty_base_is_failed_precondition(
     bindir = "/usr/lib/postgresql/15/bin"
     subprocess.run(
         ["runuser", "-u", "postgres", "--", f"{bindir}/initdb", "-D", str(pgdata), "-A", "trust"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     proc = subprocess.Popen(
-        ["runuser", "-u", "postgres", "--", f"{bindir}/postgres", "-D", str(pgdata),
-         "-c", "listen_addresses=", "-c", f"unix_socket_directories={pgdata}", "-c", "port=5999"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            f"{bindir}/postgres",
+            "-D",
+            str(pgdata),
+            "-c",
+            "listen_addresses=",
+            "-c",
+            f"unix_socket_directories={pgdata}",
+            "-c",
+            "port=5999",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         pid_file = pgdata / "postmaster.pid"
@@ -200,9 +247,7 @@ def test_unavailable_while_starting(daemon_factory: DaemonFactory) -> None:
     d.start(wait=False)
     with d.channel() as ch:
         grpc.channel_ready_future(ch).result(timeout=60)
-        code, details = code_of(
-            d.branches(ch).ListBranches, branches_pb2.ListBranchesRequest()
-        )
+        code, details = code_of(d.branches(ch).ListBranches, branches_pb2.ListBranchesRequest())
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "starting" in details
         assert d.health() == "NOT_SERVING"
@@ -222,14 +267,22 @@ def test_resource_exhausted_ports_and_squatted_port(daemon_factory: DaemonFactor
         d.start()
         with d.channel() as ch:
             stub = d.branches(ch)
-            one = stub.CreateBranch(branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120)
-            two = stub.CreateBranch(branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120)
+            one = stub.CreateBranch(
+                branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
+            )
+            two = stub.CreateBranch(
+                branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
+            )
             assert {one.connection.port, two.connection.port} == {d.ports[0] + 1, d.ports[0] + 2}
-            code, details = code_of(stub.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo"))
+            code, details = code_of(
+                stub.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo")
+            )
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "port" in details
             stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=one.name), timeout=120)
-            three = stub.CreateBranch(branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120)
+            three = stub.CreateBranch(
+                branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
+            )
             assert three.connection.port == one.connection.port
     finally:
         squatter.close()
@@ -244,12 +297,16 @@ def test_resource_exhausted_branch_slots(daemon_factory: DaemonFactory) -> None:
     d.start()
     d.stop()
     text = d.config_path.read_text().replace("[daemon]\n", "[daemon]\nmax_branches = 1\n", 1)
-    d.write_config = lambda: d.config_path.write_text(text)  # type: ignore[method-assign]
+    d.extra_config = ""
+    d.write_config = lambda: None  # type: ignore[method-assign]
+    d.config_path.write_text(text)
     d.start()
     with d.channel() as ch:
         stub = d.branches(ch)
         stub.CreateBranch(branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120)
-        code, details = code_of(stub.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo"))
+        code, details = code_of(
+            stub.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo")
+        )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_branches" in details
     d.stop()

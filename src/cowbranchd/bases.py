@@ -56,13 +56,17 @@ def validate_data_directory(field_name: str, value: str) -> Path:
         raise InvalidArgument(field_name, f"{value[:200]!r} is not an absolute path")
     if "\x00" in value or len(value) > 4096:
         raise InvalidArgument(field_name, "is not a usable path")
-    if ".." in Path(value).parts or os.path.normpath(value) != value.rstrip("/") and value != "/":
-        raise InvalidArgument(field_name, f"{value[:200]!r} must be normalised (no '..', '.' or '//')")
+    if ".." in Path(value).parts or (os.path.normpath(value) != value.rstrip("/") and value != "/"):
+        raise InvalidArgument(
+            field_name, f"{value[:200]!r} must be normalised (no '..', '.' or '//')"
+        )
     path = Path(value)
     if not path.is_dir():
         raise InvalidArgument(field_name, f"{value} is not a directory")
     if not (path / "PG_VERSION").is_file():
-        raise InvalidArgument(field_name, f"{value} is not a PostgreSQL data directory (no PG_VERSION)")
+        raise InvalidArgument(
+            field_name, f"{value} is not a PostgreSQL data directory (no PG_VERSION)"
+        )
     return path
 
 
@@ -80,7 +84,7 @@ class Bases:
             raise NotFound(f"bases/{base_id} does not exist")
         return entry
 
-    def list(self) -> list[BaseEntry]:
+    def all(self) -> list[BaseEntry]:
         with self.ctx.inventory.lock:
             return sorted(self.ctx.inventory.bases.values(), key=lambda e: e.record.base_id)
 
@@ -115,7 +119,9 @@ class Bases:
     ) -> BaseRecord:
         validate_id("base_id", base_id)
         labels = validate_labels("labels", labels or {})
-        source_dir = validate_data_directory("data_directory", data_directory) if data_directory else None
+        source_dir = (
+            validate_data_directory("data_directory", data_directory) if data_directory else None
+        )
         if source_dir is None and initdb is None:
             initdb = InitdbSpec()
         if initdb is not None and initdb.database:
@@ -137,13 +143,21 @@ class Bases:
                 raise AlreadyExists(f"bases/{base_id} already exists")
             self._creating.add(base_id)
         try:
-            return self._build(base_id, major, binaries, initdb, source_dir, labels)
+            return self._build(
+                base_id=base_id,
+                major=major,
+                binaries=binaries,
+                initdb=initdb,
+                source_dir=source_dir,
+                labels=labels,
+            )
         finally:
             with inv.lock:
                 self._creating.discard(base_id)
 
     def _build(
         self,
+        *,
         base_id: str,
         major: int,
         binaries: postgres.Binaries,
@@ -227,12 +241,16 @@ class Bases:
             )
             try:
                 with psycopg.connect(
-                    host=str(socket_dir), port=port, user=record.user, dbname="postgres",
+                    host=str(socket_dir),
+                    port=port,
+                    user=record.user,
+                    dbname="postgres",
                     autocommit=True,
                 ) as conn:
                     conn.execute(
                         psycopg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                            psycopg.sql.Identifier(record.user), psycopg.sql.Literal(record.password)
+                            psycopg.sql.Identifier(record.user),
+                            psycopg.sql.Literal(record.password),
                         )
                     )
             except psycopg.OperationalError as exc:
@@ -250,7 +268,9 @@ class Bases:
 
     def create_version(self, base_id: str, data_directory: str = "") -> tuple[BaseRecord, int]:
         validate_id("parent", base_id)
-        source_dir = validate_data_directory("data_directory", data_directory) if data_directory else None
+        source_dir = (
+            validate_data_directory("data_directory", data_directory) if data_directory else None
+        )
         entry = self.get(base_id)
         with entry.lock:
             record = entry.record

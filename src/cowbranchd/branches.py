@@ -94,7 +94,7 @@ class Branches:
             raise NotFound(f"branches/{branch_id} does not exist")
         return entry
 
-    def list(self, selector: Selector) -> list[BranchEntry]:
+    def matching(self, selector: Selector) -> list[BranchEntry]:
         with self.ctx.inventory.lock:
             entries = list(self.ctx.inventory.branches.values())
         return sorted(
@@ -360,7 +360,9 @@ class Branches:
         with entry.lock:
             source = entry.source
             if source is None or entry.deleting:
-                raise FailedPrecondition(f"branches/{branch_id} cannot be reset while it is deleting")
+                raise FailedPrecondition(
+                    f"branches/{branch_id} cannot be reset while it is deleting"
+                )
             self._stop(entry)
             record = entry.record.evolve(state=State.CREATING, failure="")
             driver.destroy(Kind.BRANCHES, branch_id)
@@ -460,8 +462,10 @@ def postmaster_alive(master: postgres.Postmaster | None) -> bool:
         return False
     try:
         proc = psutil.Process(master.pid)
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (
-            abs(proc.create_time() - master.create_time) < 1.0
+        return (
+            proc.is_running()
+            and proc.status() != psutil.STATUS_ZOMBIE
+            and (abs(proc.create_time() - master.create_time) < 1.0)
         )
     except psutil.Error:
         return False

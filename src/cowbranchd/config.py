@@ -36,7 +36,9 @@ def parse_duration(field_name: str, text: str) -> timedelta:
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if not stripped or pos != len(stripped):
-        raise InvalidArgument(field_name, f"{text!r} is not a duration like 250ms, 30s, 15m, 2h, 1d")
+        raise InvalidArgument(
+            field_name, f"{text!r} is not a duration like 250ms, 30s, 15m, 2h, 1d"
+        )
     return timedelta(seconds=total)
 
 
@@ -47,7 +49,7 @@ def parse_size(field_name: str, text: str | int) -> int:
     if not match:
         raise InvalidArgument(field_name, f"{text!r} is not a size like 512M or 8G")
     power = " KMGT".index(match.group(2).upper() or " ")
-    return int(match.group(1)) * 1024**power
+    return int(match.group(1)) * int(1024**power)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,9 @@ def config_from_mapping(data: Mapping[str, Any]) -> Config:
         kwargs: dict[str, object] = {}
         for key, value in values.items():
             if key not in known:
-                raise InvalidArgument(f"{section}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
+                raise InvalidArgument(
+                    f"{section}.{key}", f"unknown key; known: {', '.join(sorted(known))}"
+                )
             kwargs[key] = _convert(section, key, getattr(defaults, key), value)
         built[section] = cls(**kwargs)
     config = Config(**built)  # type: ignore[arg-type]

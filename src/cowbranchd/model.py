@@ -158,7 +158,9 @@ class Selector:
                 continue
             if "!=" in term:
                 key, value = (s.strip() for s in term.split("!=", 1))
-                not_equal.append((_selector_key(field_name, key), _selector_value(field_name, value)))
+                not_equal.append(
+                    (_selector_key(field_name, key), _selector_value(field_name, value))
+                )
             elif "=" in term:
                 key, value = (s.strip() for s in term.split("=", 1))
                 value = value.removeprefix("=").strip()  # accept `==`

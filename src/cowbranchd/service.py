@@ -74,18 +74,30 @@ def rpc(
             response = method(self, request, context)
         except CowbranchError as exc:
             log.info(
-                "rpc", method=name, code=exc.code.name, error=exc.message,
-                ms=round((time.perf_counter() - started) * 1000, 2), **fields,
+                "rpc",
+                method=name,
+                code=exc.code.name,
+                error=exc.message,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+                **fields,
             )
             context.abort(exc.code, exc.message)
         except Exception as exc:
             log.exception(
-                "rpc", method=name, code="INTERNAL",
-                ms=round((time.perf_counter() - started) * 1000, 2), **fields,
+                "rpc",
+                method=name,
+                code="INTERNAL",
+                ms=round((time.perf_counter() - started) * 1000, 2),
+                **fields,
             )
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-        log.info("rpc", method=name, code="OK", ms=round((time.perf_counter() - started) * 1000, 2),
-                 **fields)
+        log.info(
+            "rpc",
+            method=name,
+            code="OK",
+            ms=round((time.perf_counter() - started) * 1000, 2),
+            **fields,
+        )
         return response
 
     return wrapper
@@ -130,8 +142,13 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             parent=record.parent,
             state=branches_pb2.Branch.State.Value(state.name),
             connection=branches_pb2.Connection(
-                host=conn.host, port=conn.port, user=conn.user, password=conn.password,
-                database=conn.database, socket_dir=conn.socket_dir, dsn=conn.dsn,
+                host=conn.host,
+                port=conn.port,
+                user=conn.user,
+                password=conn.password,
+                database=conn.database,
+                socket_dir=conn.socket_dir,
+                dsn=conn.dsn,
             ),
             labels=record.labels,
             create_time=_timestamp(record.create_time),
@@ -174,7 +191,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         size = request.page_size or DEFAULT_PAGE_SIZE
         after = _decode_token(request.page_token)
         selector = Selector.parse(request.label_selector)
-        entries = [e for e in self.branches.list(selector) if e.branch_id > after]
+        entries = [e for e in self.branches.matching(selector) if e.branch_id > after]
         page = entries[:size]
         token = _encode_token(page[-1].branch_id) if len(entries) > size else ""
         return branches_pb2.ListBranchesResponse(
@@ -215,11 +232,10 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         ttl: timedelta | None = None
         if "ttl" in paths:
             ttl = _duration("ttl", request.ttl)
-        elif "expire_time" in paths:
-            if branch.HasField("expire_time"):
-                ttl = branch.expire_time.ToDatetime(UTC) - datetime.now(UTC)
-                if ttl <= timedelta(0):
-                    raise InvalidArgument("branch.expire_time", "is in the past")
+        elif "expire_time" in paths and branch.HasField("expire_time"):
+            ttl = branch.expire_time.ToDatetime(UTC) - datetime.now(UTC)
+            if ttl <= timedelta(0):
+                raise InvalidArgument("branch.expire_time", "is in the past")
         entry = self.branches.update(
             parse_name("branch.name", branch.name, "branches"),
             labels=dict(branch.labels) if "labels" in paths else None,
@@ -305,7 +321,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
     def ListBases(
         self, request: bases_pb2.ListBasesRequest, context: grpc.ServicerContext
     ) -> bases_pb2.ListBasesResponse:
-        return bases_pb2.ListBasesResponse(bases=[self.to_proto(e) for e in self.bases.list()])
+        return bases_pb2.ListBasesResponse(bases=[self.to_proto(e) for e in self.bases.all()])
 
     @rpc
     def DeleteBase(

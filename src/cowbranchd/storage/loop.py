@@ -171,7 +171,8 @@ def start_zfs_fuse(pidfile: Path, timeout: float = 15.0) -> ZfsFuse:
         return ZfsFuse(pid=None)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.unlink(missing_ok=True)
-    run(["zfs-fuse", "--pidfile", str(pidfile)])
+    # No kstat mount: it would add a FUSE mount on /zfs-kstat to clean up.
+    run(["zfs-fuse", "--no-kstat-mount", "--pidfile", str(pidfile)])
     deadline = time.monotonic() + timeout
     pid: int | None = None
     while time.monotonic() < deadline:

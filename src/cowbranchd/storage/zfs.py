@@ -117,15 +117,17 @@ class ZfsDriver(StorageDriver):
     def __repr__(self) -> str:
         return f"ZfsDriver({self.dataset!r}, use_library={self.use_library})"
 
-    def _zfs(self, what: str, *args: str) -> str:
+    def _zfs(self, what: str, *args: str, retry_busy: bool = True) -> str:
         """Run `zfs args`, translating its complaints into the error tree and
-        retrying while a mount is busy (zfs-fuse unmounts lazily)."""
-        for delay in (*_BACKOFF, None):
+        retrying while a mount is busy (zfs-fuse releases mounts lazily)."""
+        for delay in (*(_BACKOFF if retry_busy else ()), None):
             try:
                 return run(["zfs", *args]).stdout
             except CommandError as exc:
                 err = exc.stderr
-                if any(word in err for word in _BUSY) and delay is not None:
+                if any(word in err for word in _BUSY):
+                    if delay is None:
+                        raise _Busy(f"{what}: {exc.message}") from exc
                     time.sleep(delay)
                     continue
                 if "does not exist" in err or "could not find any snapshots" in err:
@@ -249,11 +251,25 @@ class ZfsDriver(StorageDriver):
             if "not currently mounted" not in exc.message:
                 raise
         try:
-            self._zfs(f"destroy {source}", "rename", source, trashed)
+            self._zfs(f"destroy {source}", "rename", source, trashed, retry_busy=False)
         except NotFound:
             return
+        except _Busy:
+            if self._has_dependent_clones(source):
+                # zfs-fuse will not rename a dataset whose snapshots have mounted
+                # clones (OpenZFS does). Removing the marker is the in-place
+                # equivalent of trashing: list() skips it, gc() destroys it
+                # once free; its name stays taken until then.
+                self._zfs(f"destroy {source}", "inherit", _MARKER, source)
+                log.debug("kept in place: clones depend on it", dataset=source)
+                return
+            self._zfs(f"destroy {source}", "rename", source, trashed)
         self._destroy_trashed(trashed)
         log.debug("destroyed", volume=f"{kind.value}/{name}", trash=trashed)
+
+    def _has_dependent_clones(self, dataset: str) -> bool:
+        out = self._zfs("origins", "get", "-H", "-r", "-o", "value", "origin", self.dataset)
+        return any(line.startswith(f"{dataset}@") for line in out.split("\n"))
 
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         target = self._name(ref.kind, ref.name, ref.snap)
@@ -336,6 +352,10 @@ class ZfsDriver(StorageDriver):
 
 class _Pinned(StorageError):
     """A dataset or snapshot has dependent clones (never raised to callers)."""
+
+
+class _Busy(StorageError):
+    """A dataset stayed busy (mounted and in use) through every retry."""
 
 
 def _natural(name: str) -> list[int | str]:

@@ -1,0 +1,186 @@
+"""Fixtures for tests that need a real PostgreSQL: binaries, one base per session,
+a fresh copy of it per test (standing in for a clone), and started postmasters.
+
+Every postmaster a test starts is stopped by pid at teardown, pass or fail;
+as a last resort, any postgres whose working directory is under this
+session's scratch root is stopped before the root is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cowbranchd import postgres
+from cowbranchd._run import run
+from cowbranchd.errors import NotFound
+from cowbranchd.ports import PortAllocator
+
+PG_MAJOR = 15
+BIN_DIRS = ["/usr/lib/postgresql/{version}/bin"]
+OS_USER = "postgres"
+SUPERUSER = "cowbranch"
+PASSWORD = "s3cret:/@?pw"  # URI-special characters on purpose
+DATABASE = "app"
+INIT_SQL = "CREATE TABLE greeting (word text); INSERT INTO greeting VALUES ('hello');\n"
+TEST_PORTS = (25400, 25999)
+
+
+@dataclass
+class PgDir:
+    """A test's copy of the base, with a socket directory and a log file beside it."""
+
+    pgdata: str
+    socket_dir: str
+    log_path: str
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text() if os.path.exists(self.log_path) else ""
+
+
+@dataclass
+class Running:
+    """A postmaster a test started, with how to reach it."""
+
+    dir: PgDir
+    postmaster: postgres.Postmaster
+    port: int
+
+    @property
+    def dsn(self) -> str:
+        return postgres.dsn("127.0.0.1", self.port, SUPERUSER, PASSWORD, DATABASE)
+
+    @property
+    def socket_dsn(self) -> str:
+        return postgres.dsn(self.dir.socket_dir, self.port, SUPERUSER, "", DATABASE)
+
+
+StartPg = Callable[..., Running]
+
+
+def stop_everything_under(root: str) -> None:
+    """Stop, by pid, every postgres process whose working directory is under `root`."""
+    root = os.path.realpath(root) + os.sep
+    for _ in range(2):
+        found = []
+        for proc in psutil.process_iter(["name", "cwd"]):
+            cwd = proc.info["cwd"]
+            if proc.info["name"] == "postgres" and cwd and (cwd + os.sep).startswith(root):
+                found.append(proc)
+        for proc in found:
+            master = postgres.find_postmaster(proc.info["cwd"])
+            if master is not None:
+                postgres.stop(master, fast_timeout=0)
+            else:  # a backend that outlived its postmaster
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(found, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def pg_binaries() -> postgres.Binaries:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (postgres runs as the postgres OS user)")
+    try:
+        return postgres.find_binaries(PG_MAJOR, BIN_DIRS)
+    except NotFound as exc:  # pragma: no cover - depends on the host
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def pg_root(pg_binaries: postgres.Binaries) -> Iterator[str]:
+    # Outside pytest's tmp_path: its parents are 0700 root, and postgres must traverse.
+    root = tempfile.mkdtemp(prefix="cowbranchd-test-pg-")
+    os.chmod(root, 0o711)
+    try:
+        yield root
+    finally:
+        stop_everything_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_base(pg_root: str, pg_binaries: postgres.Binaries) -> str:
+    base = os.path.join(pg_root, "base")
+    os.mkdir(base)
+    postgres.initdb(
+        base,
+        pg_binaries,
+        os_user=OS_USER,
+        superuser=SUPERUSER,
+        password=PASSWORD,
+        database=DATABASE,
+        init_sql=INIT_SQL,
+    )
+    return base
+
+
+@pytest.fixture(scope="session")
+def pg_ports() -> PortAllocator:
+    return PortAllocator(*TEST_PORTS, "127.0.0.1")
+
+
+@pytest.fixture
+def pg_dir(pg_root: str, pg_base: str) -> Iterator[PgDir]:
+    """A fresh copy of the base (as a clone would be), removed after the test."""
+    scratch = tempfile.mkdtemp(dir=pg_root)
+    os.chmod(scratch, 0o711)
+    pgdata = os.path.join(scratch, "pgdata")
+    run(["cp", "-a", "--reflink=auto", pg_base, pgdata])
+    try:
+        yield PgDir(pgdata, os.path.join(scratch, "socket"), os.path.join(scratch, "pg.log"))
+    finally:
+        stop_everything_under(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture
+def start_pg(pg_binaries: postgres.Binaries, pg_ports: PortAllocator) -> Iterator[StartPg]:
+    """Start postgres on a PgDir (on a free port unless given); stopped by pid at teardown."""
+    started: list[postgres.Postmaster] = []
+    ports: list[int] = []
+
+    def start(
+        d: PgDir, *, settings: Mapping[str, str] | None = None, port: int | None = None
+    ) -> Running:
+        attempts = 1 if port is not None else 3
+        for attempt in range(attempts):
+            chosen = port if port is not None else pg_ports.allocate()
+            ports.append(chosen)
+            try:
+                pm = postgres.start(
+                    d.pgdata,
+                    binaries=pg_binaries,
+                    os_user=OS_USER,
+                    port=chosen,
+                    socket_dir=d.socket_dir,
+                    listen_addresses="127.0.0.1",
+                    settings=settings or {},
+                    log_path=d.log_path,
+                    ready_dsn=postgres.dsn("127.0.0.1", chosen, SUPERUSER, PASSWORD, DATABASE),
+                    ready_timeout=60,
+                )
+            except postgres.PortInUse:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            started.append(pm)
+            return Running(d, pm, chosen)
+        raise AssertionError("unreachable")
+
+    try:
+        yield start
+    finally:
+        for pm in started:
+            postgres.stop(pm, fast_timeout=0)
+        for p in ports:
+            pg_ports.release(p)
