@@ -141,12 +141,11 @@ def test_sigkilled_postmaster_leaves_a_dirty_cluster_that_restarts(
     """After SIGKILL the clean-shutdown check names the state; a restart recovers it."""
     branch = start_pg(pg_dir)
     os.kill(branch.postmaster.pid, signal.SIGKILL)
-    postgres.stop(branch.postmaster)  # waits for the reaper; killing the dead is success
+    postgres.stop(branch.postmaster)  # reaps it and ends its orphaned backends
     assert postgres.find_postmaster(pg_dir.pgdata) is None
+    assert [pid for pid in _postgres_under(pg_dir.pgdata) if not _gone(pid)] == []
     with pytest.raises(FailedPrecondition, match="cluster state: 'in production'"):
         postgres.check_clean_shutdown(pg_dir.pgdata, pg_binaries)
-    stop_orphans = [pid for pid in _postgres_under(pg_dir.pgdata) if not _gone(pid)]
-    psutil.wait_procs([psutil.Process(p) for p in stop_orphans if not _gone(p)], timeout=10)
     postgres.prepare_clone(pg_dir.pgdata)
     again = start_pg(pg_dir)
     with psycopg.connect(again.dsn) as conn:
@@ -263,10 +262,14 @@ def test_adopts_and_stops_a_postmaster_started_by_a_previous_daemon(
             " port=a['port'], socket_dir=a['socket_dir'], listen_addresses='127.0.0.1',"
             " settings={}, log_path=a['log_path'], ready_dsn=a['dsn']); print(pm.pid)"
         )
-        pid = int(subprocess.run(
-            [sys.executable, "-c", script, json.dumps(args)], check=True, capture_output=True,
-            text=True,
-        ).stdout)
+        pid = int(
+            subprocess.run(
+                [sys.executable, "-c", script, json.dumps(args)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
         found = postgres.find_postmaster(pg_dir.pgdata)
         assert found is not None
         assert (found.pid, found.port, found.is_child) == (pid, port, False)
@@ -360,9 +363,7 @@ def test_validate_settings_accepts_ordinary_settings() -> None:
     )
 
 
-def test_start_rejects_invalid_settings_before_spawning(
-    pg_dir: PgDir, start_pg: StartPg
-) -> None:
+def test_start_rejects_invalid_settings_before_spawning(pg_dir: PgDir, start_pg: StartPg) -> None:
     """start() validates settings itself, so nothing is spawned for a daemon-owned one."""
     with pytest.raises(InvalidArgument, match="set by cowbranchd"):
         start_pg(pg_dir, settings={"port": "1"})

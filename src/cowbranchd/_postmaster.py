@@ -332,7 +332,13 @@ def stop(
     whole process group. A postmaster that is already gone is success.
     """
     pm = postmaster if isinstance(postmaster, Postmaster) else _postmaster_for_pid(postmaster)
-    if pm is None or (pm._exited is not None and pm._exited.is_set()):
+    if pm is None:
+        return
+    if pm._exited is not None and pm._exited.is_set():
+        # Ours and reaped. If something else killed it (OOM killer, SIGKILL),
+        # its backends may linger in its process group: end them, or a restart
+        # on this data directory would run beside them.
+        _drain_group(pm.pid, kill_timeout)
         return
     try:
         pidfd = os.pidfd_open(pm.pid)
@@ -364,6 +370,8 @@ def stop(
                 else:
                     signal.pidfd_send_signal(pidfd, sig)
             if _wait_gone(pm, pidfd, timeout):
+                if sig == signal.SIGKILL and own_group:
+                    _drain_group(pm.pid, kill_timeout)
                 log.debug("postgres stopped", pid=pm.pid, signal=sig.name)
                 return
         raise PostgresError(f"postgres pid {pm.pid} survived SIGKILL for {kill_timeout}s")
@@ -377,3 +385,20 @@ def _same_process(pm: Postmaster) -> bool:
     except psutil.Error:
         return False
     return not pm.create_time or abs(ctime - pm.create_time) < 1.0
+
+
+def _drain_group(pgid: int, timeout: float) -> None:
+    """SIGKILL what is left of a dead postmaster's process group and wait for it."""
+    # Safe from pid reuse: a pid is not handed out again while it names a group.
+    deadline = time.monotonic() + timeout
+    sig: int = signal.SIGKILL
+    while True:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        sig = 0  # then only probe; zombies count until their new parent reaps them
+        if time.monotonic() > deadline:
+            log.warning("postgres backends linger", pgid=pgid)
+            return
+        time.sleep(_POLL_INTERVAL)

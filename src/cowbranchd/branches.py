@@ -304,6 +304,19 @@ class Branches:
             postgres.stop(master)
         entry.postmaster = None
 
+    def stop_all(self) -> int:
+        """Stop every branch's postgres (their volumes stay; a restart adopts
+        them again). Returns how many were running."""
+        with self.ctx.inventory.lock:
+            entries = list(self.ctx.inventory.branches.values())
+        stopped = 0
+        for entry in entries:
+            with entry.lock:
+                if entry.postmaster is not None:
+                    stopped += 1
+                self._stop(entry)
+        return stopped
+
     def restart(self, entry: BranchEntry) -> None:
         """Start a stopped branch on its own port (used at start-up)."""
         with entry.lock:

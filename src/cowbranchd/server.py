@@ -218,14 +218,18 @@ class Daemon:
             except Exception:
                 log.exception("reaper_failed")
 
-    def drain_and_stop(self) -> None:
-        """Refuse new calls, let in-flight ones finish, exit. Branches keep running."""
+    def drain_and_stop(self, *, stop_branches: bool = False) -> None:
+        """Refuse new calls, let in-flight ones finish, exit. Branches keep
+        running (they are adopted at the next start) unless `stop_branches`."""
         log.info("draining", timeout_s=self.config.daemon.drain_timeout.total_seconds())
         notify_systemd("STOPPING=1")
         self.stopping.set()
         self.gate.close("cowbranchd is shutting down; retry against the restarted daemon")
         self.health.enter_graceful_shutdown()
         self.server.stop(grace=self.config.daemon.drain_timeout.total_seconds()).wait()
+        if stop_branches:
+            stopped = self.branches.stop_all()
+            log.info("branches_stopped", count=stopped)
         log.info("stopped")
 
 
@@ -239,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="TOML config file (default: /etc/cowbranchd/config.toml if it exists, "
         "else built-in defaults)",
+    )
+    parser.add_argument(
+        "--stop-branches",
+        action="store_true",
+        help="stop every branch's postgres on exit (default: leave them running for the next start)",
     )
     parser.add_argument("--version", action="version", version=f"cowbranchd {__version__}")
     args = parser.parse_args(argv)
@@ -271,16 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     except CowbranchError as exc:
         log.error("start_failed", error=exc.message)
         return 1
+    ctl = Path(sys.executable).parent / "cowbranchctl"
+    address = f"unix://{config.daemon.socket}"
+    address_flag = "" if address == "unix:///run/cowbranchd/api.sock" else f" --address {address}"
     print(
-        f"cowbranchd is serving on unix://{config.daemon.socket}\n"
-        f"  create a branch:  cowbranchctl --address unix://{config.daemon.socket} "
-        f"create --parent bases/{config.demo.base_id}\n"
+        f"cowbranchd is serving on {address}\n"
+        f"  create a branch:  {ctl if ctl.exists() else 'cowbranchctl'}{address_flag} "
+        f"create bases/{config.demo.base_id}\n"
         "  stop with Ctrl-C (branches keep running; they are adopted at the next start)",
         file=sys.stderr,
         flush=True,
     )
     done.wait()
-    daemon.drain_and_stop()
+    daemon.drain_and_stop(stop_branches=args.stop_branches)
     return 0
 
 

@@ -282,9 +282,13 @@ class ZfsDriver(StorageDriver):
         return True
 
     def _get_all(self) -> dict[str, dict[str, tuple[str, str]]]:
-        """name -> property -> (value, source) for the whole tree, one spawn."""
-        out = self._zfs("list", "get", "-H", "-p", "-r", "-o", "name,property,value,source",
-                        "all", self.dataset)
+        """name -> property -> (value, source) for the whole tree, one spawn.
+
+        Only local and intrinsic properties (type, origin, ...): that halves
+        zfs-fuse's time, and inherited ones (mountpoint) are derived, see _path().
+        """
+        out = self._zfs("list", "get", "-H", "-p", "-r", "-s", "local,none",
+                        "-o", "name,property,value,source", "all", self.dataset)
         tree: dict[str, dict[str, tuple[str, str]]] = {}
         for line in out.split("\n"):
             fields = line.split("\t")
@@ -309,7 +313,9 @@ class ZfsDriver(StorageDriver):
             origin = pattern.fullmatch(props.get("origin", ("-", ""))[0])
             snapshots = tuple(sorted(snaps.get((match[1], match[2]), []), key=_natural))
             volumes.append(Volume(
-                kind=Kind(match[1]), name=match[2], path=Path(props["mountpoint"][0]),
+                kind=Kind(match[1]), name=match[2],
+                path=Path(props["mountpoint"][0]) if "mountpoint" in props
+                else self._path(Kind(match[1]), match[2]),
                 meta={k[len(PREFIX):]: _decode(v) for k, (v, src) in props.items()
                       if k.startswith(PREFIX) and k != _MARKER and src == "local"},
                 snapshots=snapshots,
