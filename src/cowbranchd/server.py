@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop-branches",
         action="store_true",
-        help="stop every branch's postgres on exit (default: leave them running for the next start)",
+        help="stop every branch's postgres on exit (default: leave them running)",
     )
     parser.add_argument("--version", action="version", version=f"cowbranchd {__version__}")
     args = parser.parse_args(argv)
