@@ -43,6 +43,8 @@ class DaemonHandle:
     ports: tuple[int, int]
     base: str = "demo"
     extra_config: str = ""
+    # Extra `key = value` lines per config section, e.g. {"daemon": "max_branches = 1"}.
+    sections: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log_lines: list[str] = field(default_factory=list)
 
@@ -72,14 +74,17 @@ log_format = "json"
 log_level = "debug"
 reap_interval = "200ms"
 drain_timeout = "5s"
+{self.sections.get("daemon", "")}
 
 [storage]
 driver = "{self.driver}"
 root = "{self.pool_root}"
+{self.sections.get("storage", "")}
 
 [postgres]
 port_range = "{self.ports[0]}-{self.ports[1]}"
 socket_root = "{self.workdir / "pg"}"
+{self.sections.get("postgres", "")}
 
 [demo]
 base_id = "{self.base}"

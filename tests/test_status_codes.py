@@ -292,14 +292,7 @@ def test_resource_exhausted_ports_and_squatted_port(daemon_factory: DaemonFactor
 def test_resource_exhausted_branch_slots(daemon_factory: DaemonFactory) -> None:
     """With daemon.max_branches reached, create is RESOURCE_EXHAUSTED naming the limit."""
     d = daemon_factory(start=False)
-    d.extra_config = ""
-    d.write_config()
-    d.start()
-    d.stop()
-    text = d.config_path.read_text().replace("[daemon]\n", "[daemon]\nmax_branches = 1\n", 1)
-    d.extra_config = ""
-    d.write_config = lambda: None  # type: ignore[method-assign]
-    d.config_path.write_text(text)
+    d.sections = {"daemon": "max_branches = 1"}
     d.start()
     with d.channel() as ch:
         stub = d.branches(ch)
@@ -309,4 +302,18 @@ def test_resource_exhausted_branch_slots(daemon_factory: DaemonFactory) -> None:
         )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_branches" in details
+    d.stop()
+
+
+def test_resource_exhausted_disk(daemon_factory: DaemonFactory) -> None:
+    """Below the pool's free-space reserve, create is RESOURCE_EXHAUSTED and says so."""
+    d = daemon_factory(start=False)
+    d.sections = {"storage": "min_free_bytes = '64T'"}
+    d.start()
+    with d.channel() as ch:
+        code, details = code_of(
+            d.branches(ch).CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo")
+        )
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "min_free_bytes" in details
     d.stop()

@@ -55,6 +55,7 @@ log = structlog.get_logger("cowbranchd.branches")
 # How often start is retried on another port when postgres finds its port
 # taken (by something that bound it after our bind check).
 PORT_ATTEMPTS = 5
+FREE_SPACE_CHECK_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,22 @@ class Branches:
     def __init__(self, ctx: Context, bases: Bases) -> None:
         self.ctx = ctx
         self.bases = bases
+        self._free_checked_at = 0.0
+
+    def _check_space(self) -> None:
+        """RESOURCE_EXHAUSTED below the configured free-space reserve. Asked of
+        storage at most every couple of seconds: on ZFS it costs a command."""
+        if time.monotonic() - self._free_checked_at < FREE_SPACE_CHECK_INTERVAL:
+            return
+        usage = self.ctx.driver.pool_usage()
+        free = usage.total_bytes - usage.used_bytes
+        reserve = self.ctx.config.storage.min_free_bytes
+        if free < reserve:
+            raise ResourceExhausted(
+                f"the pool has {free // 2**20} MiB free, below storage.min_free_bytes "
+                f"({reserve // 2**20} MiB): delete branches or grow the pool"
+            )
+        self._free_checked_at = time.monotonic()
 
     # -- queries -------------------------------------------------------------
 
@@ -143,6 +160,7 @@ class Branches:
         ttl = validate_ttl("ttl", spec.ttl) or self.ctx.config.daemon.default_ttl
         postgres.validate_settings(spec.postgres_settings)
         settings = dict(spec.postgres_settings)
+        self._check_space()
 
         inv = self.ctx.inventory
         while True:
