@@ -268,7 +268,7 @@ def test_adopts_and_stops_a_postmaster_started_by_a_previous_daemon(
                 check=True,
                 capture_output=True,
                 text=True,
-            ).stdout
+            ).stdout.split()[-1]  # structlog may print debug lines first
         )
         found = postgres.find_postmaster(pg_dir.pgdata)
         assert found is not None

@@ -54,8 +54,9 @@ INSERT INTO items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Requires `authorization: Bearer <token>` on TCP; Unix-socket callers
-    are vetted by the socket directory's permissions instead."""
+    """With `daemon.token_file` set, requires `authorization: Bearer <token>`
+    on every call but health checks (the interceptor cannot tell the Unix
+    socket from TCP, so local clients send it too: COWBRANCHD_TOKEN)."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}"
@@ -69,7 +70,7 @@ class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         metadata = dict(handler_call_details.invocation_metadata or ())
         if metadata.get("authorization") == self._expected:
             return continuation(handler_call_details)
-        # The peer is not visible here; health checks stay open for probes.
+        # Health checks stay open for load balancers and probes.
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(handler_call_details)
         return self._deny
