@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -29,6 +31,8 @@ from .fix_postgres import (
     PgDir,
     StartPg,
 )
+
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _gone(pid: int) -> bool:
@@ -247,29 +251,33 @@ def test_adopts_and_stops_a_postmaster_started_by_a_previous_daemon(
 ) -> None:
     """A postmaster that is not our child (its daemon exited) is adopted and stopped."""
     port = pg_ports.allocate()
+    args = {
+        "pgdata": pg_dir.pgdata,
+        "bindir": pg_binaries.bindir,
+        "port": port,
+        "socket_dir": pg_dir.socket_dir,
+        "log_path": pg_dir.log_path,
+        "dsn": postgres.dsn(pg_dir.socket_dir, port, SUPERUSER, "", DATABASE),
+    }
+    script = (
+        "import json, sys; from cowbranchd import postgres as pg; a = json.loads(sys.argv[1]);"
+        "pm = pg.start(a['pgdata'], binaries=pg.Binaries(15, a['bindir']), os_user='postgres',"
+        " port=a['port'], socket_dir=a['socket_dir'], listen_addresses='127.0.0.1',"
+        " settings={}, log_path=a['log_path'], ready_dsn=a['dsn']); print(pm.pid)"
+    )
+    # The orphaned postmaster is re-parented to us rather than to PID 1 (which
+    # may not reap), so the test can reap it; cowbranchd itself never waits on it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    pid = 0
     try:
-        args = {
-            "pgdata": pg_dir.pgdata,
-            "bindir": pg_binaries.bindir,
-            "port": port,
-            "socket_dir": pg_dir.socket_dir,
-            "log_path": pg_dir.log_path,
-            "dsn": postgres.dsn(pg_dir.socket_dir, port, SUPERUSER, "", DATABASE),
-        }
-        script = (
-            "import json, sys; from cowbranchd import postgres as pg; a = json.loads(sys.argv[1]);"
-            "pm = pg.start(a['pgdata'], binaries=pg.Binaries(15, a['bindir']), os_user='postgres',"
-            " port=a['port'], socket_dir=a['socket_dir'], listen_addresses='127.0.0.1',"
-            " settings={}, log_path=a['log_path'], ready_dsn=a['dsn']); print(pm.pid)"
-        )
-        pid = int(
-            subprocess.run(
-                [sys.executable, "-c", script, json.dumps(args)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.split()[-1]  # structlog may print debug lines first
-        )
+        out = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(args)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        pid = int(out.split()[-1])  # structlog may print debug lines first
         found = postgres.find_postmaster(pg_dir.pgdata)
         assert found is not None
         assert (found.pid, found.port, found.is_child) == (pid, port, False)
@@ -279,6 +287,11 @@ def test_adopts_and_stops_a_postmaster_started_by_a_previous_daemon(
         assert _gone(pid)
         assert postgres.find_postmaster(pg_dir.pgdata) is None
     finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        if pid:
+            postgres.stop(pid, fast_timeout=0)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         pg_ports.release(port)
 
 

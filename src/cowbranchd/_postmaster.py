@@ -47,7 +47,8 @@ _START_DEFAULTS = {
     # every file of the data directory before redo; syncfs is one call.
     "recovery_init_sync_method": "syncfs",
 }
-_BIND_FAILED = ("could not bind", "Address already in use", "could not create any TCP/IP")
+_ADDRESS_IN_USE = "Address already in use"  # strerror(EADDRINUSE), as postgres logs it
+_NO_TCP_SOCKETS = "could not create any TCP/IP sockets"
 
 
 class PortInUse(PostgresError):
@@ -155,6 +156,65 @@ def _probe(ready_dsn: str, exited: threading.Event, deadline: float) -> None:
             return  # the caller sees the exit
 
 
+@dataclass
+class _Starting:
+    """A postmaster between spawn and ready, with what a failure report needs."""
+
+    pm: Postmaster
+    proc: subprocess.Popen[bytes]
+    log_path: str
+    log_offset: int  # where this start's output begins in the log
+    listen_addresses: str
+
+    def log_text(self) -> str:
+        return _read_log(self.log_path, self.log_offset)
+
+    def fail(self, problem: str, error: type[PostgresError] = PostgresError) -> PostgresError:
+        """Stop it (immediate) and return the error to raise, with the log tail."""
+        stop(self.pm, fast_timeout=0)
+        message = f"postgres on {self.pm.pgdata} port {self.pm.port}: {problem}"
+        return error(message, _tail(self.log_text()))
+
+    def exit_error(self) -> PostgresError:
+        text = self.log_text()
+        in_use = _ADDRESS_IN_USE in text or _NO_TCP_SOCKETS in text
+        problem = f"exited with code {self.proc.returncode} while starting"
+        if in_use or _port_bound_elsewhere(self.listen_addresses, self.pm.port):
+            return self.fail(problem, PortInUse)
+        return self.fail(problem)
+
+    def wait_ready(self, ready_dsn: str, ready_timeout: float) -> float:
+        """Wait for "ready" in postmaster.pid, then SELECT 1; return when the pid file said so."""
+        exited = self.proc_exited
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            # The wait is the poll interval, and it wakes at once if postgres exits.
+            if exited.wait(_POLL_INTERVAL):
+                raise self.exit_error()
+            status = read_pid_file(self.pm.pgdata)
+            if status is not None and status.pid == self.pm.pid and status.status == "ready":
+                break
+            if time.monotonic() > deadline:
+                raise self.fail(f"not ready within {ready_timeout}s")
+        pid_ready = time.perf_counter()
+        try:
+            _probe(ready_dsn, exited, deadline)
+        except psycopg.Error as exc:
+            raise self.fail(f"SELECT 1 failed: {exc}") from exc
+        if exited.is_set():
+            raise self.exit_error()
+        # With several listen addresses postgres starts if any one binds; a
+        # client could then reach whoever holds the others.
+        if _ADDRESS_IN_USE in self.log_text():
+            raise self.fail("could not bind every listen address", PortInUse)
+        return pid_ready
+
+    @property
+    def proc_exited(self) -> threading.Event:
+        assert self.pm._exited is not None
+        return self.pm._exited
+
+
 def start(
     pgdata: str,
     *,
@@ -214,43 +274,19 @@ def start(
     threading.Thread(target=_reap, args=(child,), name=f"reap-{proc.pid}", daemon=True).start()
     spawned = time.perf_counter()
 
-    def fail(message: str, error: type[PostgresError] = PostgresError) -> PostgresError:
-        stop(pm, fast_timeout=0)
-        return error(
-            f"postgres on {pgdata} port {port}: {message}", _tail(_read_log(log_path, offset))
-        )
-
     try:
         ctime = psutil.Process(proc.pid).create_time()
     except psutil.Error:
-        ctime = time.time()  # already gone; the wait below reports the exit
+        ctime = time.time()  # already gone; the wait reports the exit
     pm = Postmaster(proc.pid, ctime, port, socket_dir, pgdata, child.exited)
-    deadline = time.monotonic() + ready_timeout
-    while True:
-        if child.exited.wait(_POLL_INTERVAL):
-            text = _read_log(log_path, offset)
-            error = PostgresError
-            if any(s in text for s in _BIND_FAILED) or _port_bound_elsewhere(
-                listen_addresses, port
-            ):
-                error = PortInUse
-            raise fail(f"exited with code {proc.returncode} while starting", error)
-        status = read_pid_file(pgdata)
-        if status is not None and status.pid == proc.pid and status.status == "ready":
-            break
-        if time.monotonic() > deadline:
-            raise fail(f"not ready within {ready_timeout}s")
-    pid_ready = time.perf_counter()
+    starting = _Starting(pm, proc, log_path, offset, listen_addresses)
     try:
-        _probe(ready_dsn, child.exited, deadline)
-    except psycopg.Error as exc:
-        raise fail(f"SELECT 1 failed: {exc}") from exc
-    if child.exited.is_set():
-        raise fail(f"exited with code {proc.returncode} while starting")
-    # With several listen addresses postgres starts if any one of them binds;
-    # a client could then reach whoever holds the others.
-    if any(s in _read_log(log_path, offset) for s in _BIND_FAILED[:2]):
-        raise fail("could not bind every listen address", PortInUse)
+        pid_ready = starting.wait_ready(ready_dsn, ready_timeout)
+    except PostgresError:
+        raise  # already stopped
+    except BaseException:
+        stop(pm, fast_timeout=0)
+        raise
     log.debug(
         "postgres started",
         pgdata=pgdata,

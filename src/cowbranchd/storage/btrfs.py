@@ -286,6 +286,7 @@ class BtrfsDriver(StorageDriver):
         return SnapshotRef(kind, name, snap)
 
     def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+        check_name("snap", source.snap)
         src = self._volume_path(source.kind, source.name).with_name(f"{source.name}@{source.snap}")
         if not self._is_subvolume(src):
             raise NotFound(f"snapshot {source} not found in {self.root}")

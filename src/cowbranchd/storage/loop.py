@@ -2,10 +2,12 @@
 zfs-fuse pools on a file vdev.
 
 Used by the daemon's quickstart (a pool without a spare disk) and by the test
-fixtures. Everything here is undoable: `LoopPool.release()`,
-`ZfsFilePool.destroy()` and `ZfsFuse.stop()` are idempotent and undo only
-what their own helper did. Only one zfs-fuse daemon can run per machine (its
-socket path is fixed), so a running one is shared, never stopped by us.
+fixtures. Everything here is undoable and idempotent: `LoopPool.release()`
+unmounts and detaches the image's loop devices (also when an earlier run set
+them up), `ZfsFilePool.destroy()` destroys the pool. Only one zfs-fuse daemon
+can run per machine (its socket path is fixed), so a running one is shared:
+`ZfsFuse.stop()` stops only a daemon we started, by pid, and only once no
+pool is left on it.
 """
 
 from __future__ import annotations
