@@ -10,8 +10,10 @@ import grpc
 import psycopg
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cowbranchd.v1 import bases_pb2, branches_pb2
+from cowbranchd import __version__
+from cowbranchd.v1 import bases_pb2, branches_pb2, daemon_pb2, daemon_pb2_grpc
 from tests.fix_daemon import DaemonFactory, DaemonHandle
 
 Branch = branches_pb2.Branch
@@ -253,3 +255,26 @@ def test_bases_lifecycle(daemon: DaemonHandle, channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as info:
         daemon.branches(channel).GetBranch(branches_pb2.GetBranchRequest(name=branch.name))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_status_health_and_reflection(daemon: DaemonHandle, channel: grpc.Channel) -> None:
+    """GetStatus reports version, driver and pool usage; health is SERVING for every
+    service; reflection lists the services so generic tools work."""
+    status = daemon_pb2_grpc.DaemonServiceStub(channel).GetStatus(daemon_pb2.GetStatusRequest())
+    assert (status.version, status.driver, status.pool) == (__version__, "btrfs", daemon.pool_root)
+    assert 0 < status.pool_used_bytes < status.pool_total_bytes
+    assert (status.port_range_first, status.port_range_last) == daemon.ports
+    assert status.base_count >= 1
+    for service in ("", "cowbranchd.v1.BranchService", "cowbranchd.v1.BaseService"):
+        assert daemon.health(service) == "SERVING"
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {
+        "cowbranchd.v1.BranchService",
+        "cowbranchd.v1.BaseService",
+        "cowbranchd.v1.DaemonService",
+        "grpc.health.v1.Health",
+    } <= names

@@ -272,6 +272,10 @@ class AsyncClient:
 
     # -- daemon -------------------------------------------------------------------
 
+    async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The daemon's version, storage driver and pool usage; see `Client.status`."""
+        return await self._call(ops.status(), timeout)
+
     async def health(
         self, service: str = ops.HEALTH_SERVICE, *, timeout: float | None = None
     ) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, Generic, Literal, TypeVar
 
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -28,7 +29,14 @@ from ._client_types import (
     parse_duration,
 )
 from .errors import InvalidArgument
-from .v1 import bases_pb2, bases_pb2_grpc, branches_pb2, branches_pb2_grpc
+from .v1 import (
+    bases_pb2,
+    bases_pb2_grpc,
+    branches_pb2,
+    branches_pb2_grpc,
+    daemon_pb2,
+    daemon_pb2_grpc,
+)
 
 __all__ = [
     "HEALTH_SERVICE",
@@ -45,16 +53,18 @@ __all__ = [
     "list_bases",
     "list_branches_page",
     "reset_branch",
+    "status",
     "update_branch",
 ]
 
 T = TypeVar("T")
-Service = Literal["branches", "bases", "health"]
+Service = Literal["branches", "bases", "daemon", "health"]
 HEALTH_SERVICE = "cowbranchd.v1.BranchService"
 # The stub class of each service; it takes a sync or an asyncio channel alike.
 STUBS: dict[Service, Callable[[Any], Any]] = {
     "branches": branches_pb2_grpc.BranchServiceStub,
     "bases": bases_pb2_grpc.BaseServiceStub,
+    "daemon": daemon_pb2_grpc.DaemonServiceStub,
     "health": health_pb2_grpc.HealthStub,
 }
 
@@ -242,3 +252,23 @@ def health(service: str = HEALTH_SERVICE) -> Op[str]:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     return Op("health", "Check", health_pb2.HealthCheckRequest(service=service), convert)
+
+
+def status() -> Op[dict[str, Any]]:
+    """DaemonService.GetStatus as a JSON-ready dict (version, driver, pool, capacity)."""
+
+    def convert(response: daemon_pb2.DaemonStatus) -> dict[str, Any]:
+        return {
+            "version": response.version,
+            "driver": response.driver,
+            "pool": response.pool,
+            "pool_used_bytes": response.pool_used_bytes,
+            "pool_total_bytes": response.pool_total_bytes,
+            "base_count": response.base_count,
+            "branch_count": response.branch_count,
+            "max_branches": response.max_branches,
+            "port_range": [response.port_range_first, response.port_range_last],
+            "start_time": response.start_time.ToDatetime(UTC).isoformat(),
+        }
+
+    return Op("daemon", "GetStatus", daemon_pb2.GetStatusRequest(), convert)

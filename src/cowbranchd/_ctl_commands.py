@@ -248,8 +248,10 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     """`status`: daemon health, branch counts by state, space used; exit 1 unless SERVING."""
     daemon = client.health("")
     service = client.health()
-    branches = list(client.list_branches()) if service == "SERVING" else []
-    bases = client.list_bases() if service == "SERVING" else []
+    serving = service == "SERVING"
+    branches = list(client.list_branches()) if serving else []
+    bases = client.list_bases() if serving else []
+    daemon_status = client.status() if serving else {}
     by_state: dict[str, int] = {}
     for b in branches:
         by_state[b.state] = by_state.get(b.state, 0) + 1
@@ -263,6 +265,7 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
         "branches_by_state": dict(sorted(by_state.items())),
         "base_bytes": base_bytes,
         "written_bytes": written_bytes,
+        "daemon": daemon_status,
     }
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(by_state.items()))
     text = key_values(
@@ -272,10 +275,28 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
             ("bases", f"{len(bases)} ({format_bytes(base_bytes)})"),
             ("branches", f"{len(branches)}" + (f" ({states})" if states else "")),
             ("written", format_bytes(written_bytes)),
+            *_daemon_rows(daemon_status),
         ]
     )
     out.emit(document, text)
     return EXIT_OK if daemon == service == "SERVING" else EXIT_FAILURE
+
+
+def _daemon_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
+    if not status:
+        return []
+    used, total = status["pool_used_bytes"], status["pool_total_bytes"]
+    percent = f" ({100 * used // total}%)" if total else ""
+    return [
+        ("daemon", f"cowbranchd {status['version']}, up since {status['start_time']}"),
+        ("pool", f"{status['driver']} {status['pool']}"),
+        ("pool used", f"{format_bytes(used)} of {format_bytes(total)}{percent}"),
+        (
+            "capacity",
+            f"{status['branch_count']} of {status['max_branches']} branch slots, "
+            f"ports {status['port_range'][0]}-{status['port_range'][1]}",
+        ),
+    ]
 
 
 def cmd_version(client: Client | None, args: argparse.Namespace, out: Output) -> int:

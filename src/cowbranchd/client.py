@@ -335,6 +335,10 @@ class Client:
 
     # -- daemon -------------------------------------------------------------------
 
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The daemon's version, storage driver and pool usage, and capacity."""
+        return self._call(ops.status(), timeout)
+
     def health(self, service: str = ops.HEALTH_SERVICE, *, timeout: float | None = None) -> str:
         """The daemon's grpc health status for `service` ("" is the whole daemon): `SERVING`, ...
 

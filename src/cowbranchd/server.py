@@ -30,13 +30,21 @@ from .branches import Branches
 from .config import Config, load_config
 from .errors import CowbranchError, InvalidArgument
 from .inventory import Context, Inventory
+from .model import now
 from .ports import PortAllocator
 from .reconcile import reconcile
-from .service import BaseServicer, BranchServicer, Gate
+from .service import BaseServicer, BranchServicer, DaemonServicer, Gate
 from .storage import open_driver
 from .storage.base import StorageDriver
 from .storage.loop import make_btrfs_loop_pool
-from .v1 import bases_pb2, bases_pb2_grpc, branches_pb2, branches_pb2_grpc
+from .v1 import (
+    bases_pb2,
+    bases_pb2_grpc,
+    branches_pb2,
+    branches_pb2_grpc,
+    daemon_pb2,
+    daemon_pb2_grpc,
+)
 
 __all__ = ["Daemon", "main"]
 
@@ -45,6 +53,7 @@ log = structlog.get_logger("cowbranchd.server")
 SERVICE_NAMES = (
     bases_pb2.DESCRIPTOR.services_by_name["BaseService"].full_name,
     branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
+    daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
 )
 
 DEMO_SQL = """
@@ -162,6 +171,9 @@ class Daemon:
         )
         branches_pb2_grpc.add_BranchServiceServicer_to_server(
             BranchServicer(self.branches, self.gate), server
+        )
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
+            DaemonServicer(self.branches, self.gate, now()), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -20,14 +20,22 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from . import __version__
 from .bases import Bases, InitdbSpec
 from .branches import Branches, CreateSpec
 from .errors import CowbranchError, InvalidArgument, Unavailable
 from .inventory import BaseEntry, BranchEntry
 from .model import Selector, parse_name
-from .v1 import bases_pb2, bases_pb2_grpc, branches_pb2, branches_pb2_grpc
+from .v1 import (
+    bases_pb2,
+    bases_pb2_grpc,
+    branches_pb2,
+    branches_pb2_grpc,
+    daemon_pb2,
+    daemon_pb2_grpc,
+)
 
-__all__ = ["BaseServicer", "BranchServicer", "Gate"]
+__all__ = ["BaseServicer", "BranchServicer", "DaemonServicer", "Gate"]
 
 log = structlog.get_logger("cowbranchd.rpc")
 
@@ -346,4 +354,35 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
             version=version,
             create_time=_timestamp(record.versions[version]),
             branch_count=0,
+        )
+
+
+class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
+    def __init__(self, branches: Branches, gate: Gate, start_time: datetime) -> None:
+        self.branches = branches
+        self.gate = gate
+        self.start_time = start_time
+
+    @rpc
+    def GetStatus(
+        self, request: daemon_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> daemon_pb2.DaemonStatus:
+        ctx = self.branches.ctx
+        usage = ctx.driver.pool_usage()
+        with ctx.inventory.lock:
+            base_count = len(ctx.inventory.bases)
+            branch_count = len(ctx.inventory.branches)
+        first, last = ctx.config.postgres.port_range
+        return daemon_pb2.DaemonStatus(
+            version=__version__,
+            driver=ctx.driver.kind,
+            pool=ctx.driver.location,
+            pool_used_bytes=usage.used_bytes,
+            pool_total_bytes=usage.total_bytes,
+            base_count=base_count,
+            branch_count=branch_count,
+            max_branches=ctx.config.daemon.max_branches,
+            port_range_first=first,
+            port_range_last=last,
+            start_time=_timestamp(self.start_time),
         )

@@ -73,6 +73,11 @@ class StorageDriver(abc.ABC):
     # cannot be destroyed, so callers defer its removal (see destroy/gc).
     clones_pin_snapshots: ClassVar[bool]
 
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """The pool's root as configured: a directory (btrfs) or dataset (zfs)."""
+
     @abc.abstractmethod
     def check(self) -> None:
         """Raise StorageError unless the pool exists on the right filesystem

@@ -130,6 +130,10 @@ class BtrfsDriver(StorageDriver):
     kind = "btrfs"
     clones_pin_snapshots = False
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def __init__(self, root: Path, *, use_library: bool | None = None) -> None:
         """`use_library`: True requires libbtrfsutil, False forces the `btrfs`
         command, None picks the library when it imports."""

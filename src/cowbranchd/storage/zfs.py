@@ -104,6 +104,10 @@ class ZfsDriver(StorageDriver):
     kind = "zfs"
     clones_pin_snapshots = True
 
+    @property
+    def location(self) -> str:
+        return self.dataset
+
     def __init__(self, dataset: str, *, use_library: bool | None = None) -> None:
         """`use_library`: None uses libzfs_core where /dev/zfs exists and it
         imports; False forces commands; True requires it."""
