@@ -44,8 +44,10 @@ def _addresses(host: str) -> list[_Address]:
 def _can_bind(addresses: list[_Address], port: int) -> bool:
     for family, address in addresses:
         with socket.socket(family, socket.SOCK_STREAM) as s:
-            # SO_REUSEADDR stays off: stricter than postgres, so a port with
-            # lingering connections is skipped rather than fought over.
+            # SO_REUSEADDR as postgres sets it: a port whose last connections
+            # linger in TIME_WAIT is free for postgres, so it is free here;
+            # only a live listener (or a non-reusable bind) makes it busy.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
