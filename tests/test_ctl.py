@@ -231,7 +231,8 @@ def test_invalid_argument_from_the_daemon_exits_2(
 
 
 def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:
-    """status shows health, base and branch counts; JSON has the documented keys."""
+    """status shows health, base and branch counts, the daemon's version and pool
+    usage; JSON has the documented keys."""
     document = run_json(ctl, "status")
     assert document["health"] == {"daemon": "SERVING", "branch_service": "SERVING"}
     assert document["address"] == daemon.address
@@ -243,8 +244,12 @@ def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonH
         "branches_by_state",
         "base_bytes",
         "written_bytes",
+        "daemon",
     }
     assert document["bases"] >= 1
+    assert document["daemon"]["driver"] == "btrfs"
+    assert document["daemon"]["pool"] == daemon.pool_root
+    assert 0 < document["daemon"]["pool_used_bytes"] < document["daemon"]["pool_total_bytes"]
     code, out, _ = run(ctl, "status")
     assert code == EXIT_OK
     assert [line.split(":")[0] for line in out.splitlines()] == [
@@ -253,6 +258,10 @@ def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonH
         "bases",
         "branches",
         "written",
+        "daemon",
+        "pool",
+        "pool used",
+        "capacity",
     ]
 
 

@@ -246,7 +246,7 @@ class Branches:
             t_clone = time.perf_counter()
             postgres.prepare_clone(entry.pgdata)
             self._start(entry, allow_new_port=True)
-            undo.add("stop postgres", lambda: self._stop(entry))
+            undo.add("stop postgres", lambda: self._stop(entry, discard=True))
             t_start = time.perf_counter()
             entry.record = entry.record.evolve(state=State.READY)
             driver.set_meta(
@@ -316,10 +316,12 @@ class Branches:
             self.ctx.ports.release(old)
             log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
 
-    def _stop(self, entry: BranchEntry) -> None:
+    def _stop(self, entry: BranchEntry, *, discard: bool = False) -> None:
+        """Stop the branch's postgres. With `discard` the data is about to be
+        destroyed, so skip the shutdown checkpoint (immediate shutdown)."""
         master = entry.postmaster or postgres.find_postmaster(str(entry.pgdata))
         if master is not None:
-            postgres.stop(master)
+            postgres.stop(master, fast_timeout=0 if discard else 10.0)
         entry.postmaster = None
 
     def stop_all(self) -> int:
@@ -365,7 +367,7 @@ class Branches:
                     return  # deleted meanwhile
                 entry.deleting = True
             try:
-                self._stop(entry)
+                self._stop(entry, discard=True)
                 self.ctx.driver.destroy(Kind.BRANCHES, entry.branch_id)
             except BaseException:
                 entry.deleting = False
@@ -394,7 +396,7 @@ class Branches:
                 raise FailedPrecondition(
                     f"branches/{branch_id} cannot be reset while it is deleting"
                 )
-            self._stop(entry)
+            self._stop(entry, discard=True)
             record = entry.record.evolve(state=State.CREATING, failure="")
             driver.destroy(Kind.BRANCHES, branch_id)
             try:
