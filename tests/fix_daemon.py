@@ -45,6 +45,7 @@ class DaemonHandle:
     extra_config: str = ""
     # Extra `key = value` lines per config section, e.g. {"daemon": "max_branches = 1"}.
     sections: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log_lines: list[str] = field(default_factory=list)
 
@@ -99,6 +100,7 @@ base_id = "{self.base}"
             [sys.executable, "-m", "cowbranchd.server", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         log.close()
         if wait:

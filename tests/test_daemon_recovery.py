@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -178,3 +179,20 @@ def test_sigterm_drains_and_leaves_branches_running(daemon_factory: DaemonFactor
     assert rpcs[0]["code"] == "OK" and rpcs[0]["request_id"] == "r-drain"
     assert isinstance(rpcs[0]["ms"], float)
     assert any(e.get("event") == "draining" for e in events)
+
+
+def test_systemd_ready_only_after_reconcile(daemon_factory: DaemonFactory) -> None:
+    """Under Type=notify the daemon sends READY=1 only once it is SERVING, and
+    STOPPING=1 when it drains."""
+    d = daemon_factory(start=False)
+    path = d.workdir / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(path))
+        notify.settimeout(120)
+        d.env = {"NOTIFY_SOCKET": str(path)}
+        d.start(wait=False)
+        message = notify.recv(4096).decode()
+        assert message.splitlines()[0] == "READY=1"
+        assert d.health() == "SERVING"
+        d.stop()
+        assert notify.recv(4096).decode() == "STOPPING=1"

@@ -10,13 +10,13 @@ it does not speak gRPC and does not run branch postmasters.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import structlog
 
 from . import postgres
@@ -183,7 +183,7 @@ class Bases:
             os.chmod(path, 0o755)
             pgdata = path / "pgdata"
             if source_dir is not None:
-                self._copy_in(source_dir, pgdata, binaries, record)
+                record = record.evolve(user=self._copy_in(source_dir, pgdata, binaries, record))
             else:
                 assert initdb is not None
                 pgdata.mkdir(mode=0o700)
@@ -208,7 +208,7 @@ class Bases:
 
     def _copy_in(
         self, source_dir: Path, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord
-    ) -> None:
+    ) -> str:
         """Copy a clean data directory in (source untouched), own it once, and
         make it answer with this base's credentials."""
         pg_cfg = self.ctx.config.postgres
@@ -219,50 +219,29 @@ class Bases:
         (pgdata / "pg_hba.conf").write_text(PG_HBA)
         shutil.chown(pgdata / "pg_hba.conf", pg_cfg.os_user)
         postgres.prepare_clone(pgdata)
-        self._set_password(pgdata, binaries, record)
+        return self._set_password(pgdata, binaries, record.password)
 
-    def _set_password(self, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord) -> None:
-        pg_cfg = self.ctx.config.postgres
-        socket_dir = self.ctx.socket_dir(f"base-{record.base_id}")
-        port = self.ctx.ports.allocate()
-        try:
-            self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
-            master = postgres.start(
-                str(pgdata),
-                binaries=binaries,
-                os_user=pg_cfg.os_user,
-                port=port,
-                socket_dir=str(socket_dir),
-                listen_addresses="",
-                settings={},
-                log_path=str(self.ctx.log_path(f"base-{record.base_id}")),
-                ready_dsn=postgres.dsn(str(socket_dir), port, record.user, "", "postgres"),
-                ready_timeout=pg_cfg.start_timeout.total_seconds(),
-            )
-            try:
-                with psycopg.connect(
-                    host=str(socket_dir),
-                    port=port,
-                    user=record.user,
-                    dbname="postgres",
-                    autocommit=True,
-                ) as conn:
-                    conn.execute(
-                        psycopg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                            psycopg.sql.Identifier(record.user),
-                            psycopg.sql.Literal(record.password),
-                        )
-                    )
-            except psycopg.OperationalError as exc:
-                raise FailedPrecondition(
-                    f"the data directory has no superuser role {record.user!r} reachable over "
-                    f"its local socket: {exc}"
-                ) from exc
-            finally:
-                postgres.stop(master)
-        finally:
-            self.ctx.ports.release(port)
-            shutil.rmtree(socket_dir, ignore_errors=True)
+    def _set_password(self, pgdata: Path, binaries: postgres.Binaries, password: str) -> str:
+        """Give the cluster's bootstrap superuser (whatever its name) the base's
+        password, in single-user mode: no port, no socket, no pg_hba, and a
+        clean shutdown at the end. Returns the superuser's name."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", password):
+            raise ValueError("generated passwords are URL-safe tokens")
+        script = (
+            "DO $$ BEGIN EXECUTE format('ALTER ROLE %I PASSWORD %L', "
+            f"(SELECT rolname FROM pg_authid WHERE oid = 10), '{password}'); END $$;\n"
+            "SELECT rolname FROM pg_authid WHERE oid = 10;\n"
+        )
+        out = run(
+            [binaries.postgres, "--single", "-D", str(pgdata), "-j", "template1"],
+            input=script,
+            user=self.ctx.config.postgres.os_user,
+            cwd="/",
+        ).stdout
+        match = re.search(r'rolname = "([^"]+)"', out)
+        if match is None:
+            raise FailedPrecondition(f"could not find the superuser of {pgdata}: {out[-500:]}")
+        return match.group(1)
 
     # -- versions ------------------------------------------------------------
 
@@ -284,7 +263,7 @@ class Bases:
                     )
                 postgres.check_clean_shutdown(source_dir, binaries)
                 run(["rm", "-rf", "--one-file-system", str(pgdata)])
-                self._copy_in(source_dir, pgdata, binaries, record)
+                record = record.evolve(user=self._copy_in(source_dir, pgdata, binaries, record))
             postgres.check_clean_shutdown(pgdata, binaries)
             version = (record.latest_version or 0) + 1
             self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))

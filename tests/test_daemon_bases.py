@@ -1,0 +1,116 @@
+"""Bases from existing data directories: copied in (the source untouched),
+refreshed as new versions, whatever the source's superuser is called."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cowbranchd import postgres
+from cowbranchd.v1 import bases_pb2, branches_pb2
+from tests.fix_daemon import DaemonHandle
+
+BIN_DIRS = ("/usr/lib/postgresql/{version}/bin",)
+
+
+@pytest.fixture
+def source_dir() -> Iterator[Path]:
+    """A clean data directory outside the pool, owned by postgres, superuser `owner`."""
+    root = Path(tempfile.mkdtemp(prefix="cbt-src-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    pgdata = root / "pgdata"
+    pgdata.mkdir(mode=0o700)
+    binaries = postgres.find_binaries(15, BIN_DIRS)
+    postgres.initdb(
+        str(pgdata),
+        binaries,
+        os_user="postgres",
+        superuser="owner",
+        password="pw",
+        database="app",
+        init_sql="CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2);",
+    )
+    yield pgdata
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def fingerprint(pgdata: Path) -> list[tuple[str, int, int]]:
+    return sorted(
+        (str(p.relative_to(pgdata)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in pgdata.rglob("*")
+        if p.is_file()
+    )
+
+
+def change_source(pgdata: Path, sql: str) -> None:
+    """Start the source on a private socket, run `sql`, shut it down cleanly."""
+    binaries = postgres.find_binaries(15, BIN_DIRS)
+    sock = pgdata.parent / "sock"
+    dsn = postgres.dsn(str(sock), 5433, "owner", "", "app")
+    master = postgres.start(
+        str(pgdata),
+        binaries=binaries,
+        os_user="postgres",
+        port=5433,
+        socket_dir=str(sock),
+        listen_addresses="",
+        settings={},
+        log_path=str(pgdata.parent / "log"),
+        ready_dsn=dsn,
+    )
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql)
+    finally:
+        postgres.stop(master)
+
+
+def rows(dsn: str) -> list[int]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute("SELECT x FROM t ORDER BY x")]
+
+
+def test_base_from_data_directory_and_refreshed_version(
+    daemon: DaemonHandle, source_dir: Path
+) -> None:
+    """A clean data directory becomes a base without changing the source; branches
+    connect as its own superuser; a refresh from the changed source is version 2,
+    and version 1 keeps the old data."""
+    before = fingerprint(source_dir)
+    with daemon.channel() as ch:
+        bases, branches = daemon.bases(ch), daemon.branches(ch)
+        base = bases.CreateBase(
+            bases_pb2.CreateBaseRequest(base_id="copied", data_directory=str(source_dir)),
+            timeout=120,
+        )
+        assert (base.user, [v.version for v in base.versions]) == ("owner", [1])
+        assert fingerprint(source_dir) == before
+        v1 = branches.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/copied"), timeout=120
+        )
+        assert v1.connection.user == "owner"
+        dsn_app = v1.connection.dsn.rsplit("/", 1)[0] + "/app"
+        assert rows(dsn_app) == [1, 2]
+
+        change_source(source_dir, "INSERT INTO t VALUES (3)")
+        version = bases.CreateBaseVersion(
+            bases_pb2.CreateBaseVersionRequest(
+                parent="bases/copied", data_directory=str(source_dir)
+            ),
+            timeout=120,
+        )
+        assert version.version == 2
+        v2 = branches.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/copied"), timeout=120
+        )
+        assert v2.parent == "bases/copied/versions/2"
+        assert v2.connection.password == v1.connection.password
+        assert rows(v2.connection.dsn.rsplit("/", 1)[0] + "/app") == [1, 2, 3]
+        assert rows(dsn_app) == [1, 2]
+        bases.DeleteBase(bases_pb2.DeleteBaseRequest(name="bases/copied", force=True), timeout=120)
