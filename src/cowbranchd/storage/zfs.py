@@ -27,6 +27,7 @@ Old zfs-fuse has no `zfs list -p`; `zfs get -H -p` is used for everything.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import importlib
 import os
@@ -62,6 +63,7 @@ _MARKER = PREFIX + ".volume"
 MAX_VALUE_BYTES = 8191
 _BUSY = ("busy",)  # "dataset is busy", "umount: ...: target is busy"
 _BACKOFF = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+MOUNT_WAIT_S = 5.0
 
 
 
@@ -213,7 +215,23 @@ class ZfsDriver(StorageDriver):
         # One spawn on the hot path: the clone, its properties and its mount.
         self._zfs(f"clone {origin} as {target}", "clone", "-o", f"{_MARKER}=1", *props,
                   origin, target)
-        return self._path(kind, name)
+        path = self._path(kind, name)
+        self._ensure_mounted(target, path)
+        return path
+
+    def _ensure_mounted(self, target: str, path: Path) -> None:
+        """zfs-fuse sometimes returns from `zfs clone` before the clone is
+        mounted (seen when a name is re-cloned right after its destroy): mount
+        it and wait for the mount, bounded. One stat when all is well."""
+        if os.path.ismount(path):
+            return
+        deadline = time.monotonic() + MOUNT_WAIT_S
+        with contextlib.suppress(StorageError):
+            self._zfs(f"mount {target}", "mount", target)
+        while not os.path.ismount(path):
+            if time.monotonic() > deadline:
+                raise StorageError(f"{target} is not mounted at {path} after {MOUNT_WAIT_S}s")
+            time.sleep(0.005)
 
     def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
         target = self._name(kind, name)
