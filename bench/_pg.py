@@ -7,6 +7,7 @@ Used to build the pgbench source data directories and to run the baselines
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import signal
@@ -122,6 +123,13 @@ class PlainPostgres:
             self.proc.wait(timeout=30)
 
 
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def stop_postmasters_under(root: Path, timeout: float = 30.0) -> list[int]:
     """Stop every postmaster whose data directory lies under `root` (which the
     benchmark owns), by pid: SIGINT, then SIGQUIT, then SIGKILL. Returns pids."""
@@ -139,13 +147,11 @@ def stop_postmasters_under(root: Path, timeout: float = 30.0) -> list[int]:
         except psutil.Error:
             continue
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGKILL):
-        alive = [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in found if _alive(p)]
         if not alive:
             break
         for proc in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
-            except psutil.Error:
-                pass
         psutil.wait_procs(alive, timeout=timeout)
     return [p.pid for p in found]

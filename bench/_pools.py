@@ -70,7 +70,6 @@ def _btrfs(data_dir: Path) -> Pool:
     loop = make_btrfs_loop_pool(data_dir / "btrfs.img", data_dir / "btrfs-mnt", IMAGE_BYTES)
     root = loop.mountpoint / "pool"
     root.mkdir(mode=0o755, exist_ok=True)
-    (loop.mountpoint / "src").mkdir(mode=0o755, exist_ok=True)
     _let_postgres_through(root)
     return Pool("btrfs", str(root), loop.mountpoint, _loop=loop)
 

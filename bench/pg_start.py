@@ -39,6 +39,7 @@ def bench(
     root: str,
     base: str,
     binaries: pg.Binaries,
+    *,
     n: int,
     settings: Mapping[str, str],
     stop: Callable[[pg.Postmaster], None],
@@ -151,9 +152,10 @@ def main() -> None:
             ("max_connections=20", {"max_connections": "20"}, fast, tcp),
             ("fsync=off (NOT applied)", {"fsync": "off"}, fast, tcp),
         ]
-        bench(root, base, binaries, 3, {}, fast, tcp)  # warm the page cache
+        # Warm the page cache first.
+        bench(root, base, binaries, n=3, settings={}, stop=fast, ready_dsn=tcp)
         for label, settings, stop, probe in variants:
-            r = bench(root, base, binaries, n, settings, stop, probe)
+            r = bench(root, base, binaries, n=n, settings=settings, stop=stop, ready_dsn=probe)
             print(f"{label}:")
             print(f"  start->SELECT 1  {_ms(r['start'])}")
             print(f"    spawn (Popen)  {_ms(r['spawn'])}")
