@@ -237,6 +237,7 @@ def test_bases_lifecycle(daemon: DaemonHandle, channel: grpc.Channel) -> None:
     )
     assert base.name == "bases/shop" and [v.version for v in base.versions] == [1]
     assert base.pg_version >= 13
+    assert base.size_bytes > 10 * 2**20  # an initdb'ed cluster is tens of MB
     version = bases.CreateBaseVersion(bases_pb2.CreateBaseVersionRequest(parent="bases/shop"))
     assert version.name == "bases/shop/versions/2"
     branch = create(daemon, channel, parent="bases/shop/versions/1")

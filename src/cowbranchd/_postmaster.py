@@ -19,6 +19,7 @@ import errno
 import os
 import pwd
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ __all__ = ["PortInUse", "Postmaster", "find_postmaster", "start", "stop"]
 
 log = structlog.get_logger("cowbranchd.postgres")
 
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"  # util-linux
 _POLL_INTERVAL = 0.001  # postmaster.pid is re-read this often while starting
 _LOG_TAIL_LINES = 30
 _CREATE_TIME_SLACK = 2.0  # postmaster.pid holds whole seconds; psutil derives from boot time
@@ -246,7 +248,19 @@ def start(
         "archive_mode": "off",
         "max_logical_replication_workers": "0",
     }
-    argv = [binaries.postgres, "-D", pgdata]
+    # setpriv drops to the OS user and execs postgres. Passing user/group to
+    # Popen instead makes CPython fork the whole daemon rather than vfork
+    # (measured: ~2.5 ms versus ~0.2 ms, more under load).
+    argv = [
+        SETPRIV,
+        f"--reuid={user.pw_uid}",
+        f"--regid={user.pw_gid}",
+        "--init-groups",
+        "--",
+        binaries.postgres,
+        "-D",
+        pgdata,
+    ]
     for name, value in overrides.items():
         argv += ["-c", f"{name}={value}"]
     started = time.perf_counter()
@@ -261,9 +275,6 @@ def start(
                 stderr=subprocess.STDOUT,
                 cwd="/",
                 env=_child_env(),
-                user=user.pw_uid,
-                group=user.pw_gid,
-                extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
                 start_new_session=True,  # own process group: killpg reaches every backend
             )
         except OSError as exc:

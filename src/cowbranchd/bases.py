@@ -9,6 +9,7 @@ it does not speak gRPC and does not run branch postmasters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -48,6 +49,16 @@ class InitdbSpec:
 
 def version_snap(version: int) -> str:
     return f"v{version}"
+
+
+def tree_bytes(root: Path) -> int:
+    """Apparent size of the files under `root` (metadata only: no reads)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def validate_data_directory(field_name: str, value: str) -> Path:
@@ -198,7 +209,9 @@ class Bases:
                 )
             postgres.check_clean_shutdown(pgdata, binaries)
             driver.snapshot(Kind.BASES, base_id, version_snap(1))
-            record = record.evolve(state=State.READY, versions={1: now()})
+            record = record.evolve(
+                state=State.READY, versions={1: now()}, size_bytes=tree_bytes(pgdata)
+            )
             driver.set_meta(Kind.BASES, base_id, record.to_meta())
             undo.success()
         with self.ctx.inventory.lock:
@@ -267,7 +280,9 @@ class Bases:
             postgres.check_clean_shutdown(pgdata, binaries)
             version = (record.latest_version or 0) + 1
             self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))
-            record = record.evolve(versions={**record.versions, version: now()})
+            record = record.evolve(
+                versions={**record.versions, version: now()}, size_bytes=tree_bytes(pgdata)
+            )
             self.ctx.driver.set_meta(Kind.BASES, base_id, record.to_meta())
             entry.record = record
         log.info("base_version_created", base=base_id, version=version)

@@ -56,6 +56,7 @@ log = structlog.get_logger("cowbranchd.branches")
 # taken (by something that bound it after our bind check).
 PORT_ATTEMPTS = 5
 FREE_SPACE_CHECK_INTERVAL = 2.0
+USAGE_CACHE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Branches:
         self.ctx = ctx
         self.bases = bases
         self._free_checked_at = 0.0
+        self._usage_cache: dict[str, tuple[float, int]] = {}
 
     def _check_space(self) -> None:
         """RESOURCE_EXHAUSTED below the configured free-space reserve. Asked of
@@ -145,10 +147,17 @@ class Branches:
         )
 
     def written_bytes(self, entry: BranchEntry) -> int:
+        """From storage, cached briefly: on btrfs it walks the branch's extents
+        (a command), which a ListBranches of hundreds must not repeat."""
+        cached = self._usage_cache.get(entry.branch_id)
+        if cached is not None and time.monotonic() - cached[0] < USAGE_CACHE_S:
+            return cached[1]
         try:
-            return self.ctx.driver.usage(Kind.BRANCHES, entry.branch_id)
+            value = self.ctx.driver.usage(Kind.BRANCHES, entry.branch_id)
         except CowbranchError:
             return 0
+        self._usage_cache[entry.branch_id] = (time.monotonic(), value)
+        return value
 
     # -- create --------------------------------------------------------------
 
@@ -248,10 +257,12 @@ class Branches:
             self._start(entry, allow_new_port=True)
             undo.add("stop postgres", lambda: self._stop(entry, discard=True))
             t_start = time.perf_counter()
+            ready: dict[str, str] = {"state": "ready"}
+            if entry.record.port != port:  # moved to another port on a retry
+                ready["port"] = str(entry.record.port)
             entry.record = entry.record.evolve(state=State.READY)
-            driver.set_meta(
-                Kind.BRANCHES, branch_id, {"state": "ready", "port": str(entry.record.port)}
-            )
+            # One key: on ZFS each property is its own command.
+            driver.set_meta(Kind.BRANCHES, branch_id, ready)
             undo.success()
         log.info(
             "branch_created",
@@ -378,6 +389,7 @@ class Branches:
                 self.ctx.driver.destroy_snapshot(source)
             with inv.lock:
                 inv.branches.pop(entry.branch_id, None)
+            self._usage_cache.pop(entry.branch_id, None)
             self.ctx.ports.release(entry.record.port)
             shutil.rmtree(self.ctx.socket_dir(entry.branch_id), ignore_errors=True)
             self.ctx.log_path(entry.branch_id).unlink(missing_ok=True)
@@ -409,6 +421,7 @@ class Branches:
                 raise
             entry.record = entry.record.evolve(state=State.READY)
             driver.set_meta(Kind.BRANCHES, branch_id, {"state": "ready"})
+            self._usage_cache.pop(branch_id, None)
         log.info("branch_reset", branch=branch_id)
         return entry
 

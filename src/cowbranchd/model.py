@@ -268,6 +268,7 @@ class BaseRecord:
     password: str
     database: str
     labels: dict[str, str] = field(default_factory=dict)
+    size_bytes: int = 0  # of its data directory, as of the latest version
     # version number -> creation time; the storage snapshot of version n is `v<n>`
     versions: dict[int, datetime] = field(default_factory=dict)
 
@@ -284,6 +285,7 @@ class BaseRecord:
             "password": self.password,
             "database": self.database,
             "labels": json.dumps(self.labels, sort_keys=True, separators=(",", ":")),
+            "size_bytes": str(self.size_bytes),
             "versions": json.dumps(
                 {str(n): _ts(t) for n, t in sorted(self.versions.items())},
                 separators=(",", ":"),
@@ -302,6 +304,7 @@ class BaseRecord:
             password=meta.get("password", ""),
             database=meta.get("database", "postgres"),
             labels=json.loads(meta.get("labels") or "{}"),
+            size_bytes=int(meta.get("size_bytes") or 0),
             versions={
                 int(n): _parse_ts(t) or datetime.fromtimestamp(0, UTC)
                 for n, t in raw_versions.items()

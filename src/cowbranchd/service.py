@@ -293,6 +293,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
             ],
             create_time=_timestamp(record.create_time),
             labels=record.labels,
+            size_bytes=record.size_bytes,
             user=record.user,
             database=record.database,
         )
