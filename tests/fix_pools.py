@@ -172,6 +172,10 @@ def leave_leftovers(driver: StorageDriver, source: SnapshotRef) -> None:
         snap = driver.root / source.kind.value / f"{source.name}@{source.snap}"
         run(["btrfs", "subvolume", "snapshot", str(snap), str(driver.root / ".staging" / token)])
         run(["btrfs", "subvolume", "create", str(driver.root / Kind.BRANCHES.value / "half")])
+        # A clone whose (not yet durable) sidecar a crash left empty.
+        torn = driver.root / Kind.BRANCHES.value / "torn"
+        run(["btrfs", "subvolume", "snapshot", str(snap), str(torn)])
+        (torn / "cowbranch.json").write_text("")
     elif isinstance(driver, ZfsDriver):
         origin = f"{driver.dataset}/{source}"
         run(["zfs", "clone", origin, f"{driver.dataset}/.staging/{token}"])

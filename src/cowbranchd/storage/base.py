@@ -108,8 +108,11 @@ class StorageDriver(abc.ABC):
 
         Atomic: on return the clone is in place with its metadata; after a
         crash mid-way it is either absent or only under `.staging/` (which
-        gc() removes). AlreadyExists if `kind/name` exists, NotFound if
-        `source` does not. Returns the clone's mountpoint."""
+        gc() removes). Its metadata may become durable only with the next
+        set_meta: a clone found after a crash with no readable metadata is a
+        leftover, skipped by list() and removed by gc(). AlreadyExists if
+        `kind/name` exists, NotFound if `source` does not. Returns the clone's
+        mountpoint."""
 
     @abc.abstractmethod
     def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
