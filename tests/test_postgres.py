@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 import psycopg
@@ -381,3 +383,29 @@ def test_start_rejects_invalid_settings_before_spawning(pg_dir: PgDir, start_pg:
     with pytest.raises(InvalidArgument, match="set by cowbranchd"):
         start_pg(pg_dir, settings={"port": "1"})
     assert not os.path.exists(pg_dir.log_path)
+
+
+def test_scram_verifier_matches_postgres_and_authenticates(
+    pg_dir: PgDir, start_pg: StartPg
+) -> None:
+    """scram_verifier computes what postgres itself stores for a password, and a
+    cheap verifier it sets still authenticates over TCP (and refuses others)."""
+    branch = start_pg(pg_dir)
+    with psycopg.connect(branch.dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = current_user"
+        ).fetchone()
+        assert row is not None
+        stored = str(row[0])
+        iterations, salt = stored.removeprefix("SCRAM-SHA-256$").split("$")[0].split(":")
+        assert postgres.scram_verifier(
+            PASSWORD, iterations=int(iterations), salt=base64.b64decode(salt)
+        ) == stored
+        cheap = postgres.scram_verifier(PASSWORD)
+        assert cheap.startswith(f"SCRAM-SHA-256${postgres.SCRAM_ITERATIONS}:")
+        conn.execute(f"ALTER ROLE current_user PASSWORD '{cheap}'")
+    with psycopg.connect(branch.dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    wrong = branch.dsn.replace(quote(PASSWORD, safe=""), "nope")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(wrong).close()

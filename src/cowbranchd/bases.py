@@ -203,7 +203,7 @@ class Bases:
                     binaries,
                     os_user=pg_cfg.os_user,
                     superuser=record.user,
-                    password=record.password,
+                    password=postgres.scram_verifier(record.password),
                     database=initdb.database or None,
                     init_sql=initdb.init_sql or None,
                 )
@@ -238,11 +238,12 @@ class Bases:
         """Give the cluster's bootstrap superuser (whatever its name) the base's
         password, in single-user mode: no port, no socket, no pg_hba, and a
         clean shutdown at the end. Returns the superuser's name."""
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", password):
-            raise ValueError("generated passwords are URL-safe tokens")
+        verifier = postgres.scram_verifier(password)
+        if not re.fullmatch(r"[A-Za-z0-9+/=:$-]+", verifier) or "$$" in verifier:
+            raise ValueError("a SCRAM verifier is base64 text with $ and : separators")
         script = (
             "DO $$ BEGIN EXECUTE format('ALTER ROLE %I PASSWORD %L', "
-            f"(SELECT rolname FROM pg_authid WHERE oid = 10), '{password}'); END $$;\n"
+            f"(SELECT rolname FROM pg_authid WHERE oid = 10), '{verifier}'); END $$;\n"
             "SELECT rolname FROM pg_authid WHERE oid = 10;\n"
         )
         out = run(
