@@ -10,6 +10,7 @@ This module does not speak gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import time
@@ -46,7 +47,7 @@ from .model import (
     validate_request_id,
     validate_ttl,
 )
-from .storage.base import Kind, SnapshotRef
+from .storage.base import Kind, SnapshotRef, StorageDriver
 
 __all__ = ["Branches", "Connection", "CreateSpec"]
 
@@ -250,7 +251,7 @@ class Branches:
             undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
             record = record.evolve(base_id=base_id, source_snapshot=str(source), port=port)
             entry.record = record
-            entry.path = driver.clone(source, Kind.BRANCHES, branch_id, record.to_meta())
+            entry.path = clone_or_clean_up(driver, source, branch_id, record.to_meta())
             undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
             t_clone = time.perf_counter()
             postgres.prepare_clone(entry.pgdata)
@@ -412,7 +413,7 @@ class Branches:
             record = entry.record.evolve(state=State.CREATING, failure="")
             driver.destroy(Kind.BRANCHES, branch_id)
             try:
-                entry.path = driver.clone(source, Kind.BRANCHES, branch_id, record.to_meta())
+                entry.path = clone_or_clean_up(driver, source, branch_id, record.to_meta())
                 entry.record = record
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=False)
@@ -486,6 +487,22 @@ class Branches:
         if reaped:
             log.info("branches_expired", branches=reaped)
         return reaped
+
+
+def clone_or_clean_up(
+    driver: StorageDriver, source: SnapshotRef, branch_id: str, meta: Mapping[str, str]
+) -> Path:
+    """driver.clone, destroying whatever a failed clone may have left under
+    the branch's name (a clone made but not mounted, say). AlreadyExists means
+    the name was someone else's: that is left alone."""
+    try:
+        return driver.clone(source, Kind.BRANCHES, branch_id, meta)
+    except AlreadyExists:
+        raise
+    except BaseException:
+        with contextlib.suppress(CowbranchError):
+            driver.destroy(Kind.BRANCHES, branch_id)
+        raise
 
 
 def _client_setting_error(

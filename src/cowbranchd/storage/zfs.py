@@ -213,11 +213,24 @@ class ZfsDriver(StorageDriver):
         target = self._name(kind, name)
         props = _props(meta)
         # One spawn on the hot path: the clone, its properties and its mount.
-        self._zfs(f"clone {origin} as {target}", "clone", "-o", f"{_MARKER}=1", *props,
-                  origin, target)
+        # Never retried: zfs-fuse under load can create the clone and then
+        # fail to mount it ("busy"), and a retry would find it existing.
+        try:
+            self._zfs(f"clone {origin} as {target}", "clone", "-o", f"{_MARKER}=1", *props,
+                      origin, target, retry_busy=False)
+        except (AlreadyExists, NotFound, ResourceExhausted):
+            raise
+        except StorageError:
+            if not self._is_our_volume(target):
+                raise
+            log.debug("clone made but not mounted; mounting", dataset=target)
         path = self._path(kind, name)
         self._ensure_mounted(target, path)
         return path
+
+    def _is_our_volume(self, target: str) -> bool:
+        proc = run(["zfs", "get", "-H", "-o", "value", _MARKER, target], check=False)
+        return proc.returncode == 0 and proc.stdout.strip() == "1"
 
     def _ensure_mounted(self, target: str, path: Path) -> None:
         """zfs-fuse sometimes returns from `zfs clone` before the clone is
@@ -227,7 +240,7 @@ class ZfsDriver(StorageDriver):
             return
         deadline = time.monotonic() + MOUNT_WAIT_S
         with contextlib.suppress(StorageError):
-            self._zfs(f"mount {target}", "mount", target)
+            self._zfs(f"mount {target}", "mount", target)  # retried while busy
         while not os.path.ismount(path):
             if time.monotonic() > deadline:
                 raise StorageError(f"{target} is not mounted at {path} after {MOUNT_WAIT_S}s")
