@@ -275,12 +275,21 @@ class ZfsDriver(StorageDriver):
 
     def destroy(self, kind: Kind, name: str) -> None:
         source = self._name(kind, name)
-        # The common case in one spawn: a volume without snapshots (a branch
-        # nobody branched from) is destroyed directly. Destroying one dataset
-        # is atomic, so crash safety needs no trash step; anything else (it
-        # has snapshots, or stays busy) takes the careful path below.
+        # Unmount first: zfs-fuse neither destroys nor renames a mounted
+        # dataset ("dataset is busy"; `destroy -f` does not help there).
         try:
-            self._zfs(f"destroy {source}", "destroy", "-f", source, retry_busy=False)
+            self._zfs(f"unmount {source}", "unmount", source)
+        except NotFound:
+            return
+        except StorageError as exc:
+            if "not currently mounted" not in exc.message:
+                raise
+        # The common case: a volume without snapshots (a branch nobody
+        # branched from) is destroyed directly. Destroying one dataset is
+        # atomic, so crash safety needs no trash step; one with snapshots
+        # fails here ("has children") and takes the trash path below.
+        try:
+            self._zfs(f"destroy {source}", "destroy", source, retry_busy=False)
         except NotFound:
             return
         except StorageError:
@@ -289,15 +298,6 @@ class ZfsDriver(StorageDriver):
             log.debug("destroyed", volume=f"{kind.value}/{name}")
             return
         trashed = f"{self.dataset}/.trash/{uuid.uuid4().hex}"
-        # Unmount first: zfs-fuse refuses to rename a mounted dataset ("dataset
-        # is busy"), and a trashed volume has no business being mounted.
-        try:
-            self._zfs(f"unmount {source}", "unmount", source)
-        except NotFound:
-            return
-        except StorageError as exc:
-            if "not currently mounted" not in exc.message:
-                raise
         try:
             self._zfs(f"destroy {source}", "rename", source, trashed, retry_busy=False)
         except NotFound:
