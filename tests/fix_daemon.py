@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,7 @@ base_id = "{self.base}"
             master = postgres.find_postmaster(str(pid_file.parent))
             if master is not None:
                 postgres.stop(master)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _new_handle(root: Path, pool_root: str, driver: str) -> DaemonHandle:
