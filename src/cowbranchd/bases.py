@@ -113,6 +113,8 @@ class Bases:
         """The base record and the version snapshot a branch of `parent` clones."""
         assert parent.base is not None
         record = self.get(parent.base).record
+        if record.state is not State.READY:
+            raise FailedPrecondition(f"bases/{parent.base} is {record.state.name}")
         version = parent.version if parent.version is not None else record.latest_version
         if version is None or version not in record.versions:
             raise NotFound(f"bases/{parent.base}/versions/{parent.version} does not exist")
@@ -298,6 +300,7 @@ class Bases:
         force: bool,
         allow_missing: bool,
         delete_branch: Callable[[BranchEntry], None],
+        drop_warm: Callable[[str], None] = lambda base_id: None,
     ) -> None:
         validate_id("name", base_id)
         try:
@@ -314,10 +317,18 @@ class Bases:
                 f"bases/{base_id} has {len(dependents)} branch(es): {names}{more}; "
                 "delete them first or pass force"
             )
-        for dependent in dependents:
-            delete_branch(dependent)
-        with entry.lock:
-            self.ctx.driver.destroy(Kind.BASES, base_id)
-            with self.ctx.inventory.lock:
-                self.ctx.inventory.bases.pop(base_id, None)
+        ready = entry.record
+        # DELETING first: no new branch, and no new warm clone, starts from it.
+        entry.record = ready.evolve(state=State.DELETING)
+        try:
+            for dependent in dependents:
+                delete_branch(dependent)
+            drop_warm(base_id)
+            with entry.lock:
+                self.ctx.driver.destroy(Kind.BASES, base_id)
+        except BaseException:
+            entry.record = ready
+            raise
+        with self.ctx.inventory.lock:
+            self.ctx.inventory.bases.pop(base_id, None)
         log.info("base_deleted", base=base_id, branches_deleted=len(dependents))

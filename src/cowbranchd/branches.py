@@ -11,6 +11,7 @@ This module does not speak gRPC.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
 import time
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import psutil
 import structlog
 
 from . import postgres
@@ -29,12 +29,19 @@ from .errors import (
     AlreadyExists,
     CowbranchError,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
-    PostgresError,
     ResourceExhausted,
 )
 from .inventory import BranchEntry, Context
+from .lifecycle import (
+    Connection,
+    clone_or_clean_up,
+    connection,
+    postmaster_alive,
+    start_postmaster,
+    stop_postmaster,
+    verify_ready,
+)
 from .model import (
     BaseRecord,
     BranchRecord,
@@ -47,15 +54,13 @@ from .model import (
     validate_request_id,
     validate_ttl,
 )
-from .storage.base import Kind, SnapshotRef, StorageDriver
+from .storage.base import Kind, SnapshotRef
+from .warm import WARM_META, WarmPool
 
 __all__ = ["Branches", "Connection", "CreateSpec"]
 
 log = structlog.get_logger("cowbranchd.branches")
 
-# How often start is retried on another port when postgres finds its port
-# taken (by something that bound it after our bind check).
-PORT_ATTEMPTS = 5
 FREE_SPACE_CHECK_INTERVAL = 2.0
 USAGE_CACHE_S = 10.0
 
@@ -71,21 +76,11 @@ class CreateSpec:
     protected: bool = False
 
 
-@dataclass(frozen=True)
-class Connection:
-    host: str
-    port: int
-    user: str
-    password: str
-    database: str
-    socket_dir: str
-    dsn: str
-
-
 class Branches:
-    def __init__(self, ctx: Context, bases: Bases) -> None:
+    def __init__(self, ctx: Context, bases: Bases, warm: WarmPool | None = None) -> None:
         self.ctx = ctx
         self.bases = bases
+        self.warm = warm
         self._free_checked_at = 0.0
         self._usage_cache: dict[str, tuple[float, int]] = {}
 
@@ -132,20 +127,7 @@ class Branches:
         return record.state
 
     def connection(self, entry: BranchEntry) -> Connection:
-        base = self._base_record(entry.record.base_id)
-        pg = self.ctx.config.postgres
-        user = base.user if base else "postgres"
-        password = base.password if base else ""
-        database = base.database if base else "postgres"
-        return Connection(
-            host=pg.host,
-            port=entry.record.port,
-            user=user,
-            password=password,
-            database=database,
-            socket_dir=str(self.ctx.socket_dir(entry.branch_id)),
-            dsn=postgres.dsn(pg.host, entry.record.port, user, password, database),
-        )
+        return connection(self.ctx, entry)
 
     def written_bytes(self, entry: BranchEntry) -> int:
         """From storage, cached briefly: on btrfs it walks the branch's extents
@@ -247,34 +229,86 @@ class Branches:
                 base_id = base_record.base_id
                 record = record.evolve(parent=f"bases/{base_id}/versions/{source.snap[1:]}")
             t_source = time.perf_counter()
-            port = self.ctx.ports.allocate()
-            undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
-            record = record.evolve(base_id=base_id, source_snapshot=str(source), port=port)
+            record = record.evolve(base_id=base_id, source_snapshot=str(source))
             entry.record = record
-            entry.path = clone_or_clean_up(driver, source, branch_id, record.to_meta())
-            undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
-            t_clone = time.perf_counter()
-            postgres.prepare_clone(entry.pgdata)
-            self._start(entry, allow_new_port=True)
-            undo.add("stop postgres", lambda: self._stop(entry, discard=True))
-            t_start = time.perf_counter()
-            ready: dict[str, str] = {"state": "ready"}
-            if entry.record.port != port:  # moved to another port on a retry
-                ready["port"] = str(entry.record.port)
-            entry.record = entry.record.evolve(state=State.READY)
-            # One key: on ZFS each property is its own command.
-            driver.set_meta(Kind.BRANCHES, branch_id, ready)
+            warm = None
+            if parent_branch is None and not record.settings and self.warm is not None:
+                warm = self.warm.take(source)
+            if warm is not None and self._hand_over(warm, entry):
+                undo.add("release port", lambda: self.ctx.ports.release(entry.record.port))
+                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
+                undo.add("stop postgres", lambda: self._stop(entry, discard=True))
+                t_clone = t_start = time.perf_counter()
+                entry.record = entry.record.evolve(state=State.READY)
+                # The volume still carries the warm clone's metadata: all of it.
+                driver.set_meta(Kind.BRANCHES, branch_id, {**entry.record.to_meta(), WARM_META: ""})
+            else:
+                warm = None
+                port = self.ctx.ports.allocate()
+                undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
+                entry.record = entry.record.evolve(port=port)
+                entry.path = clone_or_clean_up(driver, source, branch_id, entry.record.to_meta())
+                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
+                t_clone = time.perf_counter()
+                postgres.prepare_clone(entry.pgdata)
+                self._start(entry, allow_new_port=True)
+                undo.add("stop postgres", lambda: self._stop(entry, discard=True))
+                t_start = time.perf_counter()
+                ready: dict[str, str] = {"state": "ready"}
+                if entry.record.port != port:  # moved to another port on a retry
+                    ready["port"] = str(entry.record.port)
+                entry.record = entry.record.evolve(state=State.READY)
+                # One key: on ZFS each property is its own command.
+                driver.set_meta(Kind.BRANCHES, branch_id, ready)
             undo.success()
         log.info(
             "branch_created",
             branch=branch_id,
             parent=record.parent,
             port=entry.record.port,
+            warm=warm is not None,
             ms_source=round((t_source - started) * 1000, 1),
             ms_clone=round((t_clone - t_source) * 1000, 1),
             ms_start=round((t_start - t_clone) * 1000, 1),
             ms_total=round((time.perf_counter() - started) * 1000, 1),
         )
+
+    def _hand_over(self, warm: BranchEntry, entry: BranchEntry) -> bool:
+        """Make a warm clone this branch: rename its volume, socket directory
+        and log, and check SELECT 1 through the DSN. Its postgres keeps
+        running: it works relative to its data directory, and clients resolve
+        the socket path when they connect. False (the warm clone destroyed,
+        nothing else changed) if anything fails: the caller goes the cold way."""
+        ctx = self.ctx
+        old, new = warm.branch_id, entry.branch_id
+        try:
+            entry.path = ctx.driver.rename(Kind.BRANCHES, old, new)
+        except CowbranchError as exc:
+            log.warning("warm_hand_over_failed", branch=new, warm=old, error=exc.message)
+            assert self.warm is not None
+            self.warm.discard(warm)
+            return False
+        entry.postmaster = warm.postmaster
+        entry.record = entry.record.evolve(port=warm.record.port)
+        for src, dst in (
+            (ctx.socket_dir(old), ctx.socket_dir(new)),
+            (ctx.log_path(old), ctx.log_path(new)),
+        ):
+            shutil.rmtree(dst, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, dst)
+        try:
+            verify_ready(ctx, entry)
+        except CowbranchError as exc:
+            log.warning("warm_hand_over_failed", branch=new, warm=old, error=exc.message)
+            self._stop(entry, discard=True)
+            ctx.driver.destroy(Kind.BRANCHES, new)
+            ctx.ports.release(entry.record.port)
+            shutil.rmtree(ctx.socket_dir(new), ignore_errors=True)
+            entry.path, entry.postmaster = Path(), None
+            entry.record = entry.record.evolve(port=0)
+            return False
+        return True
 
     def _snapshot_branch(self, parent_id: str, child_id: str) -> SnapshotRef:
         """CHECKPOINT a running parent branch, then snapshot it for the child."""
@@ -296,45 +330,10 @@ class Branches:
     # -- postmaster ------------------------------------------------------------
 
     def _start(self, entry: BranchEntry, *, allow_new_port: bool) -> None:
-        """Start the branch's postgres on its port (another one if that port
-        turns out taken and `allow_new_port`), and wait for SELECT 1."""
-        pg = self.ctx.config.postgres
-        binaries = postgres.find_binaries(postgres.pg_version(entry.pgdata), pg.bin_dirs)
-        settings = {**pg.settings, **entry.record.settings}
-        self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                entry.postmaster = postgres.start(
-                    str(entry.pgdata),
-                    binaries=binaries,
-                    os_user=pg.os_user,
-                    port=entry.record.port,
-                    socket_dir=str(self.ctx.socket_dir(entry.branch_id)),
-                    listen_addresses=pg.listen_addresses,
-                    settings=settings,
-                    log_path=str(self.ctx.log_path(entry.branch_id)),
-                    ready_dsn=self.connection(entry).dsn,
-                    ready_timeout=pg.start_timeout.total_seconds(),
-                )
-                return
-            except postgres.PortInUse:
-                if not allow_new_port or attempt == PORT_ATTEMPTS - 1:
-                    raise
-            except PostgresError as exc:
-                raise _client_setting_error(entry.record.settings, exc) or exc from None
-            old = entry.record.port
-            new = self.ctx.ports.allocate(exclude=(old,))
-            entry.record = entry.record.evolve(port=new)
-            self.ctx.ports.release(old)
-            log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
+        start_postmaster(self.ctx, entry, allow_new_port=allow_new_port)
 
     def _stop(self, entry: BranchEntry, *, discard: bool = False) -> None:
-        """Stop the branch's postgres. With `discard` the data is about to be
-        destroyed, so skip the shutdown checkpoint (immediate shutdown)."""
-        master = entry.postmaster or postgres.find_postmaster(str(entry.pgdata))
-        if master is not None:
-            postgres.stop(master, fast_timeout=0 if discard else 10.0)
-        entry.postmaster = None
+        stop_postmaster(entry, discard=discard)
 
     def stop_all(self) -> int:
         """Stop every branch's postgres (their volumes stay; a restart adopts
@@ -487,48 +486,3 @@ class Branches:
         if reaped:
             log.info("branches_expired", branches=reaped)
         return reaped
-
-
-def clone_or_clean_up(
-    driver: StorageDriver, source: SnapshotRef, branch_id: str, meta: Mapping[str, str]
-) -> Path:
-    """driver.clone, destroying whatever a failed clone may have left under
-    the branch's name (a clone made but not mounted, say). AlreadyExists means
-    the name was someone else's: that is left alone."""
-    try:
-        return driver.clone(source, Kind.BRANCHES, branch_id, meta)
-    except AlreadyExists:
-        raise
-    except BaseException:
-        with contextlib.suppress(CowbranchError):
-            driver.destroy(Kind.BRANCHES, branch_id)
-        raise
-
-
-def _client_setting_error(
-    settings: Mapping[str, str], exc: PostgresError
-) -> InvalidArgument | None:
-    """postgres alone knows which values it accepts: a start failure that
-    names one of the client's own settings is the client's bad input."""
-    rejected = [name for name in settings if f'parameter "{name}"' in exc.log_tail]
-    if not rejected:
-        return None
-    error = InvalidArgument(
-        "postgres_settings", f"postgres rejected {', '.join(rejected)}: {exc.message}"
-    )
-    error.__cause__ = exc
-    return error
-
-
-def postmaster_alive(master: postgres.Postmaster | None) -> bool:
-    if master is None:
-        return False
-    try:
-        proc = psutil.Process(master.pid)
-        return (
-            proc.is_running()
-            and proc.status() != psutil.STATUS_ZOMBIE
-            and (abs(proc.create_time() - master.create_time) < 1.0)
-        )
-    except psutil.Error:
-        return False

@@ -65,6 +65,9 @@ class DaemonConfig:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     max_branches: int = 500
+    # Started clones of each base's latest version kept ready for CreateBranch
+    # (btrfs only); each is an idle postgres (~15 MiB) holding a port.
+    warm_branches: int = 0
     default_ttl: timedelta | None = None
     reap_interval: timedelta = timedelta(seconds=5)
     drain_timeout: timedelta = timedelta(seconds=30)
@@ -127,8 +130,9 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
             raise InvalidArgument(where, "must be positive")
         return size
     if isinstance(default, int):
-        if not isinstance(value, int) or value <= 0:
-            raise InvalidArgument(where, "must be a positive integer")
+        lowest = 0 if key == "warm_branches" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            raise InvalidArgument(where, f"must be an integer >= {lowest}")
         return value
     if isinstance(default, timedelta) or key.endswith("_ttl"):
         if value in ("", 0):

@@ -17,6 +17,7 @@ from .errors import CowbranchError
 from .inventory import BaseEntry, BranchEntry, Context, parse_snapshot_ref
 from .model import BaseRecord, BranchRecord, State
 from .storage.base import Kind, Volume
+from .warm import WARM_META
 
 __all__ = ["reconcile"]
 
@@ -77,6 +78,13 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
     entry = BranchEntry(record=record, path=volume.path)
     entry.settled.set()
     master = postgres.find_postmaster(str(entry.pgdata))
+    if volume.meta.get(WARM_META) == "1":
+        # A warm clone of the previous run (or one caught mid-hand-over, whose
+        # client never got an answer): cheaper to make anew than to track.
+        if master is not None:
+            postgres.stop(master, fast_timeout=0)
+        ctx.driver.destroy(Kind.BRANCHES, volume.name)
+        return "removed"
     if record.state is State.CREATING:
         # Half-built at a crash (or a reset that did not finish): nothing was
         # handed out for it unless it was a reset, and a reset re-clones anyway.

@@ -45,6 +45,7 @@ from .v1 import (
     daemon_pb2,
     daemon_pb2_grpc,
 )
+from .warm import WarmPool
 
 __all__ = ["Daemon", "main"]
 
@@ -129,7 +130,8 @@ class Daemon:
             inventory=Inventory(),
         )
         self.bases = Bases(self.ctx)
-        self.branches = Branches(self.ctx, self.bases)
+        self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
+        self.branches = Branches(self.ctx, self.bases, self.warm)
         self.server = self._build_server()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -205,6 +207,7 @@ class Daemon:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         notify_systemd("READY=1\nSTATUS=serving")
         threading.Thread(target=self._reaper, name="reaper", daemon=True).start()
+        self.warm.start()
         log.info(
             "serving",
             version=__version__,
@@ -240,6 +243,7 @@ class Daemon:
         self.gate.close("cowbranchd is shutting down; retry against the restarted daemon")
         self.health.enter_graceful_shutdown()
         self.server.stop(grace=self.config.daemon.drain_timeout.total_seconds()).wait()
+        self.warm.stop()
         if stop_branches:
             stopped = self.branches.stop_all()
             log.info("branches_stopped", count=stopped)

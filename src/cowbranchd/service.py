@@ -341,6 +341,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
             force=request.force,
             allow_missing=request.allow_missing,
             delete_branch=self.branches.delete_entry,
+            drop_warm=self.branches.warm.drop_base if self.branches.warm else lambda _: None,
         )
         return bases_pb2.DeleteBaseResponse()
 

@@ -56,7 +56,6 @@ _SUBVOLUME_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: the root inode of every subvo
 _LAYOUT = ("bases", "branches", ".staging", ".trash")
 
 
-
 def _optional(module: str) -> ModuleType | None:
     try:
         return importlib.import_module(module)
@@ -129,6 +128,7 @@ class BtrfsDriver(StorageDriver):
 
     kind = "btrfs"
     clones_pin_snapshots = False
+    renames_live_volumes = True
 
     @property
     def location(self) -> str:
@@ -253,8 +253,17 @@ class BtrfsDriver(StorageDriver):
         for sub in _LAYOUT:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def _build(self, kind: Kind, name: str, meta: Mapping[str, str], *, what: str,
-               make: Callable[[Path], None], origin: str | None, durable: bool = True) -> Path:
+    def _build(
+        self,
+        kind: Kind,
+        name: str,
+        meta: Mapping[str, str],
+        *,
+        what: str,
+        make: Callable[[Path], None],
+        origin: str | None,
+        durable: bool = True,
+    ) -> Path:
         """Make a subvolume in .staging with `make(path)`, write its sidecar,
         rename it into place: a crash leaves at most a staging entry."""
         check_meta(meta)
@@ -277,13 +286,18 @@ class BtrfsDriver(StorageDriver):
                     raise
         finally:
             self._in_flight.discard(token)
-        log.debug(what, volume=f"{kind.value}/{name}", origin=origin,
-                  ms=round((time.perf_counter() - started) * 1000, 2))
+        log.debug(
+            what,
+            volume=f"{kind.value}/{name}",
+            origin=origin,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
         return dst
 
     def create_volume(self, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
-        return self._build(kind, name, meta, what="create volume",
-                           make=self._create_subvolume, origin=None)
+        return self._build(
+            kind, name, meta, what="create volume", make=self._create_subvolume, origin=None
+        )
 
     def snapshot(self, kind: Kind, name: str, snap: str) -> SnapshotRef:
         check_name("snap", snap)
@@ -328,7 +342,7 @@ class BtrfsDriver(StorageDriver):
             entries = os.listdir(self.root / kind.value)
         except FileNotFoundError:
             return []
-        return sorted((e[len(prefix):] for e in entries if e.startswith(prefix)), key=_natural)
+        return sorted((e[len(prefix) :] for e in entries if e.startswith(prefix)), key=_natural)
 
     def _trash(self, path: Path) -> Path:
         trashed = self.root / ".trash" / uuid.uuid4().hex
@@ -349,6 +363,17 @@ class BtrfsDriver(StorageDriver):
             if os.path.lexists(path):
                 self._remove_tree(self._trash(path))
         log.debug("destroyed", volume=f"{kind.value}/{name}", snapshots=len(snaps))
+
+    def rename(self, kind: Kind, name: str, new_name: str) -> Path:
+        src = self._require_volume(kind, name)
+        dst = self._volume_path(kind, new_name)
+        # A directory rename: a postmaster working inside keeps its cwd inode.
+        with _translated(f"rename {kind.value}/{name} to {new_name}"):
+            try:
+                _rename_noreplace(src, dst)
+            except FileExistsError as exc:
+                raise AlreadyExists(f"volume {kind.value}/{new_name} already exists") from exc
+        return dst
 
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         path = self._volume_path(ref.kind, ref.name).with_name(f"{ref.name}@{ref.snap}")
@@ -378,11 +403,16 @@ class BtrfsDriver(StorageDriver):
                 data = self._read_sidecar(path)
                 if data is None:  # never finished; gc() removes it
                     continue
-                volumes.append(Volume(
-                    kind=kind, name=entry, path=path, meta=dict(data.get("meta", {})),
-                    snapshots=tuple(sorted(snaps.get(entry, []), key=_natural)),
-                    origin=_parse_ref(data.get("origin")),
-                ))
+                volumes.append(
+                    Volume(
+                        kind=kind,
+                        name=entry,
+                        path=path,
+                        meta=dict(data.get("meta", {})),
+                        snapshots=tuple(sorted(snaps.get(entry, []), key=_natural)),
+                        origin=_parse_ref(data.get("origin")),
+                    )
+                )
         return volumes
 
     def usage(self, kind: Kind, name: str) -> int:

@@ -66,7 +66,6 @@ _BACKOFF = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 MOUNT_WAIT_S = 5.0
 
 
-
 def _optional(module: str) -> ModuleType | None:
     try:
         return importlib.import_module(module)
@@ -105,6 +104,7 @@ class ZfsDriver(StorageDriver):
 
     kind = "zfs"
     clones_pin_snapshots = True
+    renames_live_volumes = False
 
     @property
     def location(self) -> str:
@@ -164,8 +164,9 @@ class ZfsDriver(StorageDriver):
     def check(self) -> None:
         if shutil.which("zfs") is None:
             raise StorageError("the `zfs` command is not installed (zfsutils-linux or zfs-fuse)")
-        proc = run(["zfs", "get", "-H", "-o", "value", "type,mountpoint", self.dataset],
-                   check=False)
+        proc = run(
+            ["zfs", "get", "-H", "-o", "value", "type,mountpoint", self.dataset], check=False
+        )
         if proc.returncode == 0:
             kind, mountpoint = proc.stdout.split("\n")[:2]
             if kind != "filesystem" or not mountpoint.startswith("/"):
@@ -186,8 +187,9 @@ class ZfsDriver(StorageDriver):
             )
 
     def ensure_layout(self) -> None:
-        found = run(["zfs", "list", "-H", "-o", "name", "-r", "-d", "1", self.dataset],
-                    check=False).stdout.split()
+        found = run(
+            ["zfs", "list", "-H", "-o", "name", "-r", "-d", "1", self.dataset], check=False
+        ).stdout.split()
         for sub in ("bases", "branches", ".staging", ".trash"):
             if f"{self.dataset}/{sub}" not in found:
                 self._zfs("ensure layout", "create", "-p", f"{self.dataset}/{sub}")
@@ -216,8 +218,16 @@ class ZfsDriver(StorageDriver):
         # Never retried: zfs-fuse under load can create the clone and then
         # fail to mount it ("busy"), and a retry would find it existing.
         try:
-            self._zfs(f"clone {origin} as {target}", "clone", "-o", f"{_MARKER}=1", *props,
-                      origin, target, retry_busy=False)
+            self._zfs(
+                f"clone {origin} as {target}",
+                "clone",
+                "-o",
+                f"{_MARKER}=1",
+                *props,
+                origin,
+                target,
+                retry_busy=False,
+            )
         except (AlreadyExists, NotFound, ResourceExhausted):
             raise
         except StorageError:
@@ -319,6 +329,20 @@ class ZfsDriver(StorageDriver):
         out = self._zfs("origins", "get", "-H", "-r", "-o", "value", "origin", self.dataset)
         return any(line.startswith(f"{dataset}@") for line in out.split("\n"))
 
+    def rename(self, kind: Kind, name: str, new_name: str) -> Path:
+        source, target = self._name(kind, name), self._name(kind, new_name)
+        # zfs-fuse renames only unmounted datasets; the rename remounts it
+        # under its new name (which is why a live postmaster cannot stay).
+        try:
+            self._zfs(f"unmount {source}", "unmount", source)
+        except StorageError as exc:
+            if "not currently mounted" not in exc.message:
+                raise
+        self._zfs(f"rename {source}", "rename", source, target)
+        path = self._path(kind, new_name)
+        self._ensure_mounted(target, path)
+        return path
+
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         target = self._name(ref.kind, ref.name, ref.snap)
         try:
@@ -335,8 +359,19 @@ class ZfsDriver(StorageDriver):
         Only local and intrinsic properties (type, origin, ...): that halves
         zfs-fuse's time, and inherited ones (mountpoint) are derived, see _path().
         """
-        out = self._zfs("list", "get", "-H", "-p", "-r", "-s", "local,none",
-                        "-o", "name,property,value,source", "all", self.dataset)
+        out = self._zfs(
+            "list",
+            "get",
+            "-H",
+            "-p",
+            "-r",
+            "-s",
+            "local,none",
+            "-o",
+            "name,property,value,source",
+            "all",
+            self.dataset,
+        )
         tree: dict[str, dict[str, tuple[str, str]]] = {}
         for line in out.split("\n"):
             fields = line.split("\t")
@@ -360,29 +395,41 @@ class ZfsDriver(StorageDriver):
                 continue
             origin = pattern.fullmatch(props.get("origin", ("-", ""))[0])
             snapshots = tuple(sorted(snaps.get((match[1], match[2]), []), key=_natural))
-            volumes.append(Volume(
-                kind=Kind(match[1]), name=match[2],
-                path=Path(props["mountpoint"][0]) if "mountpoint" in props
-                else self._path(Kind(match[1]), match[2]),
-                meta={k[len(PREFIX):]: _decode(v) for k, (v, src) in props.items()
-                      if k.startswith(PREFIX) and k != _MARKER and src == "local"},
-                snapshots=snapshots,
-                origin=SnapshotRef(Kind(origin[1]), origin[2], origin[3])
-                if origin and origin[3] else None,
-                busy_snapshots=tuple(s for s in snapshots if f"{dataset}@{s}" in origins),
-            ))
+            volumes.append(
+                Volume(
+                    kind=Kind(match[1]),
+                    name=match[2],
+                    path=Path(props["mountpoint"][0])
+                    if "mountpoint" in props
+                    else self._path(Kind(match[1]), match[2]),
+                    meta={
+                        k[len(PREFIX) :]: _decode(v)
+                        for k, (v, src) in props.items()
+                        if k.startswith(PREFIX) and k != _MARKER and src == "local"
+                    },
+                    snapshots=snapshots,
+                    origin=SnapshotRef(Kind(origin[1]), origin[2], origin[3])
+                    if origin and origin[3]
+                    else None,
+                    busy_snapshots=tuple(s for s in snapshots if f"{dataset}@{s}" in origins),
+                )
+            )
         return volumes
 
     def usage(self, kind: Kind, name: str) -> int:
         """`usedbydataset`: for a clone, the bytes it does not share with its
         origin snapshot (old zfs has no `written` property)."""
         target = self._name(kind, name)
-        return int(self._zfs(f"usage of {target}", "get", "-H", "-p", "-o", "value",
-                             "usedbydataset", target).strip())
+        return int(
+            self._zfs(
+                f"usage of {target}", "get", "-H", "-p", "-o", "value", "usedbydataset", target
+            ).strip()
+        )
 
     def pool_usage(self) -> PoolUsage:
-        out = self._zfs("pool usage", "get", "-H", "-p", "-o", "value", "used,available",
-                        self.dataset).split()
+        out = self._zfs(
+            "pool usage", "get", "-H", "-p", "-o", "value", "used,available", self.dataset
+        ).split()
         used, available = int(out[0]), int(out[1])
         return PoolUsage(used_bytes=used, total_bytes=used + available)
 
@@ -390,7 +437,7 @@ class ZfsDriver(StorageDriver):
         tree = self._get_all()
         leftovers: list[str] = []
         for dataset, props in sorted(tree.items()):
-            rel = dataset[len(self.dataset) + 1:]
+            rel = dataset[len(self.dataset) + 1 :]
             parts = rel.split("/")
             if "@" in rel or len(parts) != 2 or props.get("type", ("", ""))[0] != "filesystem":
                 continue
@@ -398,7 +445,7 @@ class ZfsDriver(StorageDriver):
                 parts[0] in ("bases", "branches") and _MARKER not in props
             ):
                 leftovers.append(dataset)
-        removed = [d[len(self.dataset) + 1:] for d in leftovers if self._destroy_trashed(d)]
+        removed = [d[len(self.dataset) + 1 :] for d in leftovers if self._destroy_trashed(d)]
         if removed:
             log.debug("gc", removed=removed)
         return removed

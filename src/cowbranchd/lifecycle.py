@@ -1,0 +1,166 @@
+"""A branch's runtime: its connection facts, and starting and stopping its
+postgres. Shared by branches.py (create, reset, restart, delete) and warm.py
+(warm clones); no locks here: callers hold the branch's own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import psycopg
+import structlog
+
+from . import postgres
+from .errors import AlreadyExists, CowbranchError, InvalidArgument, PostgresError
+from .inventory import BranchEntry, Context
+from .storage.base import Kind, SnapshotRef, StorageDriver
+
+__all__ = [
+    "Connection",
+    "clone_or_clean_up",
+    "connection",
+    "postmaster_alive",
+    "start_postmaster",
+    "stop_postmaster",
+    "verify_ready",
+]
+
+log = structlog.get_logger("cowbranchd.branches")
+
+# How often start is retried on another port when postgres finds its port
+# taken (by something that bound it after our bind check).
+PORT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Connection:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    socket_dir: str
+    dsn: str
+
+
+def connection(ctx: Context, entry: BranchEntry) -> Connection:
+    """Where and how to reach the branch: its base's credentials, its port."""
+    with ctx.inventory.lock:
+        base_entry = ctx.inventory.bases.get(entry.record.base_id)
+    base = base_entry.record if base_entry else None
+    pg = ctx.config.postgres
+    user = base.user if base else "postgres"
+    password = base.password if base else ""
+    database = base.database if base else "postgres"
+    return Connection(
+        host=pg.host,
+        port=entry.record.port,
+        user=user,
+        password=password,
+        database=database,
+        socket_dir=str(ctx.socket_dir(entry.branch_id)),
+        dsn=postgres.dsn(pg.host, entry.record.port, user, password, database),
+    )
+
+
+def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) -> None:
+    """Start the branch's postgres on its port (another one if that port
+    turns out taken and `allow_new_port`), and wait for SELECT 1."""
+    pg = ctx.config.postgres
+    binaries = postgres.find_binaries(postgres.pg_version(entry.pgdata), pg.bin_dirs)
+    settings = {**pg.settings, **entry.record.settings}
+    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            entry.postmaster = postgres.start(
+                str(entry.pgdata),
+                binaries=binaries,
+                os_user=pg.os_user,
+                port=entry.record.port,
+                socket_dir=str(ctx.socket_dir(entry.branch_id)),
+                listen_addresses=pg.listen_addresses,
+                settings=settings,
+                log_path=str(ctx.log_path(entry.branch_id)),
+                ready_dsn=connection(ctx, entry).dsn,
+                ready_timeout=pg.start_timeout.total_seconds(),
+            )
+            return
+        except postgres.PortInUse:
+            if not allow_new_port or attempt == PORT_ATTEMPTS - 1:
+                raise
+        except PostgresError as exc:
+            raise _client_setting_error(entry.record.settings, exc) or exc from None
+        old = entry.record.port
+        new = ctx.ports.allocate(exclude=(old,))
+        entry.record = entry.record.evolve(port=new)
+        ctx.ports.release(old)
+        log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
+
+
+def stop_postmaster(entry: BranchEntry, *, discard: bool = False) -> None:
+    """Stop the branch's postgres. With `discard` the data is about to be
+    destroyed, so skip the shutdown checkpoint (immediate shutdown)."""
+    master = entry.postmaster or postgres.find_postmaster(str(entry.pgdata))
+    if master is not None:
+        postgres.stop(master, fast_timeout=0 if discard else 10.0)
+    entry.postmaster = None
+
+
+def clone_or_clean_up(
+    driver: StorageDriver, source: SnapshotRef, branch_id: str, meta: Mapping[str, str]
+) -> Path:
+    """driver.clone, destroying whatever a failed clone may have left under
+    the branch's name (a clone made but not mounted, say). AlreadyExists means
+    the name was someone else's: that is left alone."""
+    try:
+        return driver.clone(source, Kind.BRANCHES, branch_id, meta)
+    except AlreadyExists:
+        raise
+    except BaseException:
+        with contextlib.suppress(CowbranchError):
+            driver.destroy(Kind.BRANCHES, branch_id)
+        raise
+
+
+def _client_setting_error(
+    settings: Mapping[str, str], exc: PostgresError
+) -> InvalidArgument | None:
+    """postgres alone knows which values it accepts: a start failure that
+    names one of the client's own settings is the client's bad input."""
+    rejected = [name for name in settings if f'parameter "{name}"' in exc.log_tail]
+    if not rejected:
+        return None
+    error = InvalidArgument(
+        "postgres_settings", f"postgres rejected {', '.join(rejected)}: {exc.message}"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def postmaster_alive(master: postgres.Postmaster | None) -> bool:
+    if master is None:
+        return False
+    try:
+        proc = psutil.Process(master.pid)
+        return (
+            proc.is_running()
+            and proc.status() != psutil.STATUS_ZOMBIE
+            and (abs(proc.create_time() - master.create_time) < 1.0)
+        )
+    except psutil.Error:
+        return False
+
+
+def verify_ready(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:
+    """`SELECT 1` through the branch's DSN, as CreateBranch promises."""
+    try:
+        with psycopg.connect(
+            connection(ctx, entry).dsn, connect_timeout=max(1, int(timeout))
+        ) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise PostgresError(f"branches/{entry.branch_id} does not answer SELECT 1: {exc}") from exc

@@ -1,0 +1,145 @@
+"""Warm branches: with `daemon.warm_branches`, creates from a base hand out an
+already started clone under the requested id; everything else about the
+branch is the same as a cold one."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from cowbranchd import postgres
+from cowbranchd.v1 import bases_pb2, branches_pb2
+from tests.fix_daemon import DaemonFactory, DaemonHandle
+
+Branch = branches_pb2.Branch
+
+
+def events(d: DaemonHandle, name: str) -> list[dict[str, object]]:
+    found = []
+    for line in d.log_path.read_text().splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == name:
+                found.append(event)
+    return found
+
+
+def wait_warm(d: DaemonHandle, count: int) -> None:
+    """Until `count` warm clones have been started in this daemon's life."""
+    for _ in range(1200):
+        if len(events(d, "warm_ready")) >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"fewer than {count} warm clones after 60 s")
+
+
+def volumes(d: DaemonHandle) -> set[str]:
+    return {p.name for p in (Path(d.pool_root) / "branches").iterdir()}
+
+
+def rows(dsn: str) -> list[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM items ORDER BY id")]
+
+
+@pytest.fixture
+def warm_daemon(daemon_factory: DaemonFactory) -> DaemonHandle:
+    d = daemon_factory(start=False)
+    d.sections = {"daemon": "warm_branches = 2"}
+    d.start()
+    wait_warm(d, 2)
+    return d
+
+
+def test_create_hands_out_a_warm_branch(warm_daemon: DaemonHandle) -> None:
+    """A create from the base takes a warm clone: it is READY under the asked id,
+    answers on its DSN and its socket, isolates writes, resets and deletes like
+    any branch, and is never listed while warm."""
+    d = warm_daemon
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        a = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(
+                parent="bases/demo", branch_id="fast", request_id="r1"
+            ),
+            timeout=120,
+        )
+        created = events(d, "branch_created")
+        assert [(e["branch"], e["warm"]) for e in created] == [("fast", True)]
+        assert a.state == Branch.READY and a.name == "branches/fast"
+        assert a.parent == "bases/demo/versions/1"
+        assert [b.name for b in stub.ListBranches(branches_pb2.ListBranchesRequest()).branches] == [
+            "branches/fast"
+        ]
+        assert a.connection.socket_dir.endswith("/fast")
+        with psycopg.connect(
+            host=a.connection.socket_dir,
+            port=a.connection.port,
+            user=a.connection.user,
+            dbname=a.connection.database,
+        ) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        execute = "INSERT INTO items VALUES (9, 'warm')"
+        with psycopg.connect(a.connection.dsn, autocommit=True) as conn:
+            conn.execute(execute)
+        b = stub.CreateBranch(branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120)
+        assert rows(b.connection.dsn) == [1, 2, 3]
+        assert rows(a.connection.dsn) == [1, 2, 3, 9]
+        again = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(
+                parent="bases/demo", branch_id="fast", request_id="r1"
+            ),
+            timeout=120,
+        )
+        assert again.connection == a.connection
+        stub.ResetBranch(branches_pb2.ResetBranchRequest(name=a.name), timeout=120)
+        assert rows(a.connection.dsn) == [1, 2, 3]
+        master = postgres.find_postmaster(str(Path(d.pool_root) / "branches" / "fast" / "pgdata"))
+        assert master is not None
+        stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=a.name), timeout=120)
+        stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=b.name), timeout=120)
+    assert "fast" not in volumes(d)
+    assert postgres.find_postmaster(str(Path(d.pool_root) / "branches" / "fast" / "pgdata")) is None
+
+
+def test_settings_go_cold_and_warm_clones_do_not_outlive_the_daemon(
+    warm_daemon: DaemonHandle,
+) -> None:
+    """A create with its own postgres settings is made cold; warm clones are
+    destroyed at shutdown and made anew at start, while real branches are
+    adopted; deleting the base takes its warm clones with it."""
+    d = warm_daemon
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        tuned = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(
+                parent="bases/demo", branch_id="tuned", postgres_settings={"work_mem": "8MB"}
+            ),
+            timeout=120,
+        )
+        assert [(e["branch"], e["warm"]) for e in events(d, "branch_created")] == [("tuned", False)]
+        with psycopg.connect(tuned.connection.dsn) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+    warm_before = {v for v in volumes(d) if v.startswith("w-")}
+    assert len(warm_before) == 2
+    d.stop()
+    assert volumes(d) == {"tuned"}
+    d.start()
+    wait_warm(d, 4)
+    assert {v for v in volumes(d) if v.startswith("w-")}.isdisjoint(warm_before)
+    with d.channel() as ch:
+        got = d.branches(ch).GetBranch(branches_pb2.GetBranchRequest(name=tuned.name))
+        assert got.state == Branch.READY and got.connection == tuned.connection
+        d.bases(ch).DeleteBase(
+            bases_pb2.DeleteBaseRequest(name="bases/demo", force=True), timeout=120
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            d.branches(ch).GetBranch(branches_pb2.GetBranchRequest(name=tuned.name))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert volumes(d) == set()
+    assert d.postmasters() == []
