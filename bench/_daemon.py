@@ -33,6 +33,7 @@ class BenchDaemon:
     driver: str
     pool_root: str
     data_dir: Path
+    warm_branches: int = 0
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     _log_offset: int = 0
@@ -60,6 +61,7 @@ state_dir = "{self.workdir / 'state'}"
 log_format = "json"
 log_level = "debug"
 max_branches = 500
+warm_branches = {self.warm_branches}
 
 [storage]
 driver = "{self.driver}"
