@@ -227,23 +227,3 @@ def test_full_pool_raises_resource_exhausted(tiny_driver: StorageDriver) -> None
         tiny_driver.create_volume(BASES, "more", {"state": "creating"})
     assert sorted(_by_name(tiny_driver)) == ["bases/shop", "branches/fill"]
 
-
-def test_rename_keeps_data_and_metadata(driver: StorageDriver) -> None:
-    """A renamed volume keeps its data and metadata under the new name only;
-    a taken or missing name is refused."""
-    ref = _base_with_snapshot(driver)
-    path = driver.clone(ref, BRANCHES, "w1", {"state": "ready", "warm": "1"})
-    _write(path, "mine", "written")
-    driver.clone(ref, BRANCHES, "taken", {})
-
-    new_path = driver.rename(BRANCHES, "w1", "b1")
-
-    listed = _by_name(driver)
-    assert "branches/w1" not in listed
-    assert dict(listed["branches/b1"].meta) == {"state": "ready", "warm": "1"}
-    assert listed["branches/b1"].path == new_path
-    assert _read(new_path, "mine") == "written"
-    with pytest.raises(AlreadyExists):
-        driver.rename(BRANCHES, "b1", "taken")
-    with pytest.raises(NotFound):
-        driver.rename(BRANCHES, "w1", "b2")

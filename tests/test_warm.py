@@ -99,12 +99,21 @@ def test_create_hands_out_a_warm_branch(warm_daemon: DaemonHandle) -> None:
         assert again.connection == a.connection
         stub.ResetBranch(branches_pb2.ResetBranchRequest(name=a.name), timeout=120)
         assert rows(a.connection.dsn) == [1, 2, 3]
-        master = postgres.find_postmaster(str(Path(d.pool_root) / "branches" / "fast" / "pgdata"))
-        assert master is not None
+        # It lives on in the warm clone's volume (a live data directory is
+        # never renamed), whose metadata now names the branch.
+        sidecars = {
+            v: json.loads((Path(d.pool_root) / "branches" / v / "cowbranch.json").read_text())
+            for v in volumes(d)
+        }
+        fast = [v for v, car in sidecars.items() if car["meta"].get("id") == "fast"]
+        assert len(fast) == 1 and fast[0].startswith("warm_")
+        assert sidecars[fast[0]]["meta"].get("warm", "") == ""
+        pgdata = Path(d.pool_root) / "branches" / fast[0] / "pgdata"
+        assert postgres.find_postmaster(str(pgdata)) is not None
         stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=a.name), timeout=120)
         stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=b.name), timeout=120)
-    assert "fast" not in volumes(d)
-    assert postgres.find_postmaster(str(Path(d.pool_root) / "branches" / "fast" / "pgdata")) is None
+    assert fast[0] not in volumes(d)
+    assert postgres.find_postmaster(str(pgdata)) is None
 
 
 def test_settings_go_cold_and_warm_clones_do_not_outlive_the_daemon(
@@ -125,13 +134,13 @@ def test_settings_go_cold_and_warm_clones_do_not_outlive_the_daemon(
         assert [(e["branch"], e["warm"]) for e in events(d, "branch_created")] == [("tuned", False)]
         with psycopg.connect(tuned.connection.dsn) as conn:
             assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
-    warm_before = {v for v in volumes(d) if v.startswith("w-")}
+    warm_before = {v for v in volumes(d) if v.startswith("warm_")}
     assert len(warm_before) == 2
     d.stop()
     assert volumes(d) == {"tuned"}
     d.start()
     wait_warm(d, 4)
-    assert {v for v in volumes(d) if v.startswith("w-")}.isdisjoint(warm_before)
+    assert {v for v in volumes(d) if v.startswith("warm_")}.isdisjoint(warm_before)
     with d.channel() as ch:
         got = d.branches(ch).GetBranch(branches_pb2.GetBranchRequest(name=tuned.name))
         assert got.state == Branch.READY and got.connection == tuned.connection
@@ -143,3 +152,20 @@ def test_settings_go_cold_and_warm_clones_do_not_outlive_the_daemon(
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert volumes(d) == set()
     assert d.postmasters() == []
+
+
+def test_a_warm_branch_can_be_branched(warm_daemon: DaemonHandle) -> None:
+    """A branch handed out warm takes writes and CHECKPOINT, and its child sees them."""
+    d = warm_daemon
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        parent = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="p"), timeout=120
+        )
+        assert [e["warm"] for e in events(d, "branch_created")] == [True]
+        with psycopg.connect(parent.connection.dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO items SELECT g, 'x' FROM generate_series(10, 1000) g")
+        child = stub.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent=parent.name, branch_id="c"), timeout=120
+        )
+        assert len(rows(child.connection.dsn)) == 3 + 991

@@ -136,7 +136,7 @@ class Branches:
         if cached is not None and time.monotonic() - cached[0] < USAGE_CACHE_S:
             return cached[1]
         try:
-            value = self.ctx.driver.usage(Kind.BRANCHES, entry.branch_id)
+            value = self.ctx.driver.usage(Kind.BRANCHES, entry.volume)
         except CowbranchError:
             return 0
         self._usage_cache[entry.branch_id] = (time.monotonic(), value)
@@ -236,19 +236,21 @@ class Branches:
                 warm = self.warm.take(source)
             if warm is not None and self._hand_over(warm, entry):
                 undo.add("release port", lambda: self.ctx.ports.release(entry.record.port))
-                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
+                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, entry.volume))
                 undo.add("stop postgres", lambda: self._stop(entry, discard=True))
                 t_clone = t_start = time.perf_counter()
                 entry.record = entry.record.evolve(state=State.READY)
                 # The volume still carries the warm clone's metadata: all of it.
-                driver.set_meta(Kind.BRANCHES, branch_id, {**entry.record.to_meta(), WARM_META: ""})
+                driver.set_meta(
+                    Kind.BRANCHES, entry.volume, {**entry.record.to_meta(), WARM_META: ""}
+                )
             else:
                 warm = None
                 port = self.ctx.ports.allocate()
                 undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
                 entry.record = entry.record.evolve(port=port)
-                entry.path = clone_or_clean_up(driver, source, branch_id, entry.record.to_meta())
-                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, branch_id))
+                entry.path = clone_or_clean_up(driver, source, entry.volume, entry.record.to_meta())
+                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, entry.volume))
                 t_clone = time.perf_counter()
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=True)
@@ -259,7 +261,7 @@ class Branches:
                     ready["port"] = str(entry.record.port)
                 entry.record = entry.record.evolve(state=State.READY)
                 # One key: on ZFS each property is its own command.
-                driver.set_meta(Kind.BRANCHES, branch_id, ready)
+                driver.set_meta(Kind.BRANCHES, entry.volume, ready)
             undo.success()
         log.info(
             "branch_created",
@@ -274,25 +276,17 @@ class Branches:
         )
 
     def _hand_over(self, warm: BranchEntry, entry: BranchEntry) -> bool:
-        """Make a warm clone this branch: rename its volume, socket directory
-        and log, and check SELECT 1 through the DSN. Its postgres keeps
-        running: it works relative to its data directory, and clients resolve
-        the socket path when they connect. False (the warm clone destroyed,
-        nothing else changed) if anything fails: the caller goes the cold way."""
+        """Make a warm clone this branch: it keeps its volume and its running
+        postgres; its socket directory and log take the branch's name (the
+        socket's path is resolved when clients connect; the log is an open
+        descriptor). Checks SELECT 1 through the DSN. False (the warm clone
+        destroyed, nothing else changed) if that fails: the caller goes cold."""
         ctx = self.ctx
-        old, new = warm.branch_id, entry.branch_id
-        try:
-            entry.path = ctx.driver.rename(Kind.BRANCHES, old, new)
-        except CowbranchError as exc:
-            log.warning("warm_hand_over_failed", branch=new, warm=old, error=exc.message)
-            assert self.warm is not None
-            self.warm.discard(warm)
-            return False
-        entry.postmaster = warm.postmaster
+        entry.volume, entry.path, entry.postmaster = warm.volume, warm.path, warm.postmaster
         entry.record = entry.record.evolve(port=warm.record.port)
         for src, dst in (
-            (ctx.socket_dir(old), ctx.socket_dir(new)),
-            (ctx.log_path(old), ctx.log_path(new)),
+            (ctx.socket_dir(warm.branch_id), ctx.socket_dir(entry.branch_id)),
+            (ctx.log_path(warm.branch_id), ctx.log_path(entry.branch_id)),
         ):
             shutil.rmtree(dst, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
@@ -300,12 +294,11 @@ class Branches:
         try:
             verify_ready(ctx, entry)
         except CowbranchError as exc:
-            log.warning("warm_hand_over_failed", branch=new, warm=old, error=exc.message)
-            self._stop(entry, discard=True)
-            ctx.driver.destroy(Kind.BRANCHES, new)
-            ctx.ports.release(entry.record.port)
-            shutil.rmtree(ctx.socket_dir(new), ignore_errors=True)
-            entry.path, entry.postmaster = Path(), None
+            log.warning("warm_hand_over_failed", branch=entry.branch_id, error=exc.message)
+            assert self.warm is not None
+            self.warm.discard(warm)
+            shutil.rmtree(ctx.socket_dir(entry.branch_id), ignore_errors=True)
+            entry.volume, entry.path, entry.postmaster = entry.branch_id, Path(), None
             entry.record = entry.record.evolve(port=0)
             return False
         return True
@@ -320,7 +313,7 @@ class Branches:
                     "only a running branch can be branched"
                 )
             postgres.checkpoint(self.connection(parent).dsn)
-            return self.ctx.driver.snapshot(Kind.BRANCHES, parent_id, f"c-{child_id}")
+            return self.ctx.driver.snapshot(Kind.BRANCHES, parent.volume, f"c-{child_id}")
 
     def _base_record(self, base_id: str) -> BaseRecord | None:
         with self.ctx.inventory.lock:
@@ -379,7 +372,7 @@ class Branches:
                 entry.deleting = True
             try:
                 self._stop(entry, discard=True)
-                self.ctx.driver.destroy(Kind.BRANCHES, entry.branch_id)
+                self.ctx.driver.destroy(Kind.BRANCHES, entry.volume)
             except BaseException:
                 entry.deleting = False
                 raise
@@ -410,9 +403,9 @@ class Branches:
                 )
             self._stop(entry, discard=True)
             record = entry.record.evolve(state=State.CREATING, failure="")
-            driver.destroy(Kind.BRANCHES, branch_id)
+            driver.destroy(Kind.BRANCHES, entry.volume)
             try:
-                entry.path = clone_or_clean_up(driver, source, branch_id, record.to_meta())
+                entry.path = clone_or_clean_up(driver, source, entry.volume, record.to_meta())
                 entry.record = record
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=False)
@@ -420,7 +413,7 @@ class Branches:
                 self._mark_failed(entry, f"reset failed: {exc.message}")
                 raise
             entry.record = entry.record.evolve(state=State.READY)
-            driver.set_meta(Kind.BRANCHES, branch_id, {"state": "ready"})
+            driver.set_meta(Kind.BRANCHES, entry.volume, {"state": "ready"})
             self._usage_cache.pop(branch_id, None)
         log.info("branch_reset", branch=branch_id)
         return entry
@@ -429,7 +422,7 @@ class Branches:
         entry.record = entry.record.evolve(state=State.FAILED, failure=why)
         try:
             self.ctx.driver.set_meta(
-                Kind.BRANCHES, entry.branch_id, {"state": "failed", "failure": why[:500]}
+                Kind.BRANCHES, entry.volume, {"state": "failed", "failure": why[:500]}
             )
         except CowbranchError as exc:
             log.error("mark_failed_failed", branch=entry.branch_id, error=exc.message)

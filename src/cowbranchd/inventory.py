@@ -34,6 +34,10 @@ class BaseEntry:
 class BranchEntry:
     record: BranchRecord
     path: Path
+    # Its storage volume's name: the branch id, except for a branch handed
+    # out warm, which keeps the warm clone's volume (postgres holds the data
+    # directory's absolute path, so a live clone cannot be renamed).
+    volume: str = ""
     postmaster: Postmaster | None = None
     # Serialises slow operations on one branch (create, delete, reset).
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -42,6 +46,9 @@ class BranchEntry:
     settled: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     deleting: bool = False
+
+    def __post_init__(self) -> None:
+        self.volume = self.volume or self.record.branch_id
 
     @property
     def branch_id(self) -> str:
@@ -81,7 +88,8 @@ class Inventory:
         return None
 
     def children_of(self, kind: Kind, name: str) -> Iterator[BranchEntry]:
-        """Branches cloned directly from a snapshot of `kind/name`. Caller holds `lock`."""
+        """Branches cloned directly from a snapshot of volume `kind/name`.
+        Caller holds `lock`."""
         for entry in self.branches.values():
             source = entry.source
             if source is not None and source.kind is kind and source.name == name:
@@ -96,7 +104,7 @@ class Inventory:
             while frontier:
                 entry = frontier.pop()
                 found.append(entry)
-                frontier.extend(self.children_of(Kind.BRANCHES, entry.branch_id))
+                frontier.extend(self.children_of(Kind.BRANCHES, entry.volume))
         return list(reversed(found))
 
 

@@ -221,6 +221,7 @@ class BranchRecord:
     def to_meta(self) -> dict[str, str]:
         return {
             "state": self.state.value,
+            "id": self.branch_id,
             "base": self.base_id,
             "parent": self.parent,
             "source": self.source_snapshot,
@@ -235,9 +236,9 @@ class BranchRecord:
         }
 
     @classmethod
-    def from_meta(cls, branch_id: str, meta: Mapping[str, str]) -> BranchRecord:
+    def from_meta(cls, volume: str, meta: Mapping[str, str]) -> BranchRecord:
         return cls(
-            branch_id=branch_id,
+            branch_id=meta.get("id") or volume,
             base_id=meta.get("base", ""),
             parent=meta.get("parent", ""),
             source_snapshot=meta.get("source", ""),

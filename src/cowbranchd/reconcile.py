@@ -32,7 +32,11 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     counts = {"bases": 0, "adopted": 0, "restarted": 0, "failed": 0, "removed": 0}
     counts["removed"] += len(driver.gc())
     volumes = driver.list()
-    branch_ids = {v.name for v in volumes if v.kind is Kind.BRANCHES}
+    branch_ids = {
+        BranchRecord.from_meta(v.name, v.meta).branch_id
+        for v in volumes
+        if v.kind is Kind.BRANCHES
+    }
     for volume in volumes:
         if volume.kind is Kind.BASES:
             counts["bases"] += _adopt_base(ctx, volume)
@@ -42,7 +46,9 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
             counts[outcome] += 1
     # Snapshots a branch took for a child (`c-<child>`) whose child is gone.
     for volume in volumes:
-        if volume.kind is Kind.BRANCHES and volume.name in ctx.inventory.branches:
+        if volume.kind is Kind.BRANCHES and any(
+            e.volume == volume.name for e in ctx.inventory.branches.values()
+        ):
             for snap in volume.snapshots:
                 if snap.startswith("c-") and snap[2:] not in branch_ids:
                     ref = parse_snapshot_ref(f"branches/{volume.name}@{snap}")
@@ -75,7 +81,7 @@ def _adopt_base(ctx: Context, volume: Volume) -> int:
 
 def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
     record = BranchRecord.from_meta(volume.name, volume.meta)
-    entry = BranchEntry(record=record, path=volume.path)
+    entry = BranchEntry(record=record, path=volume.path, volume=volume.name)
     entry.settled.set()
     master = postgres.find_postmaster(str(entry.pgdata))
     if volume.meta.get(WARM_META) == "1":
@@ -96,7 +102,7 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
         if source is not None and source.kind is Kind.BRANCHES:
             ctx.driver.destroy_snapshot(source)
         return "removed"
-    ctx.inventory.branches[volume.name] = entry
+    ctx.inventory.branches[record.branch_id] = entry
     if record.port:
         ctx.ports.reserve(record.port)
     if master is not None:

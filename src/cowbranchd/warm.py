@@ -3,12 +3,14 @@ already running, handed out by CreateBranch under the requested id.
 
 PostgreSQL's own start is about half of a cold create. With
 `daemon.warm_branches = N`, a background thread keeps N such clones per base;
-a create from that base version with no per-branch settings renames one into
-place (storage rename, socket directory, log), checks `SELECT 1` through the
-DSN and writes the branch's metadata: no clone and no postgres start on the
-request's path. Only drivers that can rename a volume under a live process
-(btrfs) take part. Warm clones are not branches: they are not listed, hold no
-branch slot, and are destroyed at start-up (meta `warm=1`) and shutdown.
+a create from that base version with no per-branch settings takes one: the
+branch keeps the clone's volume (`branches/warm_<hex>`; postgres holds its
+data directory's absolute path, so a live clone is never renamed), its socket
+directory and log take the branch's name, `SELECT 1` is checked through the
+DSN and the branch's metadata (with its id) is written over the clone's: no
+clone and no postgres start on the request's path. Warm clones are not
+branches: they are not listed, hold no branch slot, and are destroyed at
+start-up (meta `warm=1`) and shutdown.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ FAILURE_BACKOFF = 30.0
 class WarmPool:
     def __init__(self, ctx: Context, size: int) -> None:
         self.ctx = ctx
-        self.size = size if ctx.driver.renames_live_volumes else 0
+        self.size = size
         self._lock = threading.Lock()
         self._ready: dict[SnapshotRef, list[BranchEntry]] = {}
         self._failed_at: dict[SnapshotRef, float] = {}
@@ -93,7 +95,7 @@ class WarmPool:
     def discard(self, entry: BranchEntry) -> None:
         try:
             stop_postmaster(entry, discard=True)
-            self.ctx.driver.destroy(Kind.BRANCHES, entry.branch_id)
+            self.ctx.driver.destroy(Kind.BRANCHES, entry.volume)
         except CowbranchError as exc:
             log.error("warm_discard_failed", branch=entry.branch_id, error=exc.message)
         finally:
@@ -160,7 +162,8 @@ class WarmPool:
     def _make(self, source: SnapshotRef) -> BranchEntry | None:
         """Clone `source` and start its postgres; None (logged) on failure."""
         ctx = self.ctx
-        warm_id = "w-" + secrets.token_hex(4)
+        # Not a valid branch id ('_'), so it can never collide with one.
+        warm_id = "warm_" + secrets.token_hex(4)
         try:
             port = ctx.ports.allocate()
         except CowbranchError as exc:

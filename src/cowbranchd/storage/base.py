@@ -72,9 +72,6 @@ class StorageDriver(abc.ABC):
     # Clones keep their origin snapshot alive (ZFS): a snapshot with clones
     # cannot be destroyed, so callers defer its removal (see destroy/gc).
     clones_pin_snapshots: ClassVar[bool]
-    # A volume can be renamed while a process works inside it (btrfs: a
-    # directory rename; ZFS remounts, which would pull it from under postgres).
-    renames_live_volumes: ClassVar[bool]
 
     @property
     @abc.abstractmethod
@@ -130,12 +127,6 @@ class StorageDriver(abc.ABC):
         still depend on one of its snapshots (ZFS), it stays in `.trash/`
         until gc() finds it free. Never called under a live postmaster: the
         caller stops postgres first (btrfs would not refuse)."""
-
-    @abc.abstractmethod
-    def rename(self, kind: Kind, name: str, new_name: str) -> Path:
-        """Give a volume (and its metadata) a new name; return its new
-        mountpoint. NotFound if missing, AlreadyExists if `new_name` is taken.
-        Only safe under a live process where `renames_live_volumes`."""
 
     @abc.abstractmethod
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:

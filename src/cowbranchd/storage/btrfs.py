@@ -128,7 +128,6 @@ class BtrfsDriver(StorageDriver):
 
     kind = "btrfs"
     clones_pin_snapshots = False
-    renames_live_volumes = True
 
     @property
     def location(self) -> str:
@@ -363,17 +362,6 @@ class BtrfsDriver(StorageDriver):
             if os.path.lexists(path):
                 self._remove_tree(self._trash(path))
         log.debug("destroyed", volume=f"{kind.value}/{name}", snapshots=len(snaps))
-
-    def rename(self, kind: Kind, name: str, new_name: str) -> Path:
-        src = self._require_volume(kind, name)
-        dst = self._volume_path(kind, new_name)
-        # A directory rename: a postmaster working inside keeps its cwd inode.
-        with _translated(f"rename {kind.value}/{name} to {new_name}"):
-            try:
-                _rename_noreplace(src, dst)
-            except FileExistsError as exc:
-                raise AlreadyExists(f"volume {kind.value}/{new_name} already exists") from exc
-        return dst
 
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         path = self._volume_path(ref.kind, ref.name).with_name(f"{ref.name}@{ref.snap}")

@@ -104,7 +104,6 @@ class ZfsDriver(StorageDriver):
 
     kind = "zfs"
     clones_pin_snapshots = True
-    renames_live_volumes = False
 
     @property
     def location(self) -> str:
@@ -328,20 +327,6 @@ class ZfsDriver(StorageDriver):
     def _has_dependent_clones(self, dataset: str) -> bool:
         out = self._zfs("origins", "get", "-H", "-r", "-o", "value", "origin", self.dataset)
         return any(line.startswith(f"{dataset}@") for line in out.split("\n"))
-
-    def rename(self, kind: Kind, name: str, new_name: str) -> Path:
-        source, target = self._name(kind, name), self._name(kind, new_name)
-        # zfs-fuse renames only unmounted datasets; the rename remounts it
-        # under its new name (which is why a live postmaster cannot stay).
-        try:
-            self._zfs(f"unmount {source}", "unmount", source)
-        except StorageError as exc:
-            if "not currently mounted" not in exc.message:
-                raise
-        self._zfs(f"rename {source}", "rename", source, target)
-        path = self._path(kind, new_name)
-        self._ensure_mounted(target, path)
-        return path
 
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:
         target = self._name(ref.kind, ref.name, ref.snap)
