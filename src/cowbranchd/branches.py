@@ -240,10 +240,11 @@ class Branches:
                 undo.add("stop postgres", lambda: self._stop(entry, discard=True))
                 t_clone = t_start = time.perf_counter()
                 entry.record = entry.record.evolve(state=State.READY)
-                # The volume still carries the warm clone's metadata: all of it.
-                driver.set_meta(
-                    Kind.BRANCHES, entry.volume, {**entry.record.to_meta(), WARM_META: ""}
-                )
+                # Over the warm clone's metadata, only what differs (on ZFS
+                # each key is a command): the id, times, labels, request_id.
+                before = warm.record.to_meta()
+                changed = {k: v for k, v in entry.record.to_meta().items() if before.get(k) != v}
+                driver.set_meta(Kind.BRANCHES, entry.volume, {**changed, WARM_META: ""})
             else:
                 warm = None
                 port = self.ctx.ports.allocate()
