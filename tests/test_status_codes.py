@@ -317,3 +317,22 @@ def test_resource_exhausted_disk(daemon_factory: DaemonFactory) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "min_free_bytes" in details
     d.stop()
+
+
+def test_unreachable_pool_is_failed_precondition(
+    daemon: DaemonHandle, channel: grpc.Channel
+) -> None:
+    """A pool the postgres OS user cannot reach fails base creation with a message
+    naming the directory, not a bare permission error from initdb."""
+    bases_dir = Path(daemon.pool_root) / "bases"
+    mode = bases_dir.stat().st_mode
+    os.chmod(bases_dir, 0o700)
+    try:
+        code, details = code_of(
+            daemon.bases(channel).CreateBase, bases_pb2.CreateBaseRequest(base_id="hidden")
+        )
+    finally:
+        os.chmod(bases_dir, mode)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{bases_dir} is mode 0700" in details
+    assert "hidden" not in {p.name for p in bases_dir.iterdir()}

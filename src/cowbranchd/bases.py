@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,26 @@ def tree_bytes(root: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+def check_reachable(path: Path, os_user: str) -> None:
+    """FailedPrecondition naming the directory that keeps `os_user` (who runs
+    every postgres) from reaching `path`, instead of initdb's bare EACCES."""
+    user = pwd.getpwnam(os_user)
+    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for directory in [*reversed(path.parents), path]:
+        st = directory.stat()
+        if st.st_uid == user.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            raise FailedPrecondition(
+                f"the {os_user!r} OS user cannot reach {path}: {directory} is mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; give it search (x) permission for that user"
+            )
 
 
 def validate_data_directory(field_name: str, value: str) -> Path:
@@ -194,6 +216,7 @@ class Bases:
             path = driver.create_volume(Kind.BASES, base_id, record.to_meta())
             undo.add("destroy base volume", lambda: driver.destroy(Kind.BASES, base_id))
             os.chmod(path, 0o755)
+            check_reachable(path, pg_cfg.os_user)
             pgdata = path / "pgdata"
             if source_dir is not None:
                 record = record.evolve(user=self._copy_in(source_dir, pgdata, binaries, record))
