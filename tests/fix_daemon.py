@@ -142,7 +142,12 @@ base_id = "{self.base}"
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # never leak a daemon, even when it hangs
+                self.proc.wait(timeout=60)
+                raise
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)

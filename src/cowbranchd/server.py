@@ -51,6 +51,7 @@ __all__ = ["Daemon", "main"]
 
 log = structlog.get_logger("cowbranchd.server")
 
+SIGNAL_POLL_S = 0.1
 SERVICE_NAMES = (
     bases_pb2.DESCRIPTOR.services_by_name["BaseService"].full_name,
     branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
@@ -284,10 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    done = threading.Event()
+    # The handler only appends: Event.set() from a handler can deadlock when
+    # the signal lands while the main thread holds that Event's lock (seen
+    # with a SIGTERM right after start-up). The main thread polls instead.
+    received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -308,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    done.wait()
+    while not received:
+        time.sleep(SIGNAL_POLL_S)
+    log.info("signal", signal=signal.Signals(received[0]).name)
     daemon.drain_and_stop(stop_branches=args.stop_branches)
     return 0
 
