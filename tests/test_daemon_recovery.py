@@ -196,3 +196,55 @@ def test_systemd_ready_only_after_reconcile(daemon_factory: DaemonFactory) -> No
         assert d.health() == "SERVING"
         d.stop()
         assert notify.recv(4096).decode() == "STOPPING=1"
+
+
+def test_reset_interrupted_by_sigkill_keeps_the_branch(daemon_factory: DaemonFactory) -> None:
+    """A daemon SIGKILLed in the middle of a reset comes back with the branch
+    READY on its old data, in exactly one volume, and nothing else running."""
+    d = daemon_factory()
+    with d.channel() as ch:
+        branch = d.branches(ch).CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="keep"), timeout=120
+        )
+    with psycopg.connect(branch.connection.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (7, 'before reset')")
+    d.stop()
+    # Every new connection now waits 30 s, so the reset's readiness check hangs
+    # with the new volume cloned and its postgres running.
+    d.sections = {"postgres": 'settings = { pre_auth_delay = "30s" }'}
+    d.start()
+    outcome: list[grpc.StatusCode] = []
+
+    def reset() -> None:
+        with d.channel() as ch:
+            try:
+                d.branches(ch).ResetBranch(
+                    branches_pb2.ResetBranchRequest(name=branch.name), timeout=120
+                )
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+    worker = threading.Thread(target=reset)
+    worker.start()
+    for _ in range(600):
+        # The old volume (its postgres stopped) and the new one, starting.
+        if len(branch_volumes(d)) == 2 and len(d.postmasters()) == 1:
+            break
+        time.sleep(0.05)
+    assert len(branch_volumes(d)) == 2
+    d.kill(signal.SIGKILL)
+    worker.join(60)
+    assert outcome == [grpc.StatusCode.UNAVAILABLE]
+
+    d.sections = {}
+    d.start()
+    with d.channel() as ch:
+        got = d.branches(ch).GetBranch(branches_pb2.GetBranchRequest(name=branch.name))
+    assert (got.state, got.connection) == (Branch.READY, branch.connection)
+    with psycopg.connect(got.connection.dsn) as conn:
+        assert conn.execute("SELECT name FROM items WHERE id = 7").fetchall() == [
+            ("before reset",)
+        ]
+    assert branch_volumes(d) == {"keep"}
+    assert len(d.postmasters()) == 1
+    d.stop()

@@ -402,19 +402,37 @@ class Branches:
                 raise FailedPrecondition(
                     f"branches/{branch_id} cannot be reset while it is deleting"
                 )
+            # A new volume first, the old one destroyed last: a crash midway
+            # leaves the old volume (restarted at the next start) or both,
+            # and then the higher `resets` count wins (reconcile.py). It also
+            # never re-clones a name just destroyed, which zfs-fuse can trip on.
+            old_volume, old_path = entry.volume, entry.path
+            new_volume = f"{branch_id}_{secrets.token_hex(3)}"  # '_' is never in an id
+            record = entry.record.evolve(
+                state=State.CREATING, failure="", resets=entry.record.resets + 1
+            )
             self._stop(entry, discard=True)
-            record = entry.record.evolve(state=State.CREATING, failure="")
-            driver.destroy(Kind.BRANCHES, entry.volume)
             try:
-                entry.path = clone_or_clean_up(driver, source, entry.volume, record.to_meta())
-                entry.record = record
+                entry.path = clone_or_clean_up(driver, source, new_volume, record.to_meta())
+                entry.volume = new_volume
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=False)
             except CowbranchError as exc:
-                self._mark_failed(entry, f"reset failed: {exc.message}")
+                if entry.volume == new_volume:
+                    with contextlib.suppress(CowbranchError):
+                        driver.destroy(Kind.BRANCHES, new_volume)
+                entry.volume, entry.path = old_volume, old_path
+                try:  # the branch as it was, rather than a FAILED one
+                    self._start(entry, allow_new_port=False)
+                except CowbranchError:
+                    self._mark_failed(entry, f"reset failed: {exc.message}")
                 raise
-            entry.record = entry.record.evolve(state=State.READY)
-            driver.set_meta(Kind.BRANCHES, entry.volume, {"state": "ready"})
+            entry.record = record.evolve(state=State.READY)
+            driver.set_meta(Kind.BRANCHES, new_volume, {"state": "ready"})
+            try:
+                driver.destroy(Kind.BRANCHES, old_volume)
+            except CowbranchError as exc:  # the next start's reconcile removes it
+                log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
             self._usage_cache.pop(branch_id, None)
         log.info("branch_reset", branch=branch_id)
         return entry

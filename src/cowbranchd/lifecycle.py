@@ -6,6 +6,7 @@ postgres. Shared by branches.py (create, reset, restart, delete) and warm.py
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import psycopg
 import structlog
 
 from . import postgres
-from .errors import AlreadyExists, CowbranchError, InvalidArgument, PostgresError
+from .errors import AlreadyExists, CowbranchError, InvalidArgument, PostgresError, StorageError
 from .inventory import BranchEntry, Context
 from .storage.base import Kind, SnapshotRef, StorageDriver
 
@@ -34,6 +35,7 @@ log = structlog.get_logger("cowbranchd.branches")
 # How often start is retried on another port when postgres finds its port
 # taken (by something that bound it after our bind check).
 PORT_ATTEMPTS = 5
+CLONE_VISIBLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,32 @@ def clone_or_clean_up(
     the branch's name (a clone made but not mounted, say). AlreadyExists means
     the name was someone else's: that is left alone."""
     try:
-        return driver.clone(source, Kind.BRANCHES, branch_id, meta)
+        path = driver.clone(source, Kind.BRANCHES, branch_id, meta)
+        _wait_for_pgdata(path)
     except AlreadyExists:
         raise
     except BaseException:
         with contextlib.suppress(CowbranchError):
             driver.destroy(Kind.BRANCHES, branch_id)
         raise
+    return path
+
+
+def _wait_for_pgdata(path: Path) -> None:
+    """Every clone of a base holds pgdata/. zfs-fuse has been seen to report a
+    fresh clone mounted a moment before its files show through FUSE: give it
+    that moment (one stat when all is well), bounded."""
+    started = time.monotonic()
+    waited = False
+    while not (path / "pgdata" / "PG_VERSION").exists():
+        if time.monotonic() - started > CLONE_VISIBLE_S:
+            raise StorageError(f"clone at {path} shows no pgdata/ after {CLONE_VISIBLE_S}s")
+        waited = True
+        time.sleep(0.005)
+    if waited:
+        log.warning(
+            "clone_slow_to_show", path=str(path), ms=round((time.monotonic() - started) * 1000, 1)
+        )
 
 
 def _client_setting_error(

@@ -217,11 +217,15 @@ class BranchRecord:
     request_id: str = ""
     settings: dict[str, str] = field(default_factory=dict)
     failure: str = ""
+    # How often it was reset: each reset clones a new volume, and the one
+    # with the highest count is the branch if a crash left two.
+    resets: int = 0
 
     def to_meta(self) -> dict[str, str]:
         return {
             "state": self.state.value,
             "id": self.branch_id,
+            "resets": str(self.resets),
             "base": self.base_id,
             "parent": self.parent,
             "source": self.source_snapshot,
@@ -251,6 +255,7 @@ class BranchRecord:
             request_id=meta.get("request_id", ""),
             settings=json.loads(meta.get("settings") or "{}"),
             failure=meta.get("failure", ""),
+            resets=int(meta.get("resets") or 0),
         )
 
     def evolve(self, **changes: object) -> BranchRecord:

@@ -40,10 +40,19 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     for volume in volumes:
         if volume.kind is Kind.BASES:
             counts["bases"] += _adopt_base(ctx, volume)
-    for volume in volumes:
-        if volume.kind is Kind.BRANCHES:
-            outcome = _adopt_branch(ctx, branches, volume)
-            counts[outcome] += 1
+    branch_volumes, superseded = _one_volume_per_branch(
+        [v for v in volumes if v.kind is Kind.BRANCHES]
+    )
+    for volume in superseded:
+        log.warning("removing_superseded_volume", volume=volume.name)
+        master = postgres.find_postmaster(str(volume.path / "pgdata"))
+        if master is not None:
+            postgres.stop(master, fast_timeout=0)
+        ctx.driver.destroy(Kind.BRANCHES, volume.name)
+        counts["removed"] += 1
+    for volume in branch_volumes:
+        outcome = _adopt_branch(ctx, branches, volume)
+        counts[outcome] += 1
     # Snapshots a branch took for a child (`c-<child>`) whose child is gone.
     for volume in volumes:
         if volume.kind is Kind.BRANCHES and any(
@@ -57,6 +66,27 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     counts["removed"] += len(driver.gc())
     log.info("reconciled", **counts)
     return counts
+
+
+def _one_volume_per_branch(volumes: list[Volume]) -> tuple[list[Volume], list[Volume]]:
+    """A reset clones a new volume before it destroys the old one; a crash in
+    between leaves two finished volumes for one branch. The one reset more
+    often is the branch; the others are superseded. (Half-built and warm
+    volumes are dealt with one by one.)"""
+    finished: dict[str, list[Volume]] = {}
+    others: list[Volume] = []
+    for volume in volumes:
+        record = BranchRecord.from_meta(volume.name, volume.meta)
+        if record.state is State.CREATING or volume.meta.get(WARM_META) == "1":
+            others.append(volume)
+        else:
+            finished.setdefault(record.branch_id, []).append(volume)
+    keep, superseded = list(others), []
+    for group in finished.values():
+        group.sort(key=lambda v: int(v.meta.get("resets") or 0), reverse=True)
+        keep.append(group[0])
+        superseded.extend(group[1:])
+    return keep, superseded
 
 
 def _adopt_base(ctx: Context, volume: Volume) -> int:
@@ -99,7 +129,9 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
             postgres.stop(master)
         ctx.driver.destroy(Kind.BRANCHES, volume.name)
         source = entry.source
-        if source is not None and source.kind is Kind.BRANCHES:
+        # A reset's new volume shares its source with the branch's surviving
+        # volume; only a first create owns its parent's `c-` snapshot.
+        if source is not None and source.kind is Kind.BRANCHES and record.resets == 0:
             ctx.driver.destroy_snapshot(source)
         return "removed"
     ctx.inventory.branches[record.branch_id] = entry

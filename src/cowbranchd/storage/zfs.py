@@ -33,9 +33,10 @@ import importlib
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -118,6 +119,22 @@ class ZfsDriver(StorageDriver):
         self.dataset = dataset.strip("/")
         self.use_library = available if use_library is None else use_library
         self._mountpoint: Path | None = None
+        # Datasets being created by this process: gc() must not take them for
+        # marker-less leftovers (zfs-fuse sets `clone -o` properties after
+        # the dataset appears, so a concurrent gc saw one without its marker
+        # and destroyed a clone being handed out).
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _creating(self, target: str) -> Iterator[None]:
+        with self._in_flight_lock:
+            self._in_flight.add(target)
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(target)
 
     def __repr__(self) -> str:
         return f"ZfsDriver({self.dataset!r}, use_library={self.use_library})"
@@ -196,7 +213,8 @@ class ZfsDriver(StorageDriver):
 
     def create_volume(self, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
         target = self._name(kind, name)
-        self._zfs(f"create {target}", "create", "-o", f"{_MARKER}=1", *_props(meta), target)
+        with self._creating(target):
+            self._zfs(f"create {target}", "create", "-o", f"{_MARKER}=1", *_props(meta), target)
         return self._path(kind, name)
 
     def snapshot(self, kind: Kind, name: str, snap: str) -> SnapshotRef:
@@ -213,6 +231,10 @@ class ZfsDriver(StorageDriver):
         origin = self._name(source.kind, source.name, source.snap)
         target = self._name(kind, name)
         props = _props(meta)
+        with self._creating(target):
+            return self._clone(origin, target, props, kind, name)
+
+    def _clone(self, origin: str, target: str, props: list[str], kind: Kind, name: str) -> Path:
         # One spawn on the hot path: the clone, its properties and its mount.
         # Never retried: zfs-fuse under load can create the clone and then
         # fail to mount it ("busy"), and a retry would find it existing.
@@ -420,8 +442,12 @@ class ZfsDriver(StorageDriver):
 
     def gc(self) -> builtins.list[str]:
         tree = self._get_all()
+        with self._in_flight_lock:
+            in_flight = set(self._in_flight)
         leftovers: list[str] = []
         for dataset, props in sorted(tree.items()):
+            if dataset in in_flight:
+                continue
             rel = dataset[len(self.dataset) + 1 :]
             parts = rel.split("/")
             if "@" in rel or len(parts) != 2 or props.get("type", ("", ""))[0] != "filesystem":
