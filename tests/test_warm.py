@@ -97,8 +97,6 @@ def test_create_hands_out_a_warm_branch(warm_daemon: DaemonHandle) -> None:
             timeout=120,
         )
         assert again.connection == a.connection
-        stub.ResetBranch(branches_pb2.ResetBranchRequest(name=a.name), timeout=120)
-        assert rows(a.connection.dsn) == [1, 2, 3]
         # It lives on in the warm clone's volume (a live data directory is
         # never renamed), whose metadata now names the branch.
         sidecars = {
@@ -110,10 +108,14 @@ def test_create_hands_out_a_warm_branch(warm_daemon: DaemonHandle) -> None:
         assert sidecars[fast[0]]["meta"].get("warm", "") == ""
         pgdata = Path(d.pool_root) / "branches" / fast[0] / "pgdata"
         assert postgres.find_postmaster(str(pgdata)) is not None
+        stub.ResetBranch(branches_pb2.ResetBranchRequest(name=a.name), timeout=120)
+        assert rows(a.connection.dsn) == [1, 2, 3]
+        # A reset clones a fresh volume (named after the branch) and drops the old.
+        assert fast[0] not in volumes(d)
+        assert postgres.find_postmaster(str(pgdata)) is None
         stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=a.name), timeout=120)
         stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=b.name), timeout=120)
-    assert fast[0] not in volumes(d)
-    assert postgres.find_postmaster(str(pgdata)) is None
+    assert all(v.startswith("warm_") for v in volumes(d))  # only warm clones are left
 
 
 def test_settings_go_cold_and_warm_clones_do_not_outlive_the_daemon(
