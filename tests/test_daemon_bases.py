@@ -3,6 +3,7 @@ refreshed as new versions, whatever the source's superuser is called."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cowbranchd import postgres
+from cowbranchd import ctl, postgres
 from cowbranchd.v1 import bases_pb2, branches_pb2
 from tests.fix_daemon import DaemonHandle
 
@@ -77,7 +78,7 @@ def rows(dsn: str) -> list[int]:
 
 
 def test_base_from_data_directory_and_refreshed_version(
-    daemon: DaemonHandle, source_dir: Path
+    daemon: DaemonHandle, source_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A clean data directory becomes a base without changing the source; branches
     connect as its own superuser; a refresh from the changed source is version 2,
@@ -113,4 +114,27 @@ def test_base_from_data_directory_and_refreshed_version(
         assert v2.connection.password == v1.connection.password
         assert rows(v2.connection.dsn.rsplit("/", 1)[0] + "/app") == [1, 2, 3]
         assert rows(dsn_app) == [1, 2]
+
+        # The same refresh from the command line.
+        change_source(source_dir, "INSERT INTO t VALUES (4)")
+        capsys.readouterr()
+        code = ctl.main(
+            [
+                "--address",
+                daemon.address,
+                "-o",
+                "json",
+                "base",
+                "version",
+                "copied",
+                "--data-directory",
+                str(source_dir),
+            ]
+        )
+        assert code == 0
+        assert json.loads(capsys.readouterr().out)["version"] == 3
+        v3 = branches.CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/copied"), timeout=120
+        )
+        assert rows(v3.connection.dsn.rsplit("/", 1)[0] + "/app") == [1, 2, 3, 4]
         bases.DeleteBase(bases_pb2.DeleteBaseRequest(name="bases/copied", force=True), timeout=120)

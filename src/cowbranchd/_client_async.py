@@ -266,9 +266,11 @@ class AsyncClient:
         """Delete a base; see `Client.delete_base`."""
         await self._call(ops.delete_base(name, force=force, allow_missing=allow_missing), timeout)
 
-    async def create_base_version(self, name: str, *, timeout: float | None = None) -> BaseVersion:
-        """Snapshot the base's current data as its next version."""
-        return await self._call(ops.create_base_version(name), timeout)
+    async def create_base_version(
+        self, name: str, *, data_directory: str = "", timeout: float | None = None
+    ) -> BaseVersion:
+        """Snapshot the base as its next version; see `Client.create_base_version`."""
+        return await self._call(ops.create_base_version(name, data_directory), timeout)
 
     # -- daemon -------------------------------------------------------------------
 

@@ -236,12 +236,15 @@ def delete_base(name: str, *, force: bool = False, allow_missing: bool = False) 
     return Op("bases", "DeleteBase", request, _none, missing_ok_after_retry=True)
 
 
-def create_base_version(name: str) -> Op[BaseVersion]:
-    """CreateBaseVersion: snapshot the base as its next version.
+def create_base_version(name: str, data_directory: str = "") -> Op[BaseVersion]:
+    """CreateBaseVersion: snapshot the base (first refreshed from
+    `data_directory`, if given) as its next version.
 
     Not retried: a repeat after a lost answer would make a second version.
     """
-    request = bases_pb2.CreateBaseVersionRequest(parent=base_name(name))
+    request = bases_pb2.CreateBaseVersionRequest(
+        parent=base_name(name), data_directory=data_directory
+    )
     return Op("bases", "CreateBaseVersion", request, BaseVersion.from_proto, retry=False)
 
 

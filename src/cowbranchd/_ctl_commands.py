@@ -235,8 +235,8 @@ def cmd_base_delete(client: Client, args: argparse.Namespace, out: Output) -> in
 
 
 def cmd_base_version(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """`base version NAME`: snapshot the base as its next version."""
-    version = client.create_base_version(args.name)
+    """`base version NAME [--data-directory PATH]`: the base's next version."""
+    version = client.create_base_version(args.name, data_directory=args.data_directory or "")
     out.emit(version.to_dict(), f"created {version.name}")
     return EXIT_OK
 

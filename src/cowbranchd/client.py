@@ -329,9 +329,13 @@ class Client:
         """Delete a base; FailedPrecondition while branches depend on it, unless `force`."""
         self._call(ops.delete_base(name, force=force, allow_missing=allow_missing), timeout)
 
-    def create_base_version(self, name: str, *, timeout: float | None = None) -> BaseVersion:
-        """Snapshot the base's current data as its next version."""
-        return self._call(ops.create_base_version(name), timeout)
+    def create_base_version(
+        self, name: str, *, data_directory: str = "", timeout: float | None = None
+    ) -> BaseVersion:
+        """Snapshot the base's current data as its next version; with
+        `data_directory` (a cleanly shut down PGDATA on the daemon's host), a
+        copy of it replaces the base's data first."""
+        return self._call(ops.create_base_version(name, data_directory), timeout)
 
     # -- daemon -------------------------------------------------------------------
 

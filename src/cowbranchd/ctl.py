@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="a missing base is not an error")
     p = add("version", "snapshot a base's current data as its next version", base_sub)
     p.add_argument("name", help="base id or bases/ID")
+    p.add_argument(
+        "--data-directory",
+        metavar="PATH",
+        help="first replace the base's data with a copy of this cleanly shut down PGDATA",
+    )
     return parser
 
 
