@@ -92,6 +92,17 @@ class Postmaster:
     def is_child(self) -> bool:
         return self._exited is not None
 
+    def alive(self) -> bool:
+        """Still this very process, running: our child until the reaper saw it
+        exit; an adopted one while its pid is no zombie with our start time."""
+        if self._exited is not None:
+            return not self._exited.is_set()
+        try:
+            proc = psutil.Process(self.pid)
+            return proc.status() != psutil.STATUS_ZOMBIE and _same_process(self)
+        except psutil.Error:
+            return False
+
 
 def _child_env() -> dict[str, str]:
     # systemd's notify/socket-activation/watchdog variables belong to the daemon;

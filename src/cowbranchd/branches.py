@@ -37,7 +37,7 @@ from .lifecycle import (
     Connection,
     clone_or_clean_up,
     connection,
-    postmaster_alive,
+    remove_runtime_files,
     start_postmaster,
     stop_postmaster,
     verify_ready,
@@ -122,7 +122,7 @@ class Branches:
         record = entry.record
         if entry.deleting:
             return State.DELETING
-        if record.state is State.READY and not postmaster_alive(entry.postmaster):
+        if record.state is State.READY and not (entry.postmaster and entry.postmaster.alive()):
             return State.STOPPED
         return record.state
 
@@ -385,8 +385,7 @@ class Branches:
                 inv.branches.pop(entry.branch_id, None)
             self._usage_cache.pop(entry.branch_id, None)
             self.ctx.ports.release(entry.record.port)
-            shutil.rmtree(self.ctx.socket_dir(entry.branch_id), ignore_errors=True)
-            self.ctx.log_path(entry.branch_id).unlink(missing_ok=True)
+            remove_runtime_files(self.ctx, entry.branch_id)
         log.info(
             "branch_deleted",
             branch=entry.branch_id,

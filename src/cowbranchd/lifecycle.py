@@ -6,12 +6,12 @@ postgres. Shared by branches.py (create, reset, restart, delete) and warm.py
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import psycopg
 import structlog
 
@@ -24,7 +24,7 @@ __all__ = [
     "Connection",
     "clone_or_clean_up",
     "connection",
-    "postmaster_alive",
+    "remove_runtime_files",
     "start_postmaster",
     "stop_postmaster",
     "verify_ready",
@@ -162,18 +162,11 @@ def _client_setting_error(
     return error
 
 
-def postmaster_alive(master: postgres.Postmaster | None) -> bool:
-    if master is None:
-        return False
-    try:
-        proc = psutil.Process(master.pid)
-        return (
-            proc.is_running()
-            and proc.status() != psutil.STATUS_ZOMBIE
-            and (abs(proc.create_time() - master.create_time) < 1.0)
-        )
-    except psutil.Error:
-        return False
+def remove_runtime_files(ctx: Context, branch_id: str) -> None:
+    """The branch's socket directory and postgres log, once it is gone (after
+    a warm hand-over they were renamed away, and this is a no-op)."""
+    shutil.rmtree(ctx.socket_dir(branch_id), ignore_errors=True)
+    ctx.log_path(branch_id).unlink(missing_ok=True)
 
 
 def verify_ready(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:

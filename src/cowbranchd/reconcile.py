@@ -33,9 +33,7 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     counts["removed"] += len(driver.gc())
     volumes = driver.list()
     branch_ids = {
-        BranchRecord.from_meta(v.name, v.meta).branch_id
-        for v in volumes
-        if v.kind is Kind.BRANCHES
+        BranchRecord.from_meta(v.name, v.meta).branch_id for v in volumes if v.kind is Kind.BRANCHES
     }
     for volume in volumes:
         if volume.kind is Kind.BASES:

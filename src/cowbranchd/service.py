@@ -9,6 +9,7 @@ every RPC answers UNAVAILABLE.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import threading
 import time
@@ -149,15 +150,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             name=f"branches/{record.branch_id}",
             parent=record.parent,
             state=branches_pb2.Branch.State.Value(state.name),
-            connection=branches_pb2.Connection(
-                host=conn.host,
-                port=conn.port,
-                user=conn.user,
-                password=conn.password,
-                database=conn.database,
-                socket_dir=conn.socket_dir,
-                dsn=conn.dsn,
-            ),
+            connection=branches_pb2.Connection(**dataclasses.asdict(conn)),
             labels=record.labels,
             create_time=_timestamp(record.create_time),
             expire_time=_timestamp(record.expire_time),

@@ -25,7 +25,12 @@ from . import postgres
 from ._revert import Revert
 from .errors import CowbranchError
 from .inventory import BranchEntry, Context
-from .lifecycle import clone_or_clean_up, start_postmaster, stop_postmaster
+from .lifecycle import (
+    clone_or_clean_up,
+    remove_runtime_files,
+    start_postmaster,
+    stop_postmaster,
+)
 from .model import BranchRecord, State, now
 from .storage.base import Kind, SnapshotRef
 
@@ -100,17 +105,7 @@ class WarmPool:
             log.error("warm_discard_failed", branch=entry.branch_id, error=exc.message)
         finally:
             self.ctx.ports.release(entry.record.port)
-            self.forget_paths(entry.branch_id)
-
-    def forget_paths(self, branch_id: str) -> None:
-        """Remove a warm clone's socket directory and log (after a hand-over,
-        they were renamed away and this is a no-op)."""
-        socket_dir = self.ctx.socket_dir(branch_id)
-        if socket_dir.is_dir():
-            for child in socket_dir.iterdir():
-                child.unlink(missing_ok=True)
-            socket_dir.rmdir()
-        self.ctx.log_path(branch_id).unlink(missing_ok=True)
+            remove_runtime_files(self.ctx, entry.branch_id)
 
     # -- refill ------------------------------------------------------------------
 
@@ -193,7 +188,7 @@ class WarmPool:
                 undo.success()
         except CowbranchError as exc:
             log.warning("warm_start_failed", base=source.name, error=exc.message)
-            self.forget_paths(warm_id)
+            remove_runtime_files(ctx, warm_id)
             return None
         log.debug("warm_ready", base=source.name, version=source.snap, branch=warm_id)
         return entry
