@@ -31,7 +31,8 @@ from cowbranchd.v1 import bases_pb2_grpc, branches_pb2_grpc
 
 _counter = itertools.count()
 PORT_BLOCK = 200
-FIRST_PORT = 56000
+# Concurrent test runs on one machine pick apart blocks with COWBRANCHD_TEST_FIRST_PORT.
+FIRST_PORT = int(os.environ.get("COWBRANCHD_TEST_FIRST_PORT", "56000"))
 
 
 @dataclass

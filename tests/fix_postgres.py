@@ -32,7 +32,8 @@ SUPERUSER = "cowbranch"
 PASSWORD = "s3cret:/@?pw"  # URI-special characters on purpose
 DATABASE = "app"
 INIT_SQL = "CREATE TABLE greeting (word text); INSERT INTO greeting VALUES ('hello');\n"
-TEST_PORTS = (25400, 25999)
+_FIRST = int(os.environ.get("COWBRANCHD_TEST_PG_FIRST_PORT", "25400"))
+TEST_PORTS = (_FIRST, _FIRST + 599)
 
 
 @dataclass
