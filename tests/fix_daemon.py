@@ -77,6 +77,7 @@ log_format = "json"
 log_level = "debug"
 reap_interval = "200ms"
 drain_timeout = "5s"
+import_roots = ["/tmp"]
 {self.sections.get("daemon", "")}
 
 [storage]

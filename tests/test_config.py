@@ -71,3 +71,83 @@ def test_durations() -> None:
     for bad in ("", "5", "5 s", "1y", "-1s"):
         with pytest.raises(InvalidArgument):
             parse_duration("x", bad)
+
+
+def test_import_roots_are_absolute_normalised_directories(tmp_path: Path) -> None:
+    """`daemon.import_roots` is read as a tuple of the paths given; none is the default."""
+    assert Config().daemon.import_roots == ()
+    path = tmp_path / "c.toml"
+    path.write_text("[daemon]\nimport_roots = ['/srv/pgdata', '/var/lib/dumps/v16']\n")
+    assert load_config(path).daemon.import_roots == ("/srv/pgdata", "/var/lib/dumps/v16")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("'/srv/pgdata'", "must be a list of absolute directory paths"),
+        ("[1]", "must be a list of absolute directory paths"),
+        ("['srv/pgdata']", "'srv/pgdata' is not an absolute path"),
+        ("['']", "'' is not an absolute path"),
+        ('["/srv/\\u0000x"]', "'/srv/\\x00x' holds a NUL character"),
+        ("['/']", "'/' would allow importing from anywhere"),
+        ("['/srv/..']", "'/srv/..' would allow importing from anywhere"),
+        ("['/srv/a/../b']", "'/srv/a/../b' is not normalised; write '/srv/b'"),
+        ("['/srv/pgdata/']", "'/srv/pgdata/' is not normalised; write '/srv/pgdata'"),
+        ("['/srv//pgdata']", "'/srv//pgdata' is not normalised; write '/srv/pgdata'"),
+        ("['//srv/pgdata']", "'//srv/pgdata' is not normalised; write '/srv/pgdata'"),
+        ("['/srv/./pgdata']", "'/srv/./pgdata' is not normalised; write '/srv/pgdata'"),
+    ],
+)
+def test_bad_import_roots_are_refused(tmp_path: Path, value: str, problem: str) -> None:
+    """A root that is not a list of absolute, normalised paths (or is '/') is
+    InvalidArgument naming `daemon.import_roots` and saying what is wrong."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"[daemon]\nimport_roots = {value}\n")
+    with pytest.raises(InvalidArgument) as info:
+        load_config(path)
+    assert (info.value.field, info.value.problem) == (
+        "daemon.import_roots",
+        f"{problem} (in {path})",
+    )
+
+
+TLS = 'tls_cert = "/etc/cb/cert.pem"\ntls_key = "/etc/cb/key.pem"\n'
+TOKEN = 'token_file = "/etc/cb/token"\n'
+
+
+@pytest.mark.parametrize(
+    ("lines", "missing"),
+    [
+        (TOKEN, "TLS (daemon.tls_cert, daemon.tls_key)"),
+        (TLS, "a token (daemon.token_file)"),
+        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file)"),
+    ],
+)
+def test_tcp_without_tls_or_token_is_refused(tmp_path: Path, lines: str, missing: str) -> None:
+    """TCP lacking TLS or a token is a configuration error naming the keys to set."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\ntcp_address = "0.0.0.0:7443"\n{lines}')
+    with pytest.raises(InvalidArgument) as info:
+        load_config(path)
+    assert (info.value.field, info.value.problem) == (
+        "daemon.tcp_address",
+        f"TCP without {missing} lets anyone who can reach the port use every branch; "
+        f"configure them, or set daemon.insecure_tcp = true to accept that (in {path})",
+    )
+
+
+@pytest.mark.parametrize("lines", [TLS + TOKEN, "insecure_tcp = true\n"])
+def test_tcp_with_tls_and_token_or_insecure_tcp_is_accepted(tmp_path: Path, lines: str) -> None:
+    """TLS plus a token, or the operator's explicit `insecure_tcp = true`, lets TCP through."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\ntcp_address = "0.0.0.0:7443"\n{lines}')
+    assert load_config(path).daemon.tcp_address == "0.0.0.0:7443"
+
+
+def test_insecure_tcp_must_be_a_boolean(tmp_path: Path) -> None:
+    """`insecure_tcp = "yes"` is refused: opening TCP takes a real `true`."""
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\ntcp_address = "0.0.0.0:7443"\ninsecure_tcp = "yes"\n')
+    with pytest.raises(InvalidArgument) as info:
+        load_config(path)
+    assert info.value.field == "daemon.insecure_tcp"

@@ -55,9 +55,15 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
         live = stub.CreateBranch(
             branches_pb2.CreateBranchRequest(parent="bases/demo", request_id="keep-me"), timeout=120
         )
-        # Every connection waits 30 s before authenticating, so the readiness
-        # check hangs with the clone made and its postmaster running: a branch
-        # half-built at the moment of the kill.
+    # Every new branch's connections now wait 30 s before authenticating (an
+    # operator setting: clients may not pass it), so the readiness check
+    # hangs with the clone made and its postmaster running: a branch
+    # half-built at the moment of the kill. `live` is adopted as it runs.
+    d.stop()
+    d.sections = {"postgres": 'settings = { pre_auth_delay = "30s" }'}
+    d.start()
+    with d.channel() as ch:
+        stub = d.branches(ch)
         outcome: list[grpc.StatusCode] = []
 
         def slow_create() -> None:
@@ -66,7 +72,6 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
                     branches_pb2.CreateBranchRequest(
                         parent="bases/demo",
                         branch_id="halfway",
-                        postgres_settings={"pre_auth_delay": "30s"},
                     ),
                     timeout=120,
                 )
@@ -87,6 +92,7 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
         assert outcome == [grpc.StatusCode.UNAVAILABLE]
     assert select_one(live.connection.dsn) == 1  # the branch outlived its daemon
 
+    d.sections = {}
     d.start()
     with d.channel() as ch:
         stub = d.branches(ch)

@@ -72,7 +72,7 @@ def test_base_made_by_initdb_is_clean_and_versioned(
 ) -> None:
     """initdb leaves a cleanly shut down cluster owned by the OS user, with our hba."""
     assert postgres.pg_version(pg_base) == PG_MAJOR
-    postgres.check_clean_shutdown(pg_base, pg_binaries)
+    postgres.check_clean_shutdown(pg_base, pg_binaries, os_user=OS_USER)
     owners = {Path(p).owner() for p in (pg_base, f"{pg_base}/PG_VERSION", f"{pg_base}/base")}
     assert owners == {OS_USER}
     hba = Path(pg_base, "pg_hba.conf").read_text()
@@ -136,7 +136,7 @@ def test_stop_leaves_a_clean_cluster_and_no_process(
     with pytest.raises(psutil.NoSuchProcess):
         psutil.Process(branch.postmaster.pid).status()
     assert _postgres_under(pg_dir.pgdata) == []
-    postgres.check_clean_shutdown(pg_dir.pgdata, pg_binaries)
+    postgres.check_clean_shutdown(pg_dir.pgdata, pg_binaries, os_user=OS_USER)
     postgres.stop(branch.postmaster)  # idempotent
     postgres.stop(branch.postmaster.pid)
 
@@ -151,7 +151,7 @@ def test_sigkilled_postmaster_leaves_a_dirty_cluster_that_restarts(
     assert postgres.find_postmaster(pg_dir.pgdata) is None
     assert [pid for pid in _postgres_under(pg_dir.pgdata) if not _gone(pid)] == []
     with pytest.raises(FailedPrecondition, match="cluster state: 'in production'"):
-        postgres.check_clean_shutdown(pg_dir.pgdata, pg_binaries)
+        postgres.check_clean_shutdown(pg_dir.pgdata, pg_binaries, os_user=OS_USER)
     postgres.prepare_clone(pg_dir.pgdata)
     again = start_pg(pg_dir)
     with psycopg.connect(again.dsn) as conn:

@@ -272,6 +272,7 @@ def status() -> Op[dict[str, Any]]:
             "max_branches": response.max_branches,
             "port_range": [response.port_range_first, response.port_range_last],
             "start_time": response.start_time.ToDatetime(UTC).isoformat(),
+            "warnings": list(response.warnings),
         }
 
     return Op("daemon", "GetStatus", daemon_pb2.GetStatusRequest(), convert)

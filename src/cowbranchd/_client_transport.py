@@ -37,6 +37,7 @@ __all__ = [
     "deadline_error",
     "open_aio_channel",
     "open_channel",
+    "refuse_plaintext_token",
     "resolve_endpoint",
     "translate",
 ]
@@ -128,8 +129,28 @@ def resolve_endpoint(
     )
 
 
+def refuse_plaintext_token(endpoint: Endpoint) -> None:
+    """Raise before any connection when `endpoint` would send its token over
+    TCP without TLS, where anyone on the path could read and replay it.
+
+    A Unix socket is local and sits in a 0750 directory, so the token goes
+    there (a daemon with `token_file` set asks for it on the socket too).
+    """
+    if endpoint.token and not endpoint.is_unix and endpoint.tls_root_cert is None:
+        raise InvalidArgument(
+            "token",
+            f"refusing to send the token to {endpoint.address} over plaintext TCP; "
+            f"give the daemon's TLS root certificate (tls_root_cert=..., --tls-root-cert or "
+            f"{TLS_ROOT_CERT_ENV}), or use its Unix socket",
+        )
+
+
 def open_channel(endpoint: Endpoint) -> grpc.Channel:
-    """A sync channel to `endpoint` (TLS when it has a root certificate)."""
+    """A sync channel to `endpoint` (TLS when it has a root certificate).
+
+    Raises InvalidArgument for a token over plaintext TCP (see `refuse_plaintext_token`).
+    """
+    refuse_plaintext_token(endpoint)
     if endpoint.tls_root_cert is not None:
         creds = grpc.ssl_channel_credentials(root_certificates=endpoint.tls_root_cert)
         return grpc.secure_channel(endpoint.target, creds, options=_CHANNEL_OPTIONS)
@@ -137,7 +158,11 @@ def open_channel(endpoint: Endpoint) -> grpc.Channel:
 
 
 def open_aio_channel(endpoint: Endpoint) -> grpc.aio.Channel:
-    """An asyncio channel to `endpoint` (TLS when it has a root certificate)."""
+    """An asyncio channel to `endpoint` (TLS when it has a root certificate).
+
+    Raises InvalidArgument for a token over plaintext TCP (see `refuse_plaintext_token`).
+    """
+    refuse_plaintext_token(endpoint)
     if endpoint.tls_root_cert is not None:
         creds = grpc.ssl_channel_credentials(root_certificates=endpoint.tls_root_cert)
         return grpc.aio.secure_channel(endpoint.target, creds, options=_CHANNEL_OPTIONS)

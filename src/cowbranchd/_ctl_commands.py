@@ -296,6 +296,7 @@ def _daemon_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
             f"{status['branch_count']} of {status['max_branches']} branch slots, "
             f"ports {status['port_range'][0]}-{status['port_range'][1]}",
         ),
+        *(("warning", warning) for warning in status.get("warnings", [])),
     ]
 
 

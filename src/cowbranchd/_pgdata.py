@@ -10,14 +10,14 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
 from ._run import run
+from ._safefs import UnsafePath, open_dir, read_regular, remove_tree_entries, unlink_if_present
+from ._settings import DAEMON_OWNED_SETTINGS
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = [
@@ -35,34 +35,17 @@ __all__ = [
 
 log = structlog.get_logger("cowbranchd.postgres")
 
-# Settings the daemon sets itself on every start, or that would move files, logs
-# or sockets out from under it. A client may not override them per branch.
-DAEMON_OWNED_SETTINGS = frozenset(
-    {
-        "archive_command",
-        "archive_library",
-        "archive_mode",
-        "config_file",
-        "data_directory",
-        "external_pid_file",
-        "hba_file",
-        "ident_file",
-        "listen_addresses",
-        "log_destination",
-        "logging_collector",
-        "max_logical_replication_workers",
-        "port",
-        "restore_command",
-        "unix_socket_directories",
-        "unix_socket_group",
-        "unix_socket_permissions",
-    }
-)
+# Daemon-owned, yet only a default: an operator may choose another.
+_OPERATOR_MAY_SET = frozenset({"recovery_init_sync_method"})
 _SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_.]*$")
 _MAX_NAME = 63  # NAMEDATALEN - 1: postgres truncates longer names anyway
 _MAX_VALUE = 4096
 _MAX_SETTINGS = 200
 
+# postmaster.pid holds eight short lines (pidfile.h); PG_VERSION one number.
+_MAX_PID_FILE = 4096
+_MAX_VERSION_FILE = 64
+_CONTROLDATA_TIMEOUT = 60.0
 _CLUSTER_STATE = re.compile(r"^Database cluster state:\s*(.+?)\s*$", re.MULTILINE)
 
 
@@ -126,22 +109,37 @@ def find_binaries(major: int, bin_dirs: Sequence[str]) -> Binaries:
 
 
 def pg_version(pgdata: str | os.PathLike[str]) -> int:
-    """The major version a data directory was created by, from its PG_VERSION file."""
-    path = Path(pgdata, "PG_VERSION")
+    """The major version a data directory was created by, from its PG_VERSION file
+    (read without following links or blocking: the tree may be a tenant's)."""
+    shown = os.path.join(pgdata, "PG_VERSION")
     try:
-        text = path.read_text().strip()
+        with open_dir(pgdata) as dir_fd:
+            raw = read_regular(dir_fd, "PG_VERSION", limit=_MAX_VERSION_FILE, shown=shown)
     except FileNotFoundError:
-        raise FailedPrecondition(f"{pgdata} is not a PostgreSQL data directory") from None
+        raw = None
+    if raw is None:
+        raise FailedPrecondition(f"{pgdata} is not a PostgreSQL data directory (no PG_VERSION)")
+    text = raw.decode(errors="replace").strip()
     if not text.isdigit():
         # "9.6" and older: the daemon relies on PG_VERSION being the major alone (10+).
-        raise FailedPrecondition(f"{path}: unsupported PostgreSQL version {text!r}")
+        raise FailedPrecondition(f"{shown}: unsupported PostgreSQL version {text[:20]!r}")
     return int(text)
 
 
-def check_clean_shutdown(pgdata: str | os.PathLike[str], binaries: Binaries) -> None:
-    """Raise FailedPrecondition unless pg_controldata says the cluster was shut down."""
+def check_clean_shutdown(
+    pgdata: str | os.PathLike[str], binaries: Binaries, *, os_user: str
+) -> None:
+    """Raise FailedPrecondition unless pg_controldata says the cluster was shut down.
+
+    pg_controldata runs as `os_user`, the tree's owner: as root it would read
+    whatever a planted `global/pg_control` link points at and print it."""
     # LC_ALL=C: the labels and states are translated otherwise.
-    proc = run([binaries.pg_controldata, "-D", os.fspath(pgdata)], env={"LC_ALL": "C"})
+    proc = run(
+        [binaries.pg_controldata, "-D", os.fspath(pgdata)],
+        env={"LC_ALL": "C"},
+        user=os_user,
+        timeout=_CONTROLDATA_TIMEOUT,
+    )
     m = _CLUSTER_STATE.search(proc.stdout)
     if m is None:
         raise FailedPrecondition(f"{pgdata}: pg_controldata shows no cluster state")
@@ -159,24 +157,29 @@ def prepare_clone(pgdata: str | os.PathLike[str]) -> None:
     Removes the parent's postmaster.pid, recovery/standby signal files and
     replication slots (a slot would pin WAL forever in a branch). Only the top
     level and pg_replslot are listed: no walk, so cost is independent of size.
+    Everything goes by descriptor (`_safefs`): a tenant's superuser may have
+    planted a link at any of these names, and this runs as root.
     """
-    root = Path(pgdata)
-    # recovery.conf: PG 12+ refuses to start while it exists.
-    for name in ("postmaster.pid", "recovery.conf"):
-        root.joinpath(name).unlink(missing_ok=True)
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if entry.name.endswith(".signal") and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-    try:
-        with os.scandir(root / "pg_replslot") as slots:
-            for slot in slots:
-                if slot.is_dir(follow_symlinks=False):
-                    shutil.rmtree(slot.path)
-                else:
-                    os.unlink(slot.path)
-    except FileNotFoundError:
-        pass
+    with open_dir(pgdata) as root:
+        # recovery.conf: PG 12+ refuses to start while it exists.
+        for name in ("postmaster.pid", "recovery.conf"):
+            try:
+                unlink_if_present(root, name)
+            except IsADirectoryError:
+                raise UnsafePath(os.path.join(pgdata, name), "is a directory") from None
+        with os.scandir(root) as entries:
+            signals = [e.name for e in entries if e.name.endswith(".signal")]
+        for name in signals:
+            try:
+                unlink_if_present(root, name)
+            except IsADirectoryError:
+                raise UnsafePath(os.path.join(pgdata, name), "is a directory") from None
+        shown = os.path.join(pgdata, "pg_replslot")
+        try:
+            with open_dir("pg_replslot", dir_fd=root, shown=shown) as slots:
+                remove_tree_entries(slots, shown)
+        except FileNotFoundError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -193,11 +196,17 @@ class PidFile:
 
 
 def read_pid_file(pgdata: str | os.PathLike[str]) -> PidFile | None:
-    """Parse postmaster.pid; None if absent or still being written."""
+    """Parse postmaster.pid; None if absent or still being written.
+
+    UnsafePath if it is a link, a FIFO or other special file, or larger than
+    any postmaster writes: a tenant may put anything there."""
+    shown = os.path.join(pgdata, "postmaster.pid")
     try:
-        with open(os.path.join(pgdata, "postmaster.pid"), "rb") as f:
-            raw = f.read(4096)
+        with open_dir(pgdata) as dir_fd:
+            raw = read_regular(dir_fd, "postmaster.pid", limit=_MAX_PID_FILE, shown=shown)
     except FileNotFoundError:
+        return None
+    if raw is None:
         return None
     lines = raw.decode(errors="replace").split("\n")
     if len(lines) < 4 or not lines[0].strip().isdigit():
@@ -221,7 +230,10 @@ def read_pid_file(pgdata: str | os.PathLike[str]) -> PidFile | None:
 
 
 def validate_settings(settings: Mapping[str, str]) -> None:
-    """Raise InvalidArgument("postgres_settings", ...) for a setting a client may not pass."""
+    """Raise InvalidArgument("postgres_settings", ...) for settings no start may
+    pass: a malformed one, or one the daemon sets itself. (What a *client* may
+    ask for is narrower: `_settings.validate_client_settings`, at the edge;
+    this also runs on the operator's own settings.)"""
     if len(settings) > _MAX_SETTINGS:
         raise InvalidArgument("postgres_settings", f"more than {_MAX_SETTINGS} settings")
     for name, value in settings.items():
@@ -231,7 +243,7 @@ def validate_settings(settings: Mapping[str, str]) -> None:
                 f"{name!r} is not a setting name (lower case, ^[a-z_][a-z0-9_.]*$, "
                 f"at most {_MAX_NAME} characters)",
             )
-        if name in DAEMON_OWNED_SETTINGS:
+        if name in DAEMON_OWNED_SETTINGS and name not in _OPERATOR_MAY_SET:
             raise InvalidArgument("postgres_settings", f"{name} is set by cowbranchd")
         if not isinstance(value, str):
             raise InvalidArgument("postgres_settings", f"{name}: value must be a string")

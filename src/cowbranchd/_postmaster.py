@@ -19,7 +19,6 @@ import errno
 import os
 import pwd
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,13 +32,14 @@ import psycopg
 import structlog
 
 from ._pgdata import Binaries, read_pid_file, validate_settings
+from ._run import as_user, clean_env
+from ._safefs import UnsafePath, open_dir
 from .errors import PostgresError
 
 __all__ = ["PortInUse", "Postmaster", "find_postmaster", "start", "stop"]
 
 log = structlog.get_logger("cowbranchd.postgres")
 
-SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"  # util-linux
 _POLL_INTERVAL = 0.001  # postmaster.pid is re-read this often while starting
 _LOG_TAIL_LINES = 30
 _CREATE_TIME_SLACK = 2.0  # postmaster.pid holds whole seconds; psutil derives from boot time
@@ -105,22 +105,21 @@ class Postmaster:
 
 
 def _child_env() -> dict[str, str]:
-    # systemd's notify/socket-activation/watchdog variables belong to the daemon;
-    # libpq's PG* variables would leak into the server's own connections (dblink, fdw).
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k != "NOTIFY_SOCKET"
-        and not k.startswith(("LISTEN_", "WATCHDOG_"))
-        and not (k.startswith("PG") and not k.startswith("PG_"))
-    }
+    # A clean environment: systemd's notify/socket-activation/watchdog
+    # variables belong to the daemon, libpq's PG* variables would leak into the
+    # server's own connections (dblink, fdw), and a tenant's superuser could
+    # read anything else through `COPY ... TO PROGRAM 'env'`.
+    return clean_env()
 
 
 def _ensure_socket_dir(socket_dir: str, user: pwd.struct_passwd) -> None:
     # Local connections are trusted: this directory's mode is the access gate.
+    # Its parent (postgres.socket_root) is the daemon's own, so the last
+    # component is the only one a tenant could have swapped for a link.
     os.makedirs(socket_dir, mode=0o750, exist_ok=True)
-    os.chown(socket_dir, user.pw_uid, user.pw_gid)
-    os.chmod(socket_dir, 0o750)
+    with open_dir(socket_dir) as fd:
+        os.fchown(fd, user.pw_uid, user.pw_gid)
+        os.fchmod(fd, 0o750)
 
 
 def _read_log(log_path: str, offset: int) -> str:
@@ -262,21 +261,14 @@ def start(
     # setpriv drops to the OS user and execs postgres. Passing user/group to
     # Popen instead makes CPython fork the whole daemon rather than vfork
     # (measured: ~2.5 ms versus ~0.2 ms, more under load).
-    argv = [
-        SETPRIV,
-        f"--reuid={user.pw_uid}",
-        f"--regid={user.pw_gid}",
-        "--init-groups",
-        "--",
-        binaries.postgres,
-        "-D",
-        pgdata,
-    ]
+    argv = [*as_user(user), binaries.postgres, "-D", pgdata]
     for name, value in overrides.items():
         argv += ["-c", f"{name}={value}"]
     started = time.perf_counter()
     # The daemon (root) opens the log; postgres only inherits the descriptor.
-    with open(log_path, "ab") as log_file:
+    # 0600: a log can hold statements, and so one tenant's data.
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    with open(log_fd, "ab") as log_file:
         offset = log_file.tell()
         try:
             proc = subprocess.Popen(
@@ -327,7 +319,14 @@ def find_postmaster(pgdata: str) -> Postmaster | None:
     Live means: the pid exists and is not a zombie, the process is postgres,
     its working directory is `pgdata` and it started when the pid file says.
     """
-    status = read_pid_file(pgdata)
+    try:
+        status = read_pid_file(pgdata)
+    except UnsafePath:
+        # A tenant replaced the pid file; its postmaster may still run, and
+        # must not be missed (a volume is never destroyed under one).
+        return _find_by_cwd(pgdata)
+    except OSError:
+        return None
     if status is None:
         return None
     try:
@@ -350,6 +349,28 @@ def find_postmaster(pgdata: str) -> Postmaster | None:
         child = _children.get(status.pid)
     exited = child.exited if child is not None else None
     return Postmaster(status.pid, ctime, status.port, status.socket_dir, pgdata, exited)
+
+
+def _find_by_cwd(pgdata: str) -> Postmaster | None:
+    """The postmaster running on `pgdata`, found without its pid file: the
+    postgres process whose working directory it is and whose parent is not."""
+    target = os.path.realpath(pgdata)
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["name", "cwd", "ppid"]):
+        info = proc.info
+        if info["name"] in ("postgres", "postmaster") and info["cwd"] == target:
+            found[proc.pid] = proc
+    for pid, proc in found.items():
+        if proc.info["ppid"] not in found:
+            with _children_lock:
+                child = _children.get(pid)
+            try:
+                ctime = proc.create_time()
+            except psutil.Error:
+                continue
+            exited = child.exited if child is not None else None
+            return Postmaster(pid, ctime, 0, "", pgdata, exited)
+    return None
 
 
 def _postmaster_for_pid(pid: int) -> Postmaster | None:

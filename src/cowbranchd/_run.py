@@ -1,9 +1,17 @@
 """The one way cowbranchd runs an external command: an argument list, never a
 shell string; argv logged at debug level; failure raises CommandError carrying
-argv, exit code and stderr."""
+argv, exit code and stderr.
+
+It is also the one place that drops root for a child (`as_user`): every
+process the daemon starts as another user gets that user's uid and primary
+gid only (no supplementary groups, so never root's group 0), no_new_privs (no
+setuid program can give privileges back) and a clean environment.
+"""
 
 from __future__ import annotations
 
+import pwd
+import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -12,9 +20,35 @@ import structlog
 
 from .errors import CommandError
 
-__all__ = ["run"]
+__all__ = ["as_user", "clean_env", "run"]
 
 log = structlog.get_logger("cowbranchd.run")
+
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"  # util-linux
+# What a child running as another user inherits; everything else of the
+# daemon's environment (credentials, systemd's sockets, libpq's PG*) stays.
+_SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def as_user(user: str | pwd.struct_passwd) -> list[str]:
+    """The argv prefix that runs the rest as `user`, least privileged.
+
+    setpriv execs in place, so a vfork-spawned child stays cheap (Popen's own
+    user=/group= switch makes CPython fork the whole daemon instead)."""
+    entry = pwd.getpwnam(user) if isinstance(user, str) else user
+    return [
+        SETPRIV,
+        f"--reuid={entry.pw_uid}",
+        f"--regid={entry.pw_gid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--",
+    ]
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment for a child that runs as another user."""
+    return {"PATH": _SAFE_PATH, "LC_ALL": "C", **(extra or {})}
 
 
 def run(
@@ -29,19 +63,26 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv` and return its completed process (stdout/stderr as text).
 
-    `user` runs the command as that OS user (the daemon runs as root; postgres
-    tools refuse to). With `check`, a non-zero exit raises CommandError.
+    `user` runs the command as that OS user through `as_user` (the daemon
+    runs as root; postgres tools refuse to), with `clean_env(env)` and `/` as
+    the default working directory. With `check`, a non-zero exit raises
+    CommandError.
     """
     started = time.perf_counter()
+    full = list(argv)
+    child_env = dict(env) if env is not None else None
+    if user is not None:
+        full = [*as_user(user), *full]
+        child_env = clean_env(env)
+        cwd = cwd or "/"
     try:
         proc = subprocess.run(
-            list(argv),
+            full,
             input=input,
             capture_output=True,
             text=True,
-            env=dict(env) if env is not None else None,
+            env=child_env,
             timeout=timeout,
-            user=user,
             cwd=cwd,
             check=False,
         )
@@ -52,6 +93,7 @@ def run(
     log.debug(
         "command",
         argv=list(argv),
+        user=user,
         returncode=proc.returncode,
         ms=round((time.perf_counter() - started) * 1000, 2),
     )

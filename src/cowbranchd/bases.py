@@ -13,19 +13,26 @@ import contextlib
 import os
 import pwd
 import re
-import secrets
 import shutil
 import stat
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from . import postgres
+from . import _copyin, postgres
 from ._revert import Revert
 from ._run import run
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import (
+    AlreadyExists,
+    CommandError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from .inventory import BaseEntry, BranchEntry, Context
 from .model import BaseRecord, Parent, State, now, validate_id, validate_labels
 from .storage.base import Kind, SnapshotRef
@@ -34,12 +41,10 @@ __all__ = ["Bases", "InitdbSpec"]
 
 log = structlog.get_logger("cowbranchd.bases")
 
-PG_HBA = """\
-# Written by cowbranchd for every branch of this base.
-local   all   all                 trust
-host    all   all   0.0.0.0/0     scram-sha-256
-host    all   all   ::/0          scram-sha-256
-"""
+# The system Python runs the copy as the import user: the daemon's own
+# interpreter may live where that user cannot reach (a venv under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+COPY_TIMEOUT_S = None  # an import takes as long as its size needs
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,21 @@ class InitdbSpec:
     database: str = ""
     pg_version: int = 0
     init_sql: str = ""
+
+
+# Beside a base's pgdata while a new version's data is copied in.
+_INCOMING = ".pgdata.incoming"
+_OUTGOING = ".pgdata.outgoing"
+
+
+def _remove_leftovers(volume: Path) -> None:
+    """What a crash in the middle of `_replace_pgdata` left: it must not end up
+    in the next version's snapshot."""
+    for name in (_INCOMING, _OUTGOING):
+        if os.path.lexists(volume / name):
+            shutil.rmtree(volume / name)
+    if not os.path.lexists(volume / "pgdata"):
+        raise FailedPrecondition(f"{volume} lost its pgdata/: restore it or delete the base")
 
 
 def version_snap(version: int) -> str:
@@ -83,8 +103,12 @@ def check_reachable(path: Path, os_user: str) -> None:
             )
 
 
-def validate_data_directory(field_name: str, value: str) -> Path:
-    """An absolute, normalised path of an existing PostgreSQL data directory."""
+def validate_data_directory(
+    field_name: str, value: str, import_roots: Sequence[str]
+) -> Path:
+    """An absolute, normalised, link-free path inside one of the operator's
+    `daemon.import_roots`. Whether it holds a data directory is found out by
+    the import user, not by root (see `copy_in`)."""
     if not value.startswith("/"):
         raise InvalidArgument(field_name, f"{value[:200]!r} is not an absolute path")
     if "\x00" in value or len(value) > 4096:
@@ -93,14 +117,62 @@ def validate_data_directory(field_name: str, value: str) -> Path:
         raise InvalidArgument(
             field_name, f"{value[:200]!r} must be normalised (no '..', '.' or '//')"
         )
-    path = Path(value)
-    if not path.is_dir():
-        raise InvalidArgument(field_name, f"{value} is not a directory")
-    if not (path / "PG_VERSION").is_file():
-        raise InvalidArgument(
-            field_name, f"{value} is not a PostgreSQL data directory (no PG_VERSION)"
+    path = Path(value.rstrip("/") or "/")
+    if not import_roots:
+        raise FailedPrecondition(
+            f"{field_name}: imports are disabled: the operator lists the directories "
+            "they may come from in daemon.import_roots"
         )
+    inside = [r for r in import_roots if path == Path(r) or Path(r) in path.parents]
+    if not inside:
+        raise PermissionDenied(
+            f"{field_name}: {path} is outside daemon.import_roots ({', '.join(import_roots)})"
+        )
+    # No link anywhere on the way: root resolves nothing a caller planted.
+    if os.path.realpath(path) != str(path):
+        raise InvalidArgument(field_name, f"{path} goes through a symbolic link")
     return path
+
+
+def read_source_version(source_dir: Path, os_user: str) -> int:
+    """PG_VERSION of an import source, read as the import user: a directory
+    that user cannot read is refused before anything is copied."""
+    proc = run(
+        ["head", "-c", "64", "--", str(source_dir / "PG_VERSION")],
+        user=os_user,
+        check=False,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        raise PermissionDenied(
+            f"data_directory: {source_dir} cannot be read by the import user {os_user!r}: "
+            f"{proc.stderr.strip()[:300]}"
+        )
+    text = proc.stdout.strip()
+    if not text.isdigit():
+        raise InvalidArgument(
+            "data_directory", f"{source_dir}: unsupported PostgreSQL version {text[:20]!r}"
+        )
+    return int(text)
+
+
+def copy_in(source_dir: Path, pgdata: Path, os_user: str) -> None:
+    """Copy `source_dir` into the empty directory `pgdata` as `os_user` (see
+    `_copyin`). The copy lands owned by that user: no chown afterwards."""
+    code = Path(_copyin.__file__).read_text(encoding="utf-8")
+    python = SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sys.executable
+    proc = run(
+        [python, "-I", "-S", "-c", code, str(source_dir), str(pgdata)],
+        user=os_user,
+        check=False,
+        timeout=COPY_TIMEOUT_S,
+    )
+    if proc.returncode == 3:
+        raise FailedPrecondition(
+            f"data_directory: {source_dir}/{proc.stderr.strip()[:500]}; nothing was imported"
+        )
+    if proc.returncode != 0:
+        raise CommandError(["copy-in", str(source_dir), str(pgdata)], proc.returncode, proc.stderr)
 
 
 class Bases:
@@ -154,23 +226,21 @@ class Bases:
     ) -> BaseRecord:
         validate_id("base_id", base_id)
         labels = validate_labels("labels", labels or {})
-        source_dir = (
-            validate_data_directory("data_directory", data_directory) if data_directory else None
-        )
+        source_dir = self._source("data_directory", data_directory)
         if source_dir is None and initdb is None:
             initdb = InitdbSpec()
         if initdb is not None and initdb.database:
             validate_id("initdb.database", initdb.database.replace("_", "-"))
         pg_cfg = self.ctx.config.postgres
         if source_dir is not None:
-            major = postgres.pg_version(source_dir)
+            major = read_source_version(source_dir, pg_cfg.os_user)
         else:
             assert initdb is not None
             installed = postgres.installed_versions(pg_cfg.bin_dirs)
             major = initdb.pg_version or (max(installed) if installed else 0)
         binaries = postgres.find_binaries(major, pg_cfg.bin_dirs)
         if source_dir is not None:
-            postgres.check_clean_shutdown(source_dir, binaries)
+            postgres.check_clean_shutdown(source_dir, binaries, os_user=pg_cfg.os_user)
 
         inv = self.ctx.inventory
         with inv.lock:
@@ -208,7 +278,6 @@ class Bases:
             create_time=now(),
             pg_version=major,
             user="postgres",
-            password=secrets.token_urlsafe(18),
             database=(initdb.database if initdb and initdb.database else "postgres"),
             labels=labels,
         )
@@ -228,11 +297,11 @@ class Bases:
                     binaries,
                     os_user=pg_cfg.os_user,
                     superuser=record.user,
-                    password=postgres.scram_verifier(record.password),
+                    password=postgres.scram_verifier(self.ctx.base_password(record)),
                     database=initdb.database or None,
                     init_sql=initdb.init_sql or None,
                 )
-            postgres.check_clean_shutdown(pgdata, binaries)
+            postgres.check_clean_shutdown(pgdata, binaries, os_user=pg_cfg.os_user)
             driver.snapshot(Kind.BASES, base_id, version_snap(1))
             record = record.evolve(
                 state=State.READY, versions={1: now()}, size_bytes=tree_bytes(pgdata)
@@ -244,20 +313,26 @@ class Bases:
         log.info("base_created", base=base_id, pg_version=major, source=str(source_dir or "initdb"))
         return record
 
+    def _source(self, field_name: str, data_directory: str) -> Path | None:
+        if not data_directory:
+            return None
+        return validate_data_directory(
+            field_name, data_directory, self.ctx.config.daemon.import_roots
+        )
+
     def _copy_in(
         self, source_dir: Path, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord
     ) -> str:
-        """Copy a clean data directory in (source untouched), own it once, and
-        make it answer with this base's credentials."""
-        pg_cfg = self.ctx.config.postgres
+        """Copy a clean data directory in (source untouched, read as the import
+        user), and make it answer with this base's credentials."""
+        os_user = self.ctx.config.postgres.os_user
+        user = pwd.getpwnam(os_user)
         pgdata.mkdir(mode=0o700)
-        run(["cp", "-a", "--reflink=auto", f"{source_dir}/.", str(pgdata)], timeout=None)
-        run(["chown", "-R", f"{pg_cfg.os_user}:", str(pgdata)])
-        os.chmod(pgdata, 0o700)
-        (pgdata / "pg_hba.conf").write_text(PG_HBA)
-        shutil.chown(pgdata / "pg_hba.conf", pg_cfg.os_user)
+        os.chown(pgdata, user.pw_uid, user.pw_gid)
+        copy_in(source_dir, pgdata, os_user)
+        postgres.write_hba(pgdata, os_user)
         postgres.prepare_clone(pgdata)
-        return self._set_password(pgdata, binaries, record.password)
+        return self._set_password(pgdata, binaries, self.ctx.base_password(record))
 
     def _set_password(self, pgdata: Path, binaries: postgres.Binaries, password: str) -> str:
         """Give the cluster's bootstrap superuser (whatever its name) the base's
@@ -286,24 +361,24 @@ class Bases:
 
     def create_version(self, base_id: str, data_directory: str = "") -> tuple[BaseRecord, int]:
         validate_id("parent", base_id)
-        source_dir = (
-            validate_data_directory("data_directory", data_directory) if data_directory else None
-        )
+        source_dir = self._source("data_directory", data_directory)
         entry = self.get(base_id)
+        os_user = self.ctx.config.postgres.os_user
         with entry.lock:
             record = entry.record
             binaries = postgres.find_binaries(record.pg_version, self.ctx.config.postgres.bin_dirs)
             pgdata = entry.path / "pgdata"
+            _remove_leftovers(entry.path)
             if source_dir is not None:
-                if postgres.pg_version(source_dir) != record.pg_version:
+                major = read_source_version(source_dir, os_user)
+                if major != record.pg_version:
                     raise FailedPrecondition(
-                        f"{source_dir} is PostgreSQL {postgres.pg_version(source_dir)}, "
+                        f"{source_dir} is PostgreSQL {major}, "
                         f"bases/{base_id} is {record.pg_version}"
                     )
-                postgres.check_clean_shutdown(source_dir, binaries)
-                run(["rm", "-rf", "--one-file-system", str(pgdata)])
-                record = record.evolve(user=self._copy_in(source_dir, pgdata, binaries, record))
-            postgres.check_clean_shutdown(pgdata, binaries)
+                postgres.check_clean_shutdown(source_dir, binaries, os_user=os_user)
+                record = record.evolve(user=self._replace_pgdata(entry.path, source_dir, record))
+            postgres.check_clean_shutdown(pgdata, binaries, os_user=os_user)
             version = (record.latest_version or 0) + 1
             self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))
             record = record.evolve(
@@ -313,6 +388,22 @@ class Bases:
             entry.record = record
         log.info("base_version_created", base=base_id, version=version)
         return record, version
+
+    def _replace_pgdata(self, volume: Path, source_dir: Path, record: BaseRecord) -> str:
+        """The base's pgdata replaced by a copy of `source_dir`, built beside it
+        and swapped in by two renames only once complete: a failed copy leaves
+        the base as it was."""
+        binaries = postgres.find_binaries(record.pg_version, self.ctx.config.postgres.bin_dirs)
+        incoming = volume / _INCOMING
+        try:
+            user = self._copy_in(source_dir, incoming, binaries, record)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        os.rename(volume / "pgdata", volume / _OUTGOING)
+        os.rename(incoming, volume / "pgdata")
+        shutil.rmtree(volume / _OUTGOING, ignore_errors=True)  # never follows links
+        return user
 
     # -- delete --------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import structlog
 
 from . import postgres
 from ._revert import Revert
+from ._settings import validate_client_settings
 from .bases import Bases
 from .errors import (
     AlreadyExists,
@@ -150,8 +151,7 @@ class Branches:
         parent = parse_parent("parent", spec.parent)
         labels = validate_labels("labels", spec.labels)
         ttl = validate_ttl("ttl", spec.ttl) or self.ctx.config.daemon.default_ttl
-        postgres.validate_settings(spec.postgres_settings)
-        settings = dict(spec.postgres_settings)
+        settings = validate_client_settings(spec.postgres_settings)
         self._check_space()
 
         inv = self.ctx.inventory

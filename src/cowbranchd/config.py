@@ -8,6 +8,7 @@ reading the file.
 
 from __future__ import annotations
 
+import os.path
 import re
 import tomllib
 from collections.abc import Mapping
@@ -60,7 +61,13 @@ class DaemonConfig:
     tcp_address: str = ""  # e.g. "0.0.0.0:7443"; empty disables TCP
     tls_cert: str = ""
     tls_key: str = ""
-    token_file: str = ""  # bearer token required on TCP; empty: none
+    token_file: str = ""  # bearer token required on every call; empty: none
+    # TCP without TLS or without a token hands every branch to anyone who can
+    # reach the port, so the daemon refuses it unless the operator says so here.
+    insecure_tcp: bool = False
+    # Directories CreateBase/CreateBaseVersion may import a data directory
+    # from; empty: none. Absolute and normalised, so matching against them is sound.
+    import_roots: tuple[str, ...] = ()
     state_dir: Path = Path("/var/lib/cowbranchd")
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -146,6 +153,8 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
         return Path(value)
     if key == "port_range":
         return _port_range(where, value)
+    if key == "import_roots":
+        return _import_roots(where, value)
     if key == "bin_dirs":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidArgument(where, "must be a list of strings")
@@ -168,6 +177,28 @@ def _port_range(where: str, value: Any) -> tuple[int, int]:
     if not 1024 <= first <= last <= 65535:
         raise InvalidArgument(where, "must lie within 1024-65535, first <= last")
     return first, last
+
+
+def _import_roots(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(where, "must be a list of absolute directory paths")
+    for path in value:
+        # Only the normalised form is accepted, never silently rewritten: the
+        # daemon matches imported paths against these roots, and a root
+        # written as '/srv/a/../b' would read as one directory and match as
+        # another.
+        if not path.startswith("/"):
+            raise InvalidArgument(where, f"{path!r} is not an absolute path")
+        if "\0" in path:
+            raise InvalidArgument(where, f"{path!r} holds a NUL character")
+        # normpath resolves '.', '..' and doubled or trailing slashes, but keeps
+        # POSIX's special leading '//'.
+        normal = "/" + os.path.normpath(path).lstrip("/")
+        if normal == "/":
+            raise InvalidArgument(where, f"{path!r} would allow importing from anywhere")
+        if path != normal:
+            raise InvalidArgument(where, f"{path!r} is not normalised; write {normal!r}")
+    return tuple(value)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -212,6 +243,26 @@ def _check(config: Config) -> None:
         raise InvalidArgument("daemon.tls_cert", "tls_cert and tls_key go together")
     if len(str(config.daemon.socket)) > 100:
         raise InvalidArgument("daemon.socket", "Unix socket paths must be under 100 characters")
+    _check_tcp(config.daemon)
+
+
+def _check_tcp(daemon: DaemonConfig) -> None:
+    """TCP is never open by accident: without TLS, tokens and branch passwords
+    cross the network in clear; without a token, anyone who can reach the port
+    may create, read and delete every branch."""
+    if not daemon.tcp_address or daemon.insecure_tcp:
+        return
+    missing = []
+    if not daemon.tls_cert:
+        missing.append("TLS (daemon.tls_cert, daemon.tls_key)")
+    if not daemon.token_file:
+        missing.append("a token (daemon.token_file)")
+    if missing:
+        raise InvalidArgument(
+            "daemon.tcp_address",
+            f"TCP without {' or '.join(missing)} lets anyone who can reach the port use "
+            "every branch; configure them, or set daemon.insecure_tcp = true to accept that",
+        )
 
 
 def load_config(path: Path | None) -> Config:

@@ -11,6 +11,7 @@ same class, so `except NotFound` reads the same on both sides::
     ├── AlreadyExists         ALREADY_EXISTS
     ├── ResourceExhausted     RESOURCE_EXHAUSTED   (ports, disk, branch slots)
     ├── FailedPrecondition    FAILED_PRECONDITION  (dirty base, base in use, protected)
+    ├── PermissionDenied      PERMISSION_DENIED    (outside import roots, unreadable source)
     ├── Unavailable           UNAVAILABLE          (starting up, draining, unreachable)
     ├── DeadlineExceeded      DEADLINE_EXCEEDED
     ├── Unauthenticated       UNAUTHENTICATED
@@ -38,6 +39,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "PostgresError",
     "ResourceExhausted",
     "StorageError",
@@ -82,6 +84,12 @@ class ResourceExhausted(CowbranchError):
 
 class FailedPrecondition(CowbranchError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(CowbranchError):
+    """The caller may not do this, or may not read what it named."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Unavailable(CowbranchError):
@@ -133,6 +141,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CowbranchError]] = {
         AlreadyExists,
         ResourceExhausted,
         FailedPrecondition,
+        PermissionDenied,
         Unavailable,
         DeadlineExceeded,
         Unauthenticated,

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._secrets import SecretKeeper
 from .config import Config
 from .model import BaseRecord, BranchRecord
 from .ports import PortAllocator
@@ -77,6 +78,9 @@ class Inventory:
         self.lock = threading.Lock()
         self.bases: dict[str, BaseEntry] = {}
         self.branches: dict[str, BranchEntry] = {}
+        # Bases whose metadata could not be read, with why: kept on storage
+        # untouched (never destroyed, never branched), reported by GetStatus.
+        self.quarantined: dict[str, str] = {}
 
     def by_request_id(self, request_id: str) -> BranchEntry | None:
         """Caller holds `lock`."""
@@ -114,9 +118,21 @@ class Context:
     driver: StorageDriver
     ports: PortAllocator
     inventory: Inventory
+    # Made from config.daemon.state_dir: the daemon key every password derives from.
+    secrets: SecretKeeper = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        keeper = SecretKeeper(self.config.daemon.state_dir / "keys" / "daemon.key")
+        object.__setattr__(self, "secrets", keeper)
+
+    def base_password(self, record: BaseRecord) -> str:
+        """The base superuser's password: derived (bases made before passwords
+        were derived carry theirs in metadata, and keep it)."""
+        return record.password or self.secrets.base_password(record.base_id, record.create_time)
 
     @property
     def log_dir(self) -> Path:
+        """Postgres logs: root's, 0700 (a log may hold another tenant's statements)."""
         return self.config.daemon.state_dir / "logs"
 
     def socket_dir(self, branch_id: str) -> Path:

@@ -56,7 +56,7 @@ def connection(ctx: Context, entry: BranchEntry) -> Connection:
     base = base_entry.record if base_entry else None
     pg = ctx.config.postgres
     user = base.user if base else "postgres"
-    password = base.password if base else ""
+    password = ctx.base_password(base) if base else ""
     database = base.database if base else "postgres"
     return Connection(
         host=pg.host,
@@ -75,7 +75,7 @@ def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) 
     pg = ctx.config.postgres
     binaries = postgres.find_binaries(postgres.pg_version(entry.pgdata), pg.bin_dirs)
     settings = {**pg.settings, **entry.record.settings}
-    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    ctx.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for attempt in range(PORT_ATTEMPTS):
         try:
             entry.postmaster = postgres.start(

@@ -271,10 +271,13 @@ class BaseRecord:
     create_time: datetime
     pg_version: int
     user: str
-    password: str
     database: str
     labels: dict[str, str] = field(default_factory=dict)
-    size_bytes: int = 0  # of its data directory, as of the latest version
+    size_bytes: int = 0
+    # Empty for every base made now: its password is derived from the daemon
+    # key (Context.base_password), never stored. Bases made before that kept
+    # theirs in metadata, and still work with it.
+    password: str = field(default="", repr=False)  # of its data directory, as of the latest version
     # version number -> creation time; the storage snapshot of version n is `v<n>`
     versions: dict[int, datetime] = field(default_factory=dict)
 
@@ -288,7 +291,7 @@ class BaseRecord:
             "created": _ts(self.create_time),
             "pg_version": str(self.pg_version),
             "user": self.user,
-            "password": self.password,
+            **({"password": self.password} if self.password else {}),
             "database": self.database,
             "labels": json.dumps(self.labels, sort_keys=True, separators=(",", ":")),
             "size_bytes": str(self.size_bytes),

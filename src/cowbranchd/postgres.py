@@ -21,7 +21,6 @@ import os
 import pwd
 import shutil
 import tempfile
-from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
@@ -40,10 +39,12 @@ from ._pgdata import (
 )
 from ._postmaster import PortInUse, Postmaster, find_postmaster, start, stop
 from ._run import run
+from ._safefs import append_regular, open_dir, replace_file
 from .errors import InvalidArgument
 
 __all__ = [
     "DAEMON_OWNED_SETTINGS",
+    "PG_HBA",
     "Binaries",
     "PortInUse",
     "Postmaster",
@@ -60,6 +61,7 @@ __all__ = [
     "start",
     "stop",
     "validate_settings",
+    "write_hba",
 ]
 
 log = structlog.get_logger("cowbranchd.postgres")
@@ -77,9 +79,10 @@ wal_recycle = off
 recovery_init_sync_method = syncfs
 """
 
-# Local (socket) connections are trusted: the per-branch socket directory's
-# mode is the gate. Over TCP, from anywhere the branch listens, the password.
-_HBA = """\
+# The one pg_hba.conf of every base, and so of every branch. Local (socket)
+# connections are trusted: the per-branch socket directory's mode is the gate.
+# Over TCP, from anywhere the branch listens, the password.
+PG_HBA = """\
 # Written by cowbranchd.
 # TYPE  DATABASE     USER  ADDRESS     METHOD
 local   all          all               trust
@@ -89,6 +92,14 @@ host    all          all   ::/0        scram-sha-256
 host    replication  all   0.0.0.0/0   scram-sha-256
 host    replication  all   ::/0        scram-sha-256
 """
+
+
+def write_hba(pgdata: str | os.PathLike[str], os_user: str) -> None:
+    """Replace pg_hba.conf with PG_HBA, owned by `os_user`, without following
+    whatever may sit at that name."""
+    user = pwd.getpwnam(os_user)
+    with open_dir(pgdata) as dir_fd:
+        replace_file(dir_fd, "pg_hba.conf", PG_HBA.encode(), uid=user.pw_uid, gid=user.pw_gid)
 
 
 # Iterations of the SCRAM-SHA-256 verifiers cowbranchd stores (PostgreSQL's
@@ -129,7 +140,11 @@ def dsn(host: str, port: int, user: str, password: str, database: str) -> str:
 
 def checkpoint(conninfo: str) -> None:
     """Run CHECKPOINT, so a snapshot of the running cluster recovers quickly."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    # The branch's own defaults (a client's statement_timeout, say) must not
+    # cut the daemon's checkpoint short.
+    with psycopg.connect(
+        conninfo, autocommit=True, options="-c statement_timeout=0 -c lock_timeout=0"
+    ) as conn:
         conn.execute("CHECKPOINT")
 
 
@@ -189,13 +204,18 @@ def initdb(
                 "--no-instructions",
             ],
             user=os_user,
-            env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
         )
         os.unlink(pwfile)
-        with open(os.path.join(pgdata, "postgresql.conf"), "a") as conf:
-            conf.write(_CONF_DEFAULTS)
-        Path(pgdata, "pg_hba.conf").write_text(_HBA)
-        _chown_tree(pgdata, user.pw_uid, user.pw_gid)
+        # initdb ran as os_user (uid and gid), so every file is already its
+        # own; only these two are written here, by descriptor.
+        with open_dir(pgdata) as dir_fd:
+            append_regular(
+                dir_fd,
+                "postgresql.conf",
+                _CONF_DEFAULTS.encode(),
+                shown=os.path.join(pgdata, "postgresql.conf"),
+            )
+        write_hba(pgdata, os_user)
         if database is not None or init_sql is not None:
             _initialise(
                 pgdata,
@@ -207,14 +227,6 @@ def initdb(
                 scratch=scratch,
             )
     log.debug("initdb", pgdata=pgdata, major=binaries.major, database=database)
-
-
-def _chown_tree(root: str, uid: int, gid: int) -> None:
-    # initdb ran with the daemon's group (the run helper switches user only).
-    for dirpath, dirnames, filenames in os.walk(root):
-        os.lchown(dirpath, uid, gid)
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
 def _initialise(
@@ -260,11 +272,12 @@ def _initialise(
                     "-f",
                     "-",
                 ],
+                # As os_user with no supplementary group and no_new_privs (the
+                # run helper): a `\\!` shell escape gets nothing root has.
                 input=init_sql,
                 user=os_user,
-                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
             )
     finally:
         stop(pm)
-    check_clean_shutdown(pgdata, binaries)
+    check_clean_shutdown(pgdata, binaries, os_user=os_user)
     shutil.rmtree(socket_dir, ignore_errors=True)

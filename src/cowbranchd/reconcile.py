@@ -9,6 +9,8 @@ start -> reserve ports in use. Branches outlive a daemon restart.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import structlog
 
 from . import postgres
@@ -33,13 +35,19 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     counts["removed"] += len(driver.gc())
     volumes = driver.list()
     branch_ids = {
-        BranchRecord.from_meta(v.name, v.meta).branch_id for v in volumes if v.kind is Kind.BRANCHES
+        record.branch_id
+        for v in volumes
+        if v.kind is Kind.BRANCHES and (record := _branch_record(v)) is not None
     }
     for volume in volumes:
         if volume.kind is Kind.BASES:
             counts["bases"] += _adopt_base(ctx, volume)
+    unreadable = [v for v in volumes if v.kind is Kind.BRANCHES and _branch_record(v) is None]
+    for volume in unreadable:
+        _keep_unreadable_branch(ctx, volume)
+        counts["failed"] += 1
     branch_volumes, superseded = _one_volume_per_branch(
-        [v for v in volumes if v.kind is Kind.BRANCHES]
+        [v for v in volumes if v.kind is Kind.BRANCHES and v not in unreadable]
     )
     for volume in superseded:
         log.warning("removing_superseded_volume", volume=volume.name)
@@ -49,7 +57,16 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
         ctx.driver.destroy(Kind.BRANCHES, volume.name)
         counts["removed"] += 1
     for volume in branch_volumes:
-        outcome = _adopt_branch(ctx, branches, volume)
+        try:
+            outcome = _adopt_branch(ctx, branches, volume)
+        except Exception as exc:
+            # One tenant's branch may be broken in ways nobody foresaw; the
+            # daemon and every other branch must still come up.
+            log.exception("adopt_failed", branch=volume.name)
+            entry = ctx.inventory.branches.get(_branch_id(volume))
+            if entry is not None:
+                branches._mark_failed(entry, f"could not adopt at start-up: {exc}")
+            outcome = "failed"
         counts[outcome] += 1
     # Snapshots a branch took for a child (`c-<child>`) whose child is gone.
     for volume in volumes:
@@ -87,7 +104,63 @@ def _one_volume_per_branch(volumes: list[Volume]) -> tuple[list[Volume], list[Vo
     return keep, superseded
 
 
+def _branch_record(volume: Volume) -> BranchRecord | None:
+    """The volume's record, or None when its metadata cannot be read."""
+    if volume.meta_error:
+        return None
+    try:
+        return BranchRecord.from_meta(volume.name, volume.meta)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _branch_id(volume: Volume) -> str:
+    record = _branch_record(volume)
+    return record.branch_id if record is not None else volume.name
+
+
+def _meta_problem(volume: Volume, parse: type[BaseRecord] | type[BranchRecord]) -> str:
+    if volume.meta_error:
+        return volume.meta_error
+    try:
+        parse.from_meta(volume.name, volume.meta)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return f"metadata of {volume.kind.value}/{volume.name} does not parse: {exc}"
+    return ""
+
+
+def _keep_unreadable_branch(ctx: Context, volume: Volume) -> None:
+    """A branch whose metadata cannot be read is kept as FAILED (with why),
+    its postgres stopped: nothing says which port or parent it had, and a
+    delete must still find and remove it."""
+    why = _meta_problem(volume, BranchRecord)
+    log.error("branch_metadata_unreadable", volume=volume.name, error=why)
+    master = postgres.find_postmaster(str(volume.path / "pgdata"))
+    if master is not None:
+        postgres.stop(master, fast_timeout=0)
+    record = BranchRecord(
+        branch_id=volume.name,
+        base_id="",
+        parent="",
+        source_snapshot="",
+        state=State.FAILED,
+        create_time=datetime.fromtimestamp(0, UTC),
+        port=0,
+        failure=f"unreadable metadata: {why}"[:500],
+    )
+    entry = BranchEntry(record=record, path=volume.path, volume=volume.name)
+    entry.settled.set()
+    ctx.inventory.branches.setdefault(volume.name, entry)
+
+
 def _adopt_base(ctx: Context, volume: Volume) -> int:
+    problem = _meta_problem(volume, BaseRecord)
+    if problem:
+        # Never destroyed: a base is the operator's data. Kept out of service
+        # and reported until someone repairs or deletes it by hand.
+        log.error("base_quarantined", base=volume.name, error=problem)
+        ctx.inventory.quarantined[volume.name] = problem
+        return 0
     record = BaseRecord.from_meta(volume.name, volume.meta)
     if record.state is State.CREATING:
         log.warning("removing_half_built_base", base=volume.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import hmac
 import os
 import signal
 import socket
@@ -70,7 +71,7 @@ class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     socket from TCP, so local clients send it too: COWBRANCHD_TOKEN)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         def deny(request: object, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -79,12 +80,30 @@ class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        offered = metadata.get("authorization", "")
+        if isinstance(offered, str):
+            offered = offered.encode()
+        # Constant time, so response timing does not reveal how much of a
+        # guessed token was right (on bytes: compare_digest refuses non-ASCII str).
+        if hmac.compare_digest(offered, self._expected):
             return continuation(handler_call_details)
         # Health checks stay open for load balancers and probes.
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(handler_call_details)
         return self._deny
+
+
+def read_token(path: str) -> str:
+    """The bearer token in `path` (surrounding whitespace dropped); an
+    unreadable or empty file is refused rather than served without a token."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidArgument("daemon.token_file", f"cannot read {path}: {reason}") from exc
+    if not token:
+        raise InvalidArgument("daemon.token_file", f"{path} holds no token")
+    return token
 
 
 def open_storage(config: Config) -> StorageDriver:
@@ -121,6 +140,9 @@ class Daemon:
         self.gate = Gate()
         self.health = health.HealthServicer()
         self.stopping = threading.Event()
+        # Read before anything is touched: a bad token file must not leave a
+        # half-prepared runtime directory or pool behind.
+        self._token = read_token(config.daemon.token_file) if config.daemon.token_file else None
         self._prepare_runtime_dir()
         driver = open_storage(config)
         pg = config.postgres
@@ -160,9 +182,8 @@ class Daemon:
             ("grpc.so_reuseport", 0),
         ]
         interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
-        if daemon.token_file:
-            token = Path(daemon.token_file).read_text().strip()
-            interceptors.append(_TokenInterceptor(token))
+        if self._token is not None:
+            interceptors.append(_TokenInterceptor(self._token))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
             options=options,
@@ -184,6 +205,7 @@ class Daemon:
         )
         server.add_insecure_port(f"unix:{daemon.socket}")
         if daemon.tcp_address:
+            self._warn_if_tcp_insecure()
             if daemon.tls_cert:
                 creds = grpc.ssl_server_credentials(
                     [(Path(daemon.tls_key).read_bytes(), Path(daemon.tls_cert).read_bytes())]
@@ -192,6 +214,22 @@ class Daemon:
             else:
                 server.add_insecure_port(daemon.tcp_address)
         return server
+
+    def _warn_if_tcp_insecure(self) -> None:
+        """config refuses TCP without TLS or a token unless the operator set
+        `daemon.insecure_tcp`; then say so at every start, at warning level."""
+        daemon = self.config.daemon
+        risks = []
+        if not daemon.tls_cert:
+            risks.append("without TLS, tokens and branch passwords cross the network in clear")
+        if not daemon.token_file:
+            risks.append("without a token, anyone who can reach the port can use every branch")
+        if risks:
+            log.warning(
+                "insecure_tcp",
+                tcp=daemon.tcp_address,
+                message=f"INSECURE TCP (daemon.insecure_tcp = true): {'; '.join(risks)}",
+            )
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVICE_NAMES):

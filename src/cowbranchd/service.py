@@ -367,6 +367,10 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
         with ctx.inventory.lock:
             base_count = len(ctx.inventory.bases)
             branch_count = len(ctx.inventory.branches)
+            warnings = [
+                f"bases/{name} is quarantined (kept, not served): {why}"
+                for name, why in sorted(ctx.inventory.quarantined.items())
+            ]
         first, last = ctx.config.postgres.port_range
         return daemon_pb2.DaemonStatus(
             version=__version__,
@@ -380,4 +384,5 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             port_range_first=first,
             port_range_last=last,
             start_time=_timestamp(self.start_time),
+            warnings=warnings,
         )

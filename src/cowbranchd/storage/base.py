@@ -54,6 +54,10 @@ class Volume:
     # Snapshots of this volume that other volumes were cloned from and still
     # depend on (ZFS); always empty on btrfs, whose snapshots are independent.
     busy_snapshots: tuple[str, ...] = field(default=())
+    # Why its metadata could not be read ("" when it could; `meta` is then
+    # empty). Such a volume is never taken for a leftover: the daemon keeps
+    # it and reports it (a FAILED branch, a quarantined base).
+    meta_error: str = ""
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,13 @@ log = structlog.get_logger("cowbranchd.storage")
 
 SIDECAR = "cowbranch.json"
 _SIDECAR_TMP = ".cowbranch.json.tmp"
+_MAX_SIDECAR = 1 << 20
 _BTRFS_MAGIC = 0x9123683E
 _SUBVOLUME_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: the root inode of every subvolume
 _LAYOUT = ("bases", "branches", ".staging", ".trash")
+# Postmasters (another uid) pass through bases/ and branches/ to their data
+# directories, but nobody else may list them; work in progress is root's.
+_LAYOUT_MODES = {"bases": 0o711, "branches": 0o711, ".staging": 0o700, ".trash": 0o700}
 
 
 def _optional(module: str) -> ModuleType | None:
@@ -66,6 +70,10 @@ def _optional(module: str) -> ModuleType | None:
 btrfsutil = _optional("btrfsutil")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BadSidecar(Exception):
+    """A volume's sidecar exists but cannot be understood."""
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
@@ -192,14 +200,46 @@ class BtrfsDriver(StorageDriver):
 
     @staticmethod
     def _read_sidecar(volume: Path) -> dict[str, Any] | None:
+        """The sidecar's content; None when there is none or it is empty (a
+        clone's sidecar torn by a power loss before it was made durable: a
+        leftover). Anything else unreadable raises BadSidecar."""
+        path = volume / SIDECAR
         try:
-            with open(volume / SIDECAR, encoding="utf-8") as fh:
-                data: dict[str, Any] = json.load(fh)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        except ValueError:  # torn by a crash before it was made durable
+        except OSError as exc:
+            raise BadSidecar(f"{path}: {exc.strerror}") from exc
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise BadSidecar(f"{path} is not a regular file")
+            raw = fh.read(_MAX_SIDECAR + 1)
+        if not raw.strip(b"\0 \n"):
             return None
-        return data if isinstance(data, dict) else None
+        if len(raw) > _MAX_SIDECAR:
+            raise BadSidecar(f"{path} is larger than {_MAX_SIDECAR} bytes")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise BadSidecar(f"{path} is not valid JSON ({exc})") from None
+        meta = data.get("meta") if isinstance(data, dict) else None
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise BadSidecar(f"{path} holds no string-to-string 'meta' table")
+        return dict(data)
+
+    def _sidecar_or_empty(self, volume: Path) -> dict[str, Any]:
+        try:
+            return self._read_sidecar(volume) or {}
+        except BadSidecar:
+            return {}  # rewritten whole by the caller's set_meta
+
+    def _has_sidecar(self, volume: Path) -> bool:
+        try:
+            return self._read_sidecar(volume) is not None
+        except BadSidecar:
+            return True  # kept and reported, never collected as a leftover
 
     @staticmethod
     def _write_sidecar(
@@ -207,8 +247,11 @@ class BtrfsDriver(StorageDriver):
     ) -> None:
         body = json.dumps({"format": 1, "meta": dict(meta), "origin": origin}, sort_keys=True)
         tmp = volume / _SIDECAR_TMP
+        tmp.unlink(missing_ok=True)
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
+            # Root's alone (0600): metadata is the daemon's, not its tenants'.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with open(fd, "w", encoding="utf-8") as fh:
                 fh.write(body)
                 if durable:
                     fh.flush()
@@ -250,7 +293,9 @@ class BtrfsDriver(StorageDriver):
 
     def ensure_layout(self) -> None:
         for sub in _LAYOUT:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            path = self.root / sub
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, _LAYOUT_MODES[sub])
 
     def _build(
         self,
@@ -329,7 +374,7 @@ class BtrfsDriver(StorageDriver):
     def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
         check_meta(meta)
         path = self._require_volume(kind, name)
-        data = self._read_sidecar(path) or {}
+        data = self._sidecar_or_empty(path)
         merged = {**data.get("meta", {}), **meta}
         merged = {key: value for key, value in merged.items() if value != ""}
         with _translated(f"set meta of {kind.value}/{name}"):
@@ -388,7 +433,11 @@ class BtrfsDriver(StorageDriver):
                 path = folder / entry
                 if "@" in entry or not self._is_subvolume(path):
                     continue
-                data = self._read_sidecar(path)
+                try:
+                    data = self._read_sidecar(path)
+                    meta_error = ""
+                except BadSidecar as exc:
+                    data, meta_error = {}, str(exc)
                 if data is None:  # never finished; gc() removes it
                     continue
                 volumes.append(
@@ -399,6 +448,7 @@ class BtrfsDriver(StorageDriver):
                         meta=dict(data.get("meta", {})),
                         snapshots=tuple(sorted(snaps.get(entry, []), key=_natural)),
                         origin=_parse_ref(data.get("origin")),
+                        meta_error=meta_error,
                     )
                 )
         return volumes
@@ -438,7 +488,7 @@ class BtrfsDriver(StorageDriver):
                 if (
                     "@" in entry
                     or not self._is_subvolume(path)
-                    or self._read_sidecar(path) is not None
+                    or self._has_sidecar(path)
                 ):
                     continue
                 with _translated(f"gc {kind.value}/{entry}"):

@@ -3,9 +3,11 @@
 isort:skip_file
 The daemon itself: version, storage pool and capacity, for operators."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -47,6 +49,7 @@ class DaemonStatus(_message.Message):
     PORT_RANGE_FIRST_FIELD_NUMBER: _builtins.int
     PORT_RANGE_LAST_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     driver: _builtins.str
     """Storage driver: `btrfs` or `zfs`."""
@@ -61,6 +64,12 @@ class DaemonStatus(_message.Message):
     port_range_last: _builtins.int
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What an operator should know and act on, one sentence each: a base kept
+        in quarantine because its metadata is unreadable, a weaker isolation mode.
+        """
+
     def __init__(
         self,
         *,
@@ -75,10 +84,11 @@ class DaemonStatus(_message.Message):
         port_range_first: _builtins.int = ...,
         port_range_last: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_count", b"base_count", "branch_count", b"branch_count", "driver", b"driver", "max_branches", b"max_branches", "pool", b"pool", "pool_total_bytes", b"pool_total_bytes", "pool_used_bytes", b"pool_used_bytes", "port_range_first", b"port_range_first", "port_range_last", b"port_range_last", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_count", b"base_count", "branch_count", b"branch_count", "driver", b"driver", "max_branches", b"max_branches", "pool", b"pool", "pool_total_bytes", b"pool_total_bytes", "pool_used_bytes", b"pool_used_bytes", "port_range_first", b"port_range_first", "port_range_last", b"port_range_last", "start_time", b"start_time", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,207 @@
+"""File access inside trees a tenant controls, for a daemon that runs as root.
+
+Every branch hands out a PostgreSQL superuser, and a superuser can run programs
+as the OS user that owns its data directory (`COPY ... TO PROGRAM`). So every
+name under a clone, a base or an imported directory may be a symlink to a
+root-only file, a FIFO that blocks whoever opens it, a device, or a huge file.
+The daemon touches such trees only through this module:
+
+- directories are opened with O_NOFOLLOW | O_DIRECTORY and worked on by file
+  descriptor (`openat`-style), so no path component is resolved through a link;
+- files are opened with O_NOFOLLOW | O_NONBLOCK and checked to be regular
+  before a byte is read, and reads are capped;
+- files are written by creating a new private temp file (O_EXCL) and renaming
+  it over the old name: a rename replaces a planted link, never its target;
+- removal uses unlinkat and `shutil.rmtree(dir_fd=...)`, which never follow.
+
+What this module may not do: resolve a path inside such a tree with plain
+`open()`/`Path` calls, or follow a link for anyone. Anything unexpected raises
+UnsafePath naming the path, and the caller fails that branch, not the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+
+from .errors import FailedPrecondition
+
+__all__ = [
+    "UnsafePath",
+    "append_regular",
+    "open_dir",
+    "read_regular",
+    "remove_tree_entries",
+    "replace_file",
+    "unlink_if_present",
+]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafePath(FailedPrecondition):
+    """A name in a tenant's tree is a link, a special file or too large."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(
+            f"{path}: {problem}; cowbranchd does not follow links or open "
+            "special files in a branch's data directory"
+        )
+        self.path = path
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+def _why(dir_fd: int | None, name: str) -> str:
+    try:
+        return _kind(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return "not a directory"
+
+
+@contextlib.contextmanager
+def open_dir(
+    path: str | os.PathLike[str], *, dir_fd: int | None = None, shown: str = ""
+) -> Iterator[int]:
+    """A descriptor of directory `path` (relative to `dir_fd` if given); a link
+    or non-directory at the last component is UnsafePath. Earlier components
+    must be the daemon's own (root-owned) directories."""
+    shown = shown or os.fspath(path)
+    try:
+        fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePath(shown, f"is {_why(dir_fd, os.fspath(path))}, not a directory") from exc
+        raise
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_regular(dir_fd: int, name: str, *, limit: int, shown: str) -> bytes | None:
+    """The content of regular file `name` in `dir_fd`, None if absent.
+
+    Never blocks (a FIFO is refused before it is read), never follows a link,
+    and refuses a file larger than `limit` bytes instead of reading it."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(shown, "is a symbolic link") from exc
+        if exc.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
+            raise UnsafePath(shown, f"is {_why(dir_fd, name)}") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(shown, f"is {_kind(st.st_mode)}")
+        if st.st_size > limit:
+            raise UnsafePath(shown, f"is {st.st_size} bytes, more than the {limit} expected")
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:
+            raise UnsafePath(shown, f"is more than the {limit} bytes expected")
+        return data
+    finally:
+        os.close(fd)
+
+
+def unlink_if_present(dir_fd: int, name: str) -> bool:
+    """Remove `name` (a file, link, FIFO...; not a directory) from `dir_fd`.
+    unlinkat removes a link itself, never what it points at."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_tree_entries(dir_fd: int, shown: str) -> int:
+    """Empty the directory `dir_fd`: files and links unlinked, subdirectories
+    removed with rmtree by descriptor (which never follows links). Returns how
+    many entries went."""
+    assert shutil.rmtree.avoids_symlink_attacks
+    removed = 0
+    with os.scandir(dir_fd) as entries:
+        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in names:
+        if is_dir:
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            unlink_if_present(dir_fd, name)
+        removed += 1
+    return removed
+
+
+def replace_file(
+    dir_fd: int, name: str, data: bytes, *, uid: int, gid: int, mode: int = 0o600
+) -> None:
+    """Atomically make `name` in `dir_fd` a regular file holding `data`, owned
+    by uid:gid. The new content goes to a fresh O_EXCL temp file first; the
+    rename then replaces whatever `name` was (a planted link included) without
+    ever opening it."""
+    tmp = f".{name}.cowbranchd-tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=dir_fd,
+    )
+    try:
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def append_regular(dir_fd: int, name: str, data: bytes, *, shown: str) -> None:
+    """Append `data` to the existing regular file `name` (no link, no FIFO)."""
+    try:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=dir_fd,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise UnsafePath(shown, f"is {_why(dir_fd, name)}") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(shown, f"is {_kind(st.st_mode)}")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
