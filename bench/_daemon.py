@@ -2,6 +2,10 @@
 socket, port range and log, started as a subprocess (as in production) and
 stopped at the end, together with every postmaster left in its pool.
 
+Imports (`CreateBase(data_directory=src/s<scale>)`) are allowed from the data
+dir's `src/` only (`daemon.import_roots`), and the daemon copies them as the
+postgres OS user: `start` makes sure that user can reach and read them.
+
 Also reads the daemon's JSON log lines back (`branch_created`, ...), which is
 where the per-step breakdown comes from.
 """
@@ -9,7 +13,9 @@ where the per-step breakdown comes from.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _pg import OS_USER
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cowbranchd.v1 import bases_pb2_grpc, branches_pb2, branches_pb2_grpc
@@ -50,6 +57,36 @@ class BenchDaemon:
     def log_path(self) -> Path:
         return self.workdir / "daemon.log"
 
+    @property
+    def import_root(self) -> Path:
+        """Where the pgbench sources live (`_data.ensure_source`): the daemon's
+        only import root. Absolute and normalised, as the config demands."""
+        return Path(os.path.abspath(self.data_dir / "src"))
+
+    def grant_import_access(self) -> None:
+        """Let the postgres OS user (who runs the daemon's copy-in) reach the
+        sources: search permission on the data dir and `src/` (the benchmark's
+        own directories; the sources themselves are postgres's, made by initdb),
+        then check as that user that each source's PG_VERSION is readable."""
+        root = self.import_root
+        if not root.is_dir():
+            return
+        for directory in (root.parent, root):  # the data dir and src/
+            mode = stat.S_IMODE(directory.stat().st_mode)
+            if not mode & stat.S_IXOTH:
+                directory.chmod(mode | stat.S_IXOTH)
+        for source in sorted(root.glob("s*/PG_VERSION")):
+            proc = subprocess.run(
+                ["test", "-r", str(source)], user=OS_USER, cwd="/", check=False,
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"the {OS_USER!r} OS user cannot read {source}: CreateBase copies the "
+                    f"source as that user; give it search (x) permission on every directory "
+                    f"above {root} and read permission on the source"
+                )
+
     def write_config(self) -> Path:
         first, last = PORT_RANGES[self.driver]
         path = self.workdir / "config.toml"
@@ -62,6 +99,7 @@ log_format = "json"
 log_level = "debug"
 max_branches = 500
 warm_branches = {self.warm_branches}
+import_roots = {json.dumps([str(self.import_root)])}
 
 [storage]
 driver = "{self.driver}"
@@ -79,6 +117,7 @@ enabled = false
 
     def start(self, timeout: float = 300.0) -> None:
         self.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.grant_import_access()
         config = self.write_config()
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()

@@ -69,10 +69,11 @@ def _workdir(label: str) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def btrfs_pool() -> Iterator[Path]:
-    """A directory on a fresh 1 GiB btrfs loop pool; give each user a subdirectory."""
+    """A directory on a fresh 4 GiB (sparse) btrfs loop pool; give each user a subdirectory:
+    every daemon of the session keeps its own demo base on it."""
     _require("losetup", "mkfs.btrfs", "btrfs", "blkid", "mount", "umount")
     with _workdir("btrfs") as work:
-        pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 1 << 30)
+        pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 4 << 30)
         try:
             yield pool.mountpoint
         finally:

@@ -468,7 +468,7 @@ class Branches:
             meta = record.to_meta()
             self.ctx.driver.set_meta(
                 Kind.BRANCHES,
-                branch_id,
+                entry.volume,  # not branch_id: after a reset or a warm hand-over they differ
                 {k: meta[k] for k in ("labels", "expires", "protected")},
             )
             entry.record = record
