@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ class InitdbSpec:
     init_sql: str = ""
 
 
+# How often DeleteBase(force) re-reads the branches that depend on the base.
+_DEPENDENT_ROUNDS = 100
 # Beside a base's pgdata while a new version's data is copied in.
 _INCOMING = ".pgdata.incoming"
 _OUTGOING = ".pgdata.outgoing"
@@ -413,7 +416,7 @@ class Bases:
         *,
         force: bool,
         allow_missing: bool,
-        delete_branch: Callable[[BranchEntry], None],
+        delete_branch: Callable[[BranchEntry], object],
         drop_warm: Callable[[str], None] = lambda base_id: None,
     ) -> None:
         validate_id("name", base_id)
@@ -435,8 +438,19 @@ class Bases:
         # DELETING first: no new branch, and no new warm clone, starts from it.
         entry.record = ready.evolve(state=State.DELETING)
         try:
-            for dependent in dependents:
-                delete_branch(dependent)
+            # Read again after DELETING, and until none is left: a create that
+            # resolved the base just before would otherwise be orphaned.
+            for _ in range(_DEPENDENT_ROUNDS):
+                for dependent in dependents:
+                    delete_branch(dependent)
+                dependents = self.ctx.inventory.descendants_of_base(base_id)
+                if not dependents:
+                    break
+                time.sleep(0.05)  # let creates in flight settle, then their branches go
+            else:
+                raise FailedPrecondition(
+                    f"bases/{base_id}: branches kept appearing while it was deleted; try again"
+                )
             drop_warm(base_id)
             with entry.lock:
                 self.ctx.driver.destroy(Kind.BASES, base_id)

@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -58,11 +58,13 @@ from .model import (
 from .storage.base import Kind, SnapshotRef
 from .warm import WARM_META, WarmPool
 
-__all__ = ["Branches", "Connection", "CreateSpec"]
+__all__ = ["SUPERSEDED_META", "Branches", "Connection", "CreateSpec"]
 
 log = structlog.get_logger("cowbranchd.branches")
 
 FREE_SPACE_CHECK_INTERVAL = 2.0
+# On a branch's old volume once a reset has replaced it: never the branch.
+SUPERSEDED_META = "superseded"
 USAGE_CACHE_S = 10.0
 
 
@@ -363,13 +365,20 @@ class Branches:
             )
         self.delete_entry(entry)
 
-    def delete_entry(self, entry: BranchEntry) -> None:
+    def delete_entry(
+        self, entry: BranchEntry, *, unless: Callable[[BranchRecord], bool] | None = None
+    ) -> bool:
+        """Delete the branch; False if it was gone already, or if `unless` holds
+        for its record once its lock is held (a decision taken before the lock,
+        such as the reaper's, is checked again against what changed since)."""
         started = time.perf_counter()
         inv = self.ctx.inventory
         with entry.lock:
             with inv.lock:
                 if inv.branches.get(entry.branch_id) is not entry:
-                    return  # deleted meanwhile
+                    return False  # deleted meanwhile
+                if unless is not None and unless(entry.record):
+                    return False
                 entry.deleting = True
             try:
                 self._stop(entry, discard=True)
@@ -391,6 +400,7 @@ class Branches:
             branch=entry.branch_id,
             ms_total=round((time.perf_counter() - started) * 1000, 1),
         )
+        return True
 
     def reset(self, branch_id: str) -> BranchEntry:
         entry = self.get(branch_id)
@@ -429,6 +439,10 @@ class Branches:
             entry.record = record.evolve(state=State.READY)
             driver.set_meta(Kind.BRANCHES, new_volume, {"state": "ready"})
             try:
+                # Marked first: should the destroy fail, the next start removes
+                # the old volume instead of bringing the branch back from it
+                # (after a delete, say).
+                driver.set_meta(Kind.BRANCHES, old_volume, {SUPERSEDED_META: "1"})
                 driver.destroy(Kind.BRANCHES, old_volume)
             except CowbranchError as exc:  # the next start's reconcile removes it
                 log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
@@ -487,11 +501,15 @@ class Branches:
                 and e.settled.is_set()
                 and not e.deleting
             ]
+        def kept(record: BranchRecord) -> bool:
+            # Protected or given more time since the decision above.
+            return record.protected or record.expire_time is None or record.expire_time > now()
+
         reaped = []
         for entry in expired:
             try:
-                self.delete_entry(entry)
-                reaped.append(entry.branch_id)
+                if self.delete_entry(entry, unless=kept):
+                    reaped.append(entry.branch_id)
             except CowbranchError as exc:
                 log.error("reap_failed", branch=entry.branch_id, error=exc.message)
         if reaped:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import structlog
 
 from . import postgres
-from .branches import Branches
+from .branches import SUPERSEDED_META, Branches
 from .errors import CowbranchError
 from .inventory import BaseEntry, BranchEntry, Context, parse_snapshot_ref
 from .model import BaseRecord, BranchRecord, State
@@ -90,13 +90,16 @@ def _one_volume_per_branch(volumes: list[Volume]) -> tuple[list[Volume], list[Vo
     volumes are dealt with one by one.)"""
     finished: dict[str, list[Volume]] = {}
     others: list[Volume] = []
+    marked: list[Volume] = []
     for volume in volumes:
         record = BranchRecord.from_meta(volume.name, volume.meta)
-        if record.state is State.CREATING or volume.meta.get(WARM_META) == "1":
+        if volume.meta.get(SUPERSEDED_META) == "1":
+            marked.append(volume)  # a reset finished with it; its destroy failed
+        elif record.state is State.CREATING or volume.meta.get(WARM_META) == "1":
             others.append(volume)
         else:
             finished.setdefault(record.branch_id, []).append(volume)
-    keep, superseded = list(others), []
+    keep, superseded = list(others), marked
     for group in finished.values():
         group.sort(key=lambda v: int(v.meta.get("resets") or 0), reverse=True)
         keep.append(group[0])

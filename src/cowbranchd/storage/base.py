@@ -125,12 +125,14 @@ class StorageDriver(abc.ABC):
 
     @abc.abstractmethod
     def destroy(self, kind: Kind, name: str) -> None:
-        """Remove a volume and all its snapshots. Missing is success.
+        """Remove a volume and its snapshots. Missing is success.
 
-        Moves it into `.trash/` first, then destroys it. When other volumes
-        still depend on one of its snapshots (ZFS), it stays in `.trash/`
-        until gc() finds it free. Never called under a live postmaster: the
-        caller stops postgres first (btrfs would not refuse)."""
+        Moves it into `.trash/` first, then destroys it. A snapshot another
+        volume was cloned from outlives it (it is that clone's reset source):
+        on ZFS the volume stays hidden until gc() finds it free; on btrfs the
+        snapshot alone stays, until destroy_snapshot() or gc() once no volume
+        names it as origin. Never called under a live postmaster: the caller
+        stops postgres first (btrfs would not refuse)."""
 
     @abc.abstractmethod
     def destroy_snapshot(self, ref: SnapshotRef) -> bool:

@@ -393,9 +393,29 @@ class BtrfsDriver(StorageDriver):
         os.rename(path, trashed)
         return trashed
 
+    def _origins(self) -> set[str]:
+        """The snapshots volumes were cloned from (their sidecars' `origin`)."""
+        found: set[str] = set()
+        for kind in Kind:
+            folder = self.root / kind.value
+            for entry in os.listdir(folder) if folder.is_dir() else []:
+                if "@" in entry:
+                    continue
+                with contextlib.suppress(BadSidecar):
+                    data = self._read_sidecar(folder / entry)
+                    if data is not None and isinstance(data.get("origin"), str):
+                        found.add(data["origin"])
+        return found
+
     def destroy(self, kind: Kind, name: str) -> None:
         path = self._volume_path(kind, name)
         snaps = self._snapshot_names(kind, name)
+        if snaps:
+            # A snapshot a clone came from is that clone's reset source: it
+            # outlives this volume (as on ZFS, where clones pin it) and goes
+            # with its last clone (destroy_snapshot, or gc() after a crash).
+            origins = self._origins()
+            snaps = [s for s in snaps if str(SnapshotRef(kind, name, s)) not in origins]
         with _translated(f"destroy {kind.value}/{name}"):
             # Snapshots go first: a crash in between leaves the volume listed
             # (so the caller retries) rather than orphaned snapshots. They are
@@ -481,10 +501,20 @@ class BtrfsDriver(StorageDriver):
                 with _translated(f"gc {sub}/{entry}"):
                     self._remove_tree(folder / entry)
                 removed.append(f"{sub}/{entry}")
+        origins: set[str] | None = None
         for kind in Kind:
             folder = self.root / kind.value
             for entry in sorted(os.listdir(folder)) if folder.is_dir() else []:
                 path = folder / entry
+                owner, at, snap = entry.partition("@")
+                if at and not os.path.lexists(folder / owner):
+                    # A snapshot that outlived its volume for a clone's sake.
+                    origins = self._origins() if origins is None else origins
+                    if str(SnapshotRef(kind, owner, snap)) not in origins:
+                        with _translated(f"gc {kind.value}/{entry}"):
+                            self._delete_subvolume(path)
+                        removed.append(f"{kind.value}/{entry}")
+                    continue
                 if (
                     "@" in entry
                     or not self._is_subvolume(path)

@@ -124,12 +124,17 @@ class ZfsDriver(StorageDriver):
         # the dataset appears, so a concurrent gc saw one without its marker
         # and destroyed a clone being handed out).
         self._in_flight: set[str] = set()
+        # Every dataset that started being created since gc() began listing:
+        # one that finished during the listing was seen there without its
+        # marker, yet is in neither in-flight copy taken around it.
+        self._started_since_listing: set[str] = set()
         self._in_flight_lock = threading.Lock()
 
     @contextlib.contextmanager
     def _creating(self, target: str) -> Iterator[None]:
         with self._in_flight_lock:
             self._in_flight.add(target)
+            self._started_since_listing.add(target)
         try:
             yield
         finally:
@@ -328,21 +333,20 @@ class ZfsDriver(StorageDriver):
         else:
             log.debug("destroyed", volume=f"{kind.value}/{name}")
             return
+        if self._has_dependent_clones(source):
+            # Kept in place, its marker removed: list() skips it, gc() destroys
+            # it once free; its name stays taken until then. Not renamed into
+            # .trash (zfs-fuse refuses while clones are mounted; OpenZFS would
+            # rename its snapshots with it, and they are the clones' reset
+            # sources, named by where they are).
+            self._zfs(f"destroy {source}", "inherit", _MARKER, source)
+            log.debug("kept in place: clones depend on it", dataset=source)
+            return
         trashed = f"{self.dataset}/.trash/{uuid.uuid4().hex}"
         try:
-            self._zfs(f"destroy {source}", "rename", source, trashed, retry_busy=False)
+            self._zfs(f"destroy {source}", "rename", source, trashed)
         except NotFound:
             return
-        except _Busy:
-            if self._has_dependent_clones(source):
-                # zfs-fuse will not rename a dataset whose snapshots have mounted
-                # clones (OpenZFS does). Removing the marker is the in-place
-                # equivalent of trashing: list() skips it, gc() destroys it
-                # once free; its name stays taken until then.
-                self._zfs(f"destroy {source}", "inherit", _MARKER, source)
-                log.debug("kept in place: clones depend on it", dataset=source)
-                return
-            self._zfs(f"destroy {source}", "rename", source, trashed)
         self._destroy_trashed(trashed)
         log.debug("destroyed", volume=f"{kind.value}/{name}", trash=trashed)
 
@@ -441,9 +445,12 @@ class ZfsDriver(StorageDriver):
         return PoolUsage(used_bytes=used, total_bytes=used + available)
 
     def gc(self) -> builtins.list[str]:
-        tree = self._get_all()
         with self._in_flight_lock:
             in_flight = set(self._in_flight)
+            self._started_since_listing.clear()
+        tree = self._get_all()
+        with self._in_flight_lock:
+            in_flight |= self._in_flight | self._started_since_listing
         leftovers: list[str] = []
         for dataset, props in sorted(tree.items()):
             if dataset in in_flight:
