@@ -69,7 +69,6 @@ _ARCHES = frozenset({"x86_64", "aarch64"})
 
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
@@ -142,21 +141,14 @@ def _check_arch(path: str) -> None:
         )
 
 
-def _syscall(name: str, *args: int | bytes | ctypes.c_void_p) -> int:
-    """Call `name` by number; return its result or raise OSError with errno."""
+def _syscall(name: str, *args: object) -> int:
+    """Call `name` by number (arguments as ctypes values, paths as bytes);
+    return its result or raise OSError with errno."""
     result = int(_libc.syscall(ctypes.c_long(_SYSCALLS[name]), *args))
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return result
-
-
-def _fd_arg(fd: int) -> ctypes.c_int:
-    return ctypes.c_int(fd)
-
-
-def _flags_arg(flags: int) -> ctypes.c_uint:
-    return ctypes.c_uint(flags)
 
 
 def _check_map(name: str, idmap: tuple[int, int, int]) -> str:
@@ -208,7 +200,6 @@ def user_namespace(uid_map: tuple[int, int, int], gid_map: tuple[int, int, int])
     finally:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, WALL)
-        del stack
 
 
 def _mount_id(fd: int) -> int:
@@ -251,7 +242,10 @@ def _opened(path: Path, what: str) -> Iterator[int]:
     try:
         fd = os.open(path, _PATH_FLAGS)
     except OSError as exc:
-        raise IdmapError("open", str(path), exc.errno or errno.EIO, f"{what} directory") from exc
+        link = " is a symbolic link, never followed" if os.path.islink(path) else ""
+        raise IdmapError(
+            "open", str(path), exc.errno or errno.EIO, f"{what} directory{link}"
+        ) from exc
     try:
         yield fd
     finally:
@@ -263,9 +257,11 @@ def _idmapped_tree(source_fd: int, source: Path, userns_fd: int) -> int:
     try:
         tree = _syscall(
             "open_tree",
-            _fd_arg(source_fd),
+            ctypes.c_int(source_fd),
             b"",
-            _flags_arg(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+            ctypes.c_uint(
+                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW
+            ),
         )
     except OSError as exc:
         if exc.errno == errno.ENOSYS:
@@ -275,9 +271,9 @@ def _idmapped_tree(source_fd: int, source: Path, userns_fd: int) -> int:
     try:
         _syscall(
             "mount_setattr",
-            _fd_arg(tree),
+            ctypes.c_int(tree),
             b"",
-            _flags_arg(AT_EMPTY_PATH),
+            ctypes.c_uint(AT_EMPTY_PATH),
             ctypes.c_void_p(ctypes.addressof(attr)),
             ctypes.c_size_t(ctypes.sizeof(attr)),
         )
@@ -328,11 +324,11 @@ def idmapped_mount(
             try:
                 _syscall(
                     "move_mount",
-                    _fd_arg(tree),
+                    ctypes.c_int(tree),
                     b"",
-                    _fd_arg(target_fd),
+                    ctypes.c_int(target_fd),
                     b"",
-                    _flags_arg(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+                    ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
                 )
             except OSError as exc:
                 raise IdmapError("move_mount", str(target), exc.errno or errno.EIO) from exc
@@ -354,44 +350,59 @@ def idmapped_mount(
 
 
 def unmount(target: Path, *, lazy: bool = False) -> None:
-    """Unmount the mount at `target`; nothing mounted there (or no `target`)
-    is success. The directory itself stays.
+    """Unmount the idmapped mount at `target`; nothing mounted there (or no
+    `target`) is success. The directory itself stays. Any other kind of
+    mount there is an IdmapError and stays: a wrong path must never take
+    the pool down.
 
     Not lazy by default: the caller stops the postmaster first, so a busy
     mount means a process the branch user left behind still works in it,
     and detaching would hand that process the data while the caller goes
     on to destroy the clone. MountBusy lets the caller find and end it, or
     retry; `lazy=True` detaches anyway (MNT_DETACH): the mount leaves the
-    tree at once and dies with its last user.
+    tree at once and lives on only for the processes still inside it.
     """
+    mounted = _mount_at(target)
+    if mounted is None:
+        return
+    if "idmapped" not in mounted:
+        raise IdmapError("umount2", str(target), errno.EINVAL, "not an idmapped mount; left alone")
+    # By path, not by the descriptor just checked: holding one keeps it busy.
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
     if _libc.umount2(os.fsencode(target), flags) == 0:
         log.debug("unmounted", target=str(target), lazy=lazy)
         return
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):  # not a mount point / no such directory
+    if err in (errno.EINVAL, errno.ENOENT):  # unmounted meanwhile
         return
     if err == errno.EBUSY:
         raise MountBusy("umount2", str(target), err, "still in use (stop its processes first)")
     raise IdmapError("umount2", str(target), err)
 
 
-def is_idmapped_mount(target: Path) -> bool:
-    """Whether an idmapped mount sits at `target` (the topmost mount there
-    carries the `idmapped` option in /proc/self/mountinfo)."""
+def _mount_at(target: Path) -> list[str] | None:
+    """The options of the topmost mount at `target`, None if nothing is
+    mounted there (or `target` is missing, or a link: never ours)."""
     try:
         fd = os.open(target, _PATH_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
-        return False
+        return None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a link: never ours
-            return False
+        if exc.errno == errno.ELOOP:
+            return None
         raise
     try:
         mount_id = _mount_root_id(fd)
-        return mount_id is not None and "idmapped" in _mountinfo(mount_id)[0]
+        return None if mount_id is None else _mountinfo(mount_id)[0]
     finally:
         os.close(fd)
+
+
+def is_idmapped_mount(target: Path) -> bool:
+    """Whether an idmapped mount sits at `target` (the topmost mount there
+    carries the `idmapped` option in /proc/self/mountinfo)."""
+    mounted = _mount_at(target)
+    return mounted is not None and "idmapped" in mounted
 
 
 _supported: dict[int, bool] = {}
