@@ -67,18 +67,20 @@ class BenchDaemon:
         """Let the postgres OS user (who runs the daemon's copy-in) reach the
         sources: search permission on the data dir and `src/` (the benchmark's
         own directories; the sources themselves are postgres's, made by initdb),
-        then check as that user that each source's PG_VERSION is readable."""
+        then check, as that user and as the daemon runs it (its own group, no
+        supplementary groups), that each source's PG_VERSION is readable."""
         root = self.import_root
         if not root.is_dir():
             return
         for directory in (root.parent, root):  # the data dir and src/
             mode = stat.S_IMODE(directory.stat().st_mode)
-            if not mode & stat.S_IXOTH:
-                directory.chmod(mode | stat.S_IXOTH)
+            # Group and other: postgres is either, depending on the group.
+            if mode & 0o011 != 0o011:
+                directory.chmod(mode | 0o011)
         for source in sorted(root.glob("s*/PG_VERSION")):
             proc = subprocess.run(
-                ["test", "-r", str(source)], user=OS_USER, cwd="/", check=False,
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                ["test", "-r", str(source)], user=OS_USER, group=OS_USER, extra_groups=[],
+                cwd="/", check=False, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
             )
             if proc.returncode != 0:
                 raise RuntimeError(
