@@ -11,6 +11,8 @@ from typing import Self
 
 import structlog
 
+from ._deadline import unbounded
+
 __all__ = ["Revert"]
 
 log = structlog.get_logger("cowbranchd.revert")
@@ -40,7 +42,9 @@ class Revert:
         while self._undos:
             what, undo = self._undos.pop()
             try:
-                undo()
+                # Past the call's deadline too: half-built work never stays.
+                with unbounded():
+                    undo()
             except Exception as undo_exc:
                 # An undo that fails must not hide the original error, nor
                 # stop the remaining undos.

@@ -13,14 +13,16 @@ from __future__ import annotations
 import pwd
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
 import structlog
 
-from .errors import CommandError
+from ._deadline import bounded
+from .errors import CommandError, DeadlineExceeded
 
-__all__ = ["as_user", "clean_env", "run"]
+__all__ = ["as_user", "clean_env", "run", "stuck_commands"]
 
 log = structlog.get_logger("cowbranchd.run")
 
@@ -66,7 +68,11 @@ def run(
     `user` runs the command as that OS user through `as_user` (the daemon
     runs as root; postgres tools refuse to), with `clean_env(env)` and `/` as
     the default working directory. With `check`, a non-zero exit raises
-    CommandError.
+    CommandError. The wait is bounded by `timeout` and by the call's deadline
+    (DeadlineExceeded when that is what ran out). A command that outlives its
+    time is killed; one that cannot be killed (uninterruptible sleep in a
+    hung FUSE server, say) is left to a watcher and reported by
+    `stuck_commands()`, never waited for.
     """
     started = time.perf_counter()
     full = list(argv)
@@ -75,21 +81,36 @@ def run(
         full = [*as_user(user), *full]
         child_env = clean_env(env)
         cwd = cwd or "/"
+    limit = bounded(timeout, f"running {argv[0]}")
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             full,
-            input=input,
-            capture_output=True,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=child_env,
-            timeout=timeout,
             cwd=cwd,
-            check=False,
         )
     except FileNotFoundError as exc:
         raise CommandError(argv, 127, f"{argv[0]}: not found ({exc.strerror})") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(argv, -1, f"timed out after {timeout}s") from exc
+    try:
+        stdout, stderr = proc.communicate(input, timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.communicate(timeout=_KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _watch_stuck(proc, argv)
+            raise CommandError(
+                argv, -1, f"timed out after {limit:.1f}s and could not be killed "
+                "(uninterruptible sleep: the storage backend may hang)"
+            ) from None
+        if timeout is None or (limit is not None and limit < timeout):
+            raise DeadlineExceeded(
+                f"{argv[0]} did not finish before the call's deadline ({limit:.1f}s)"
+            ) from None
+        raise CommandError(argv, -1, f"timed out after {limit:.1f}s") from None
     log.debug(
         "command",
         argv=list(argv),
@@ -98,5 +119,32 @@ def run(
         ms=round((time.perf_counter() - started) * 1000, 2),
     )
     if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, proc.stderr)
-    return proc
+        raise CommandError(argv, proc.returncode, stderr)
+    return subprocess.CompletedProcess(full, proc.returncode, stdout, stderr)
+
+
+# Commands that outlived their time and SIGKILL: pid -> (argv, monotonic start).
+_stuck: dict[int, tuple[tuple[str, ...], float]] = {}
+_stuck_lock = threading.Lock()
+_KILL_GRACE_S = 5.0
+
+
+def _watch_stuck(proc: subprocess.Popen[str], argv: Sequence[str]) -> None:
+    with _stuck_lock:
+        _stuck[proc.pid] = (tuple(argv), time.monotonic())
+    log.error("command_stuck", argv=list(argv), pid=proc.pid)
+
+    def reap() -> None:
+        proc.wait()  # whenever the kernel lets it go
+        with _stuck_lock:
+            _stuck.pop(proc.pid, None)
+        log.warning("command_unstuck", argv=list(argv), pid=proc.pid)
+
+    threading.Thread(target=reap, name=f"stuck-{proc.pid}", daemon=True).start()
+
+
+def stuck_commands() -> list[tuple[tuple[str, ...], float]]:
+    """Commands that could not be killed, with how long ago they started."""
+    now = time.monotonic()
+    with _stuck_lock:
+        return [(argv, now - since) for argv, since in _stuck.values()]
