@@ -24,7 +24,7 @@ from contextvars import ContextVar
 
 from .errors import DeadlineExceeded
 
-__all__ = ["acquire", "bounded", "remaining", "scope", "unbounded", "wait"]
+__all__ = ["acquire", "bounded", "holding", "remaining", "scope", "unbounded", "wait"]
 
 _deadline: ContextVar[float | None] = ContextVar("cowbranchd_deadline", default=None)
 
@@ -71,7 +71,7 @@ def bounded(timeout: float | None, what: str) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
-def acquire(lock: threading.Lock | threading.RLock, what: str) -> None:
+def acquire(lock: threading.Lock | threading.RLock | threading.Semaphore, what: str) -> None:
     """Take `lock` within the deadline, or DeadlineExceeded naming `what`."""
     timeout = bounded(None, what)
     if not lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -83,3 +83,15 @@ def wait(event: threading.Event, what: str, timeout: float | None = None) -> Non
     limit = bounded(timeout, what)
     if not event.wait(limit):
         raise DeadlineExceeded(f"gave up waiting for {what} after {limit:.1f}s")
+
+
+@contextlib.contextmanager
+def holding(
+    lock: threading.Lock | threading.RLock | threading.Semaphore, what: str
+) -> Iterator[None]:
+    """`with holding(lock, "branches/x"):` — `acquire` within the deadline."""
+    acquire(lock, what)
+    try:
+        yield
+    finally:
+        lock.release()

@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from . import _copyin, postgres
+from . import _deadline as deadline
 from ._revert import Revert
 from ._run import run
 from .errors import (
@@ -367,7 +368,7 @@ class Bases:
         source_dir = self._source("data_directory", data_directory)
         entry = self.get(base_id)
         os_user = self.ctx.config.postgres.os_user
-        with entry.lock:
+        with deadline.holding(entry.lock, f"bases/{base_id}"):
             record = entry.record
             binaries = postgres.find_binaries(record.pg_version, self.ctx.config.postgres.bin_dirs)
             pgdata = entry.path / "pgdata"
@@ -452,7 +453,7 @@ class Bases:
                     f"bases/{base_id}: branches kept appearing while it was deleted; try again"
                 )
             drop_warm(base_id)
-            with entry.lock:
+            with deadline.holding(entry.lock, f"bases/{base_id}"):
                 self.ctx.driver.destroy(Kind.BASES, base_id)
         except BaseException:
             entry.record = ready

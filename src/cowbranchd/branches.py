@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from . import _deadline as deadline
 from . import postgres
 from ._revert import Revert
 from ._settings import validate_client_settings
@@ -191,8 +192,9 @@ class Branches:
                     break
             # Same request_id as a create in flight or done: wait for it and
             # answer with its result; if it failed, nothing exists, so retry.
-            existing.settled.wait()
+            deadline.wait(existing.settled, f"the create with request_id {request_id!r}")
             if existing.error is None:
+                existing.unclaimed_since = None  # the retry its caller never made
                 return existing
         try:
             self._build(entry, parent.branch)
@@ -309,7 +311,7 @@ class Branches:
     def _snapshot_branch(self, parent_id: str, child_id: str) -> SnapshotRef:
         """CHECKPOINT a running parent branch, then snapshot it for the child."""
         parent = self.get(parent_id)
-        with parent.lock:
+        with deadline.holding(parent.lock, f"branches/{parent_id}"):
             if parent.deleting or self.state(parent) is not State.READY:
                 raise FailedPrecondition(
                     f"branches/{parent_id} is {self.state(parent).name}, not READY: "
@@ -373,7 +375,7 @@ class Branches:
         such as the reaper's, is checked again against what changed since)."""
         started = time.perf_counter()
         inv = self.ctx.inventory
-        with entry.lock:
+        with deadline.holding(entry.lock, f"branches/{entry.branch_id}"):
             with inv.lock:
                 if inv.branches.get(entry.branch_id) is not entry:
                     return False  # deleted meanwhile
@@ -405,7 +407,7 @@ class Branches:
     def reset(self, branch_id: str) -> BranchEntry:
         entry = self.get(branch_id)
         driver = self.ctx.driver
-        with entry.lock:
+        with deadline.holding(entry.lock, f"branches/{branch_id}"):
             source = entry.source
             if source is None or entry.deleting:
                 raise FailedPrecondition(
@@ -477,7 +479,7 @@ class Branches:
             changes["expire_time"] = now() + valid if valid else None
         if protected is not None:
             changes["protected"] = protected
-        with entry.lock:
+        with deadline.holding(entry.lock, f"branches/{branch_id}"):
             record = entry.record.evolve(**changes)
             meta = record.to_meta()
             self.ctx.driver.set_meta(
@@ -488,25 +490,42 @@ class Branches:
             entry.record = record
         return entry
 
+    def mark_unclaimed(self, entry: BranchEntry) -> None:
+        """The caller of this finished create is gone: keep the branch for a
+        retry with its request_id, for `daemon.unclaimed_grace`, then reap it."""
+        entry.unclaimed_since = time.monotonic()
+        log.warning("branch_unclaimed", branch=entry.branch_id, request_id=entry.record.request_id)
+
     def reap_expired(self) -> list[str]:
-        """Delete unprotected branches whose expire_time has passed."""
+        """Delete unprotected branches whose expire_time has passed, and
+        branches nobody received once their grace is over."""
         moment = now()
+        grace = self.ctx.config.daemon.unclaimed_grace.total_seconds()
+        unclaimed_before = time.monotonic() - grace
         with self.ctx.inventory.lock:
             expired = [
                 e
                 for e in self.ctx.inventory.branches.values()
-                if e.record.expire_time is not None
-                and e.record.expire_time <= moment
-                and not e.record.protected
+                if (
+                    (
+                        e.record.expire_time is not None
+                        and e.record.expire_time <= moment
+                        and not e.record.protected
+                    )
+                    or (e.unclaimed_since is not None and e.unclaimed_since < unclaimed_before)
+                )
                 and e.settled.is_set()
                 and not e.deleting
             ]
-        def kept(record: BranchRecord) -> bool:
-            # Protected or given more time since the decision above.
-            return record.protected or record.expire_time is None or record.expire_time > now()
-
         reaped = []
         for entry in expired:
+
+            def kept(record: BranchRecord, entry: BranchEntry = entry) -> bool:
+                # Claimed, protected or given more time since the decision above.
+                if entry.unclaimed_since is not None and entry.unclaimed_since < unclaimed_before:
+                    return False
+                return record.protected or record.expire_time is None or record.expire_time > now()
+
             try:
                 if self.delete_entry(entry, unless=kept):
                     reaped.append(entry.branch_id)

@@ -72,10 +72,18 @@ class DaemonConfig:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     max_branches: int = 500
+    # Branch writes (create, delete, reset, update) running at once, and how
+    # many more may wait for a turn; beyond that a write is UNAVAILABLE at
+    # once (clients retry with backoff). Base writes get a quarter of the turns.
+    max_concurrent_writes: int = 8
+    max_queued_writes: int = 24
     # Started clones of each base's latest version kept ready for CreateBranch
     # (btrfs only); each is an idle postgres (~15 MiB) holding a port.
     warm_branches: int = 0
     default_ttl: timedelta | None = None
+    # How long a branch whose create finished after its caller had gone is
+    # kept for a retry with the same request_id before it is deleted.
+    unclaimed_grace: timedelta = timedelta(seconds=60)
     reap_interval: timedelta = timedelta(seconds=5)
     drain_timeout: timedelta = timedelta(seconds=30)
     max_message_bytes: int = 4 * 1024 * 1024

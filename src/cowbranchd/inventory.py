@@ -47,6 +47,9 @@ class BranchEntry:
     settled: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     deleting: bool = False
+    # When its create finished after the caller had gone (cancelled, timed
+    # out, died): kept for a retry with its request_id, reaped after a grace.
+    unclaimed_since: float | None = None
 
     def __post_init__(self) -> None:
         self.volume = self.volume or self.record.branch_id

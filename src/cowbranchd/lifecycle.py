@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import structlog
 
+from . import _deadline as deadline
 from . import postgres
 from .errors import AlreadyExists, CowbranchError, InvalidArgument, PostgresError, StorageError
 from .inventory import BranchEntry, Context
@@ -88,7 +89,10 @@ def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) 
                 settings=settings,
                 log_path=str(ctx.log_path(entry.branch_id)),
                 ready_dsn=connection(ctx, entry).dsn,
-                ready_timeout=pg.start_timeout.total_seconds(),
+                ready_timeout=deadline.bounded(
+                    pg.start_timeout.total_seconds(), "postgres to answer"
+                )
+                or 0.0,
             )
             return
         except postgres.PortInUse:

@@ -27,6 +27,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from . import _deadline as deadline
 from ._pgdata import (
     DAEMON_OWNED_SETTINGS,
     Binaries,
@@ -108,6 +109,7 @@ def write_hba(pgdata: str | os.PathLike[str], os_user: str) -> None:
 # hopeless at any count, while 4096 rounds cost ~2-4 ms on each side of every
 # connection, the daemon's readiness check and the client's first one alike.
 SCRAM_ITERATIONS = 32
+CHECKPOINT_TIMEOUT_S = 120.0
 
 
 def scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS, salt: bytes = b"") -> str:
@@ -138,12 +140,15 @@ def dsn(host: str, port: int, user: str, password: str, database: str) -> str:
     return f"postgresql://{auth}@{quote(host, safe='[]:')}:{port}/{db}"
 
 
-def checkpoint(conninfo: str) -> None:
-    """Run CHECKPOINT, so a snapshot of the running cluster recovers quickly."""
-    # The branch's own defaults (a client's statement_timeout, say) must not
-    # cut the daemon's checkpoint short.
+def checkpoint(conninfo: str, timeout: float = CHECKPOINT_TIMEOUT_S) -> None:
+    """Run CHECKPOINT, so a snapshot of the running cluster recovers quickly;
+    within `timeout` (and the call's deadline), connection included."""
+    limit = deadline.bounded(timeout, "CHECKPOINT") or timeout
+    # The daemon's own statement_timeout, not the branch's (a client's
+    # setting must neither cut the checkpoint short nor let it run forever).
+    options = f"-c statement_timeout={int(limit * 1000)} -c lock_timeout=0"
     with psycopg.connect(
-        conninfo, autocommit=True, options="-c statement_timeout=0 -c lock_timeout=0"
+        conninfo, autocommit=True, options=options, connect_timeout=max(1, int(limit))
     ) as conn:
         conn.execute("CHECKPOINT")
 

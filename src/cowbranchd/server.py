@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import __version__
 from ._logging import configure_logging
+from ._run import stuck_commands
 from .bases import Bases, InitdbSpec
 from .branches import Branches
 from .config import Config, load_config
@@ -34,7 +35,7 @@ from .inventory import Context, Inventory
 from .model import now
 from .ports import PortAllocator
 from .reconcile import reconcile
-from .service import BaseServicer, BranchServicer, DaemonServicer, Gate
+from .service import BaseServicer, BranchServicer, DaemonServicer, Gate, admissions
 from .storage import open_driver
 from .storage.base import StorageDriver
 from .storage.loop import make_btrfs_loop_pool
@@ -53,6 +54,8 @@ __all__ = ["Daemon", "main"]
 log = structlog.get_logger("cowbranchd.server")
 
 SIGNAL_POLL_S = 0.1
+STORAGE_WATCH_S = 1.0
+READ_WORKERS = 16  # worker threads no write can occupy (reads, health, status)
 SERVICE_NAMES = (
     bases_pb2.DESCRIPTOR.services_by_name["BaseService"].full_name,
     branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
@@ -155,6 +158,9 @@ class Daemon:
         self.bases = Bases(self.ctx)
         self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
         self.branches = Branches(self.ctx, self.bases, self.warm)
+        self.admission = admissions(
+            config.daemon.max_concurrent_writes, config.daemon.max_queued_writes
+        )
         self.server = self._build_server()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -184,17 +190,22 @@ class Daemon:
         interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
         if self._token is not None:
             interceptors.append(_TokenInterceptor(self._token))
+        # Enough workers for every admitted or queued write at once, plus a
+        # reserve that only reads and health checks can reach.
+        writers = sum(a.running + a.queued for a in self.admission.values())
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=writers + READ_WORKERS, thread_name_prefix="rpc"
+            ),
             options=options,
             interceptors=interceptors,
             maximum_concurrent_rpcs=256,
         )
         bases_pb2_grpc.add_BaseServiceServicer_to_server(
-            BaseServicer(self.bases, self.branches, self.gate), server
+            BaseServicer(self.bases, self.branches, self.gate, self.admission), server
         )
         branches_pb2_grpc.add_BranchServiceServicer_to_server(
-            BranchServicer(self.branches, self.gate), server
+            BranchServicer(self.branches, self.gate, self.admission), server
         )
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonServicer(self.branches, self.gate, now()), server
@@ -246,6 +257,7 @@ class Daemon:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         notify_systemd("READY=1\nSTATUS=serving")
         threading.Thread(target=self._reaper, name="reaper", daemon=True).start()
+        threading.Thread(target=self._watch_storage, name="storage-watch", daemon=True).start()
         self.warm.start()
         log.info(
             "serving",
@@ -272,6 +284,25 @@ class Daemon:
                     self.ctx.driver.gc()
             except Exception:
                 log.exception("reaper_failed")
+
+    def _watch_storage(self) -> None:
+        """Health follows the storage backend: NOT_SERVING, with the reason in
+        the log and in every refused write, while a command it ran cannot be
+        killed (a hung zfs-fuse); SERVING again once it is gone."""
+        hung = False
+        while not self.stopping.wait(STORAGE_WATCH_S):
+            stuck = stuck_commands()
+            if stuck and not hung:
+                argv, age = stuck[0]
+                reason = f"storage backend hung: {' '.join(argv)} stuck for {age:.0f}s"
+                log.error("storage_hung", reason=reason, commands=len(stuck))
+                self.gate.hold_writes(reason)
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif not stuck and hung:
+                log.info("storage_recovered")
+                self.gate.hold_writes(None)
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            hung = bool(stuck)
 
     def drain_and_stop(self, *, stop_branches: bool = False) -> None:
         """Refuse new calls, let in-flight ones finish, exit. Branches keep

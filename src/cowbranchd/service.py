@@ -9,11 +9,12 @@ every RPC answers UNAVAILABLE.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from . import __version__
+from . import _deadline as deadline
 from .bases import Bases, InitdbSpec
 from .branches import Branches, CreateSpec
 from .errors import CowbranchError, InvalidArgument, Unavailable
@@ -36,7 +38,7 @@ from .v1 import (
     daemon_pb2_grpc,
 )
 
-__all__ = ["BaseServicer", "BranchServicer", "DaemonServicer", "Gate"]
+__all__ = ["Admission", "BaseServicer", "BranchServicer", "DaemonServicer", "Gate", "admissions"]
 
 log = structlog.get_logger("cowbranchd.rpc")
 
@@ -47,11 +49,23 @@ DEFAULT_PAGE_SIZE = 100
 
 
 class Gate:
-    """Whether RPCs are served: closed while starting up and while draining."""
+    """Whether RPCs are served: closed while starting up and while draining;
+    writes alone are held while the storage backend hangs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._reason: str | None = "cowbranchd is starting up (reconciling storage); retry shortly"
+        self._writes_held: str | None = None
+
+    def hold_writes(self, reason: str | None) -> None:
+        with self._lock:
+            self._writes_held = reason
+
+    def check_write(self) -> None:
+        with self._lock:
+            reason = self._writes_held
+        if reason is not None:
+            raise Unavailable(f"{reason}; retry later")
 
     def open(self) -> None:
         with self._lock:
@@ -68,11 +82,72 @@ class Gate:
             raise Unavailable(reason)
 
 
+class Admission:
+    """Bounded work of one kind: at most `running` calls at once and `queued`
+    more waiting for a turn; beyond that UNAVAILABLE at once (the client
+    library retries it with backoff), so slow work never takes every worker
+    thread and reads, health included, keep answering."""
+
+    def __init__(self, kind: str, running: int, queued: int) -> None:
+        self.kind = kind
+        self.running = running
+        self.queued = queued
+        self._turns = threading.BoundedSemaphore(running)
+        self._lock = threading.Lock()
+        self._inside = 0
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside >= self.running + self.queued:
+                raise Unavailable(
+                    f"too many {self.kind} calls in flight ({self.running} running, "
+                    f"{self.queued} queued): retry with backoff"
+                )
+            self._inside += 1
+        try:
+            deadline.acquire(self._turns, f"a turn among {self.kind} calls")
+            try:
+                yield
+            finally:
+                self._turns.release()
+        finally:
+            with self._lock:
+                self._inside -= 1
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._inside
+
+
+def admissions(running: int, queued: int) -> dict[str, Admission]:
+    """One Admission per kind of slow work (reads are never queued)."""
+    return {
+        "branch writes": Admission("branch writes", running, queued),
+        "base writes": Admission("base writes", max(1, running // 4), queued),
+    }
+
+
+# Which calls are slow work of which kind.
+_KIND = {
+    "CreateBranch": "branch writes",
+    "DeleteBranch": "branch writes",
+    "ResetBranch": "branch writes",
+    "UpdateBranch": "branch writes",
+    "CreateBase": "base writes",
+    "CreateBaseVersion": "base writes",
+    "DeleteBase": "base writes",
+}
+
+
 def rpc(
     method: Callable[[Any, Req, grpc.ServicerContext], Resp],
 ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
-    """Gate, time, log and translate errors for one servicer method."""
+    """Gate, admit, bound by the caller's deadline, time, log and translate
+    errors for one servicer method."""
     name = method.__name__
+    kind = _KIND.get(name)
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
@@ -80,7 +155,12 @@ def rpc(
         fields = _log_fields(request)
         try:
             self.gate.check()
-            response = method(self, request, context)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(deadline.scope(context.time_remaining()))
+                if kind is not None:
+                    self.gate.check_write()
+                    stack.enter_context(self.admission[kind].turn())
+                response = method(self, request, context)
         except CowbranchError as exc:
             log.info(
                 "rpc",
@@ -138,9 +218,12 @@ def _duration(field_name: str, message: duration_pb2.Duration) -> timedelta:
 
 
 class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
-    def __init__(self, branches: Branches, gate: Gate) -> None:
+    def __init__(
+        self, branches: Branches, gate: Gate, admission: dict[str, Admission]
+    ) -> None:
         self.branches = branches
         self.gate = gate
+        self.admission = admission
 
     def to_proto(self, entry: BranchEntry, *, with_usage: bool = True) -> branches_pb2.Branch:
         record = entry.record
@@ -175,7 +258,10 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             postgres_settings=dict(request.postgres_settings),
             protected=request.protected,
         )
-        return self.to_proto(self.branches.create(spec), with_usage=False)
+        entry = self.branches.create(spec)
+        if not context.is_active():  # cancelled, timed out or gone while we built it
+            self.branches.mark_unclaimed(entry)
+        return self.to_proto(entry, with_usage=False)
 
     @rpc
     def GetBranch(
@@ -264,10 +350,13 @@ def _decode_token(token: str) -> str:
 
 
 class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
-    def __init__(self, bases: Bases, branches: Branches, gate: Gate) -> None:
+    def __init__(
+        self, bases: Bases, branches: Branches, gate: Gate, admission: dict[str, Admission]
+    ) -> None:
         self.bases = bases
         self.branches = branches
         self.gate = gate
+        self.admission = admission
 
     def to_proto(self, entry: BaseEntry) -> bases_pb2.Base:
         record = entry.record
