@@ -111,7 +111,7 @@ def test_base_from_data_directory_and_refreshed_version(
             branches_pb2.CreateBranchRequest(parent="bases/copied"), timeout=120
         )
         assert v2.parent == "bases/copied/versions/2"
-        assert v2.connection.password == v1.connection.password
+        assert v2.connection.password != v1.connection.password  # each branch its own
         assert rows(v2.connection.dsn.rsplit("/", 1)[0] + "/app") == [1, 2, 3]
         assert rows(dsn_app) == [1, 2]
 

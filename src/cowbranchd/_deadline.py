@@ -26,6 +26,7 @@ from .errors import DeadlineExceeded
 
 __all__ = ["acquire", "bounded", "holding", "remaining", "scope", "unbounded", "wait"]
 
+_NO_DEADLINE_S = 10.0**7  # beyond this (~4 months), a "deadline" means none
 _deadline: ContextVar[float | None] = ContextVar("cowbranchd_deadline", default=None)
 
 
@@ -34,6 +35,8 @@ def scope(seconds: float | None) -> Iterator[None]:
     """Bound everything under this block to `seconds` from now (None: no bound
     of its own; an enclosing, earlier deadline still holds)."""
     outer = _deadline.get()
+    if seconds is not None and seconds > _NO_DEADLINE_S:
+        seconds = None  # gRPC reports "no deadline" as an enormous time left
     inner = None if seconds is None else time.monotonic() + max(0.0, seconds)
     if outer is not None and (inner is None or outer < inner):
         inner = outer

@@ -24,8 +24,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import psycopg
@@ -36,7 +37,7 @@ from ._run import as_user, clean_env
 from ._safefs import UnsafePath, open_dir
 from .errors import PostgresError
 
-__all__ = ["PortInUse", "Postmaster", "find_postmaster", "start", "stop"]
+__all__ = ["OnReady", "PortInUse", "Postmaster", "find_postmaster", "start", "stop"]
 
 log = structlog.get_logger("cowbranchd.postgres")
 
@@ -152,13 +153,21 @@ def _port_bound_elsewhere(listen_addresses: str, port: int) -> bool:
     return False
 
 
-def _probe(ready_dsn: str, exited: threading.Event, deadline: float) -> None:
-    """Run SELECT 1 through `ready_dsn`, retrying only while the server is starting."""
+OnReady = Callable[["psycopg.Connection[Any]"], None]
+
+
+def _probe(
+    ready_dsn: str, exited: threading.Event, deadline: float, on_ready: OnReady | None
+) -> None:
+    """Run SELECT 1 through `ready_dsn`, retrying only while the server is
+    starting; then `on_ready` on the same connection (no second one)."""
     while True:
         timeout = max(2, int(deadline - time.monotonic()) + 1)
         try:
             with psycopg.connect(ready_dsn, connect_timeout=timeout, autocommit=True) as conn:
                 conn.execute("SELECT 1").fetchone()
+                if on_ready is not None:
+                    on_ready(conn)
             return
         except psycopg.OperationalError as exc:
             # 57P03 cannot_connect_now: still starting; no sqlstate: not reachable yet.
@@ -195,7 +204,9 @@ class _Starting:
             return self.fail(problem, PortInUse)
         return self.fail(problem)
 
-    def wait_ready(self, ready_dsn: str, ready_timeout: float) -> float:
+    def wait_ready(
+        self, ready_dsn: str, ready_timeout: float, on_ready: OnReady | None = None
+    ) -> float:
         """Wait for "ready" in postmaster.pid, then SELECT 1; return when the pid file said so."""
         exited = self.proc_exited
         deadline = time.monotonic() + ready_timeout
@@ -210,7 +221,7 @@ class _Starting:
                 raise self.fail(f"not ready within {ready_timeout}s")
         pid_ready = time.perf_counter()
         try:
-            _probe(ready_dsn, exited, deadline)
+            _probe(ready_dsn, exited, deadline, on_ready)
         except psycopg.Error as exc:
             raise self.fail(f"SELECT 1 failed: {exc}") from exc
         if exited.is_set():
@@ -239,8 +250,10 @@ def start(
     log_path: str,
     ready_dsn: str,
     ready_timeout: float = 60.0,
+    on_ready: OnReady | None = None,
 ) -> Postmaster:
-    """Spawn postgres on `pgdata` and return once `SELECT 1` through `ready_dsn` worked.
+    """Spawn postgres on `pgdata` and return once `SELECT 1` through `ready_dsn`
+    worked, and `on_ready` ran on that connection.
 
     Raises PortInUse if it could not listen on `port`, PostgresError (with the
     tail of `log_path`) if it exited or was not ready within `ready_timeout`;
@@ -295,7 +308,7 @@ def start(
     pm = Postmaster(proc.pid, ctime, port, socket_dir, pgdata, child.exited)
     starting = _Starting(pm, proc, log_path, offset, listen_addresses)
     try:
-        pid_ready = starting.wait_ready(ready_dsn, ready_timeout)
+        pid_ready = starting.wait_ready(ready_dsn, ready_timeout, on_ready)
     except PostgresError:
         raise  # already stopped
     except BaseException:

@@ -48,6 +48,11 @@ class SecretKeeper:
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode()[:_PASSWORD_CHARS]
 
+    def branch_password(self, branch_id: str, create_time: datetime) -> str:
+        """The password of branch `branch_id`: its own, the same after a reset
+        or a restart, different for a branch re-created under the same id."""
+        return self.derive("branch-password", branch_id, create_time.isoformat())
+
     def base_password(self, base_id: str, create_time: datetime) -> str:
         """The password of base `base_id`'s superuser. The creation time makes
         a base re-created under the same name a different secret."""

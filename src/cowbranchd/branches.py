@@ -37,12 +37,12 @@ from .errors import (
 from .inventory import BranchEntry, Context
 from .lifecycle import (
     Connection,
+    claim,
     clone_or_clean_up,
     connection,
     remove_runtime_files,
     start_postmaster,
     stop_postmaster,
-    verify_ready,
 )
 from .model import (
     BaseRecord,
@@ -297,7 +297,7 @@ class Branches:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(src, dst)
         try:
-            verify_ready(ctx, entry)
+            claim(ctx, entry)
         except CowbranchError as exc:
             log.warning("warm_hand_over_failed", branch=entry.branch_id, error=exc.message)
             assert self.warm is not None

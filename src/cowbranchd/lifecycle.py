@@ -11,9 +11,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from . import _deadline as deadline
 from . import postgres
@@ -23,12 +25,12 @@ from .storage.base import Kind, SnapshotRef, StorageDriver
 
 __all__ = [
     "Connection",
+    "claim",
     "clone_or_clean_up",
     "connection",
     "remove_runtime_files",
     "start_postmaster",
     "stop_postmaster",
-    "verify_ready",
 ]
 
 log = structlog.get_logger("cowbranchd.branches")
@@ -50,15 +52,23 @@ class Connection:
     dsn: str
 
 
-def connection(ctx: Context, entry: BranchEntry) -> Connection:
-    """Where and how to reach the branch: its base's credentials, its port."""
+def _credentials(ctx: Context, entry: BranchEntry) -> tuple[str, str, str]:
+    """(user, password, database) of the branch: its base's superuser and
+    database, and a password of the branch's own, derived from its identity
+    (so it survives resets and restarts and is never stored)."""
     with ctx.inventory.lock:
         base_entry = ctx.inventory.bases.get(entry.record.base_id)
     base = base_entry.record if base_entry else None
+    password = ctx.secrets.branch_password(entry.branch_id, entry.record.create_time)
+    if base is None:
+        return "postgres", password, "postgres"
+    return base.user, password, base.database
+
+
+def connection(ctx: Context, entry: BranchEntry) -> Connection:
+    """Where and how to reach the branch: its own password, its port."""
     pg = ctx.config.postgres
-    user = base.user if base else "postgres"
-    password = ctx.base_password(base) if base else ""
-    database = base.database if base else "postgres"
+    user, password, database = _credentials(ctx, entry)
     return Connection(
         host=pg.host,
         port=entry.record.port,
@@ -68,6 +78,30 @@ def connection(ctx: Context, entry: BranchEntry) -> Connection:
         socket_dir=str(ctx.socket_dir(entry.branch_id)),
         dsn=postgres.dsn(pg.host, entry.record.port, user, password, database),
     )
+
+
+def _socket_dsn(ctx: Context, entry: BranchEntry) -> str:
+    """The daemon's own way in: the branch's socket (trusted, no password)."""
+    user, _, database = _credentials(ctx, entry)
+    return postgres.dsn(str(ctx.socket_dir(entry.branch_id)), entry.record.port, user, "", database)
+
+
+def _give_password(ctx: Context, entry: BranchEntry) -> postgres.OnReady:
+    """Set the branch's own password on its role, over the daemon's socket
+    connection: a clone comes with its parent's (a base's or another
+    branch's), which must open only the parent."""
+    user, password, _ = _credentials(ctx, entry)
+    verifier = postgres.scram_verifier(password)
+
+    def apply(conn: psycopg.Connection[Any]) -> None:
+        # Not in the branch's log, whatever its log_statement says.
+        conn.execute("SET log_statement = 'none'")
+        conn.execute("SET log_min_duration_statement = -1")
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(user), sql.Literal(verifier))
+        )
+
+    return apply
 
 
 def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) -> None:
@@ -88,7 +122,8 @@ def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) 
                 listen_addresses=pg.listen_addresses,
                 settings=settings,
                 log_path=str(ctx.log_path(entry.branch_id)),
-                ready_dsn=connection(ctx, entry).dsn,
+                ready_dsn=_socket_dsn(ctx, entry),
+                on_ready=_give_password(ctx, entry),
                 ready_timeout=deadline.bounded(
                     pg.start_timeout.total_seconds(), "postgres to answer"
                 )
@@ -173,12 +208,14 @@ def remove_runtime_files(ctx: Context, branch_id: str) -> None:
     ctx.log_path(branch_id).unlink(missing_ok=True)
 
 
-def verify_ready(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:
-    """`SELECT 1` through the branch's DSN, as CreateBranch promises."""
+def claim(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:
+    """Make a running clone the branch it was handed to: its own password set,
+    `SELECT 1` answered (as CreateBranch promises), over one socket connection."""
     try:
         with psycopg.connect(
-            connection(ctx, entry).dsn, connect_timeout=max(1, int(timeout))
+            _socket_dsn(ctx, entry), connect_timeout=max(1, int(timeout)), autocommit=True
         ) as conn:
             conn.execute("SELECT 1")
+            _give_password(ctx, entry)(conn)
     except psycopg.Error as exc:
         raise PostgresError(f"branches/{entry.branch_id} does not answer SELECT 1: {exc}") from exc

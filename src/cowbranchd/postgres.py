@@ -38,7 +38,7 @@ from ._pgdata import (
     prepare_clone,
     validate_settings,
 )
-from ._postmaster import PortInUse, Postmaster, find_postmaster, start, stop
+from ._postmaster import OnReady, PortInUse, Postmaster, find_postmaster, start, stop
 from ._run import run
 from ._safefs import append_regular, open_dir, replace_file
 from .errors import InvalidArgument
@@ -47,6 +47,7 @@ __all__ = [
     "DAEMON_OWNED_SETTINGS",
     "PG_HBA",
     "Binaries",
+    "OnReady",
     "PortInUse",
     "Postmaster",
     "check_clean_shutdown",
