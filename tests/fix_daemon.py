@@ -26,6 +26,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cowbranchd import _idmap as idmap
 from cowbranchd import postgres
 from cowbranchd.v1 import bases_pb2_grpc, branches_pb2_grpc
 
@@ -163,16 +164,47 @@ base_id = "{self.base}"
                 found.append(psutil.Process(master.pid))
         return found
 
-    def _pid_files(self) -> list[Path]:
+    @property
+    def mount_root(self) -> Path:
+        """Where the daemon mounts each isolated branch's data directory."""
+        return self.workdir / "state" / "mnt"
+
+    def run_dir(self, volume: str) -> Path:
+        """The data directory a branch volume's postmaster runs on: its
+        idmapped mount when the branch has a uid of its own, else its pgdata."""
+        mounted = self.mount_root / volume
+        if mounted.is_dir() and idmap.is_idmapped_mount(mounted):
+            return mounted
         if self.driver == "btrfs":
-            return list(Path(self.pool_root).glob("*/*/pgdata/postmaster.pid"))
+            return Path(self.pool_root) / "branches" / volume / "pgdata"
+        out = subprocess.run(
+            [
+                "zfs",
+                "get",
+                "-H",
+                "-o",
+                "value",
+                "mountpoint",
+                f"{self.pool_root}/branches/{volume}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return Path(out) / "pgdata"
+
+    def _pid_files(self) -> list[Path]:
+        # A branch with its own uid runs on its idmapped mount: look there first.
+        mounted = list(self.mount_root.glob("*/postmaster.pid"))
+        if self.driver == "btrfs":
+            return mounted + list(Path(self.pool_root).glob("*/*/pgdata/postmaster.pid"))
         out = subprocess.run(
             ["zfs", "get", "-H", "-o", "value", "-r", "mountpoint", self.pool_root],
             capture_output=True,
             text=True,
             check=False,
         ).stdout.split()
-        return [Path(m) / "pgdata" / "postmaster.pid" for m in out if m.startswith("/")]
+        return mounted + [Path(m) / "pgdata" / "postmaster.pid" for m in out if m.startswith("/")]
 
     def cleanup(self) -> None:
         self.stop()
@@ -180,6 +212,9 @@ base_id = "{self.base}"
             master = postgres.find_postmaster(str(pid_file.parent))
             if master is not None:
                 postgres.stop(master)
+        # Branch mounts outlive the daemon by design; the pool cannot go while they stay.
+        for target in self.mount_root.glob("*") if self.mount_root.is_dir() else []:
+            idmap.unmount(target, lazy=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -250,6 +250,8 @@ def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonH
     assert document["daemon"]["driver"] == "btrfs"
     assert document["daemon"]["pool"] == daemon.pool_root
     assert 0 < document["daemon"]["pool_used_bytes"] < document["daemon"]["pool_total_bytes"]
+    assert document["daemon"]["isolation"] == "uid"
+    assert document["daemon"]["warnings"] == []
     code, out, _ = run(ctl, "status")
     assert code == EXIT_OK
     assert [line.split(":")[0] for line in out.splitlines()] == [
@@ -260,6 +262,7 @@ def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonH
         "written",
         "daemon",
         "pool",
+        "isolation",
         "pool used",
         "capacity",
     ]

@@ -80,12 +80,12 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
 
         worker = threading.Thread(target=slow_create)
         worker.start()
-        pid_file = Path(d.pool_root) / "branches" / "halfway" / "pgdata" / "postmaster.pid"
         for _ in range(600):
+            pid_file = d.run_dir("halfway") / "postmaster.pid"
             if pid_file.exists() and postgres.find_postmaster(str(pid_file.parent)) is not None:
                 break
             time.sleep(0.05)
-        half_master = postgres.find_postmaster(str(pid_file.parent))
+        half_master = postgres.find_postmaster(str(d.run_dir("halfway")))
         assert half_master is not None
         d.kill(signal.SIGKILL)
         worker.join(60)
@@ -118,9 +118,7 @@ def test_dead_postmaster_is_restarted_at_daemon_start(daemon_factory: DaemonFact
             branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
         )
     d.stop()
-    master = postgres.find_postmaster(
-        str(Path(d.pool_root) / "branches" / branch.name[9:] / "pgdata")
-    )
+    master = postgres.find_postmaster(str(d.run_dir(branch.name[9:])))
     assert master is not None
     os.kill(master.pid, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(master.pid)], timeout=10) if psutil.pid_exists(

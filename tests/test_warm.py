@@ -106,7 +106,7 @@ def test_create_hands_out_a_warm_branch(warm_daemon: DaemonHandle) -> None:
         fast = [v for v, car in sidecars.items() if car["meta"].get("id") == "fast"]
         assert len(fast) == 1 and fast[0].startswith("warm_")
         assert sidecars[fast[0]]["meta"].get("warm", "") == ""
-        pgdata = Path(d.pool_root) / "branches" / fast[0] / "pgdata"
+        pgdata = d.run_dir(fast[0])
         assert postgres.find_postmaster(str(pgdata)) is not None
         stub.ResetBranch(branches_pb2.ResetBranchRequest(name=a.name), timeout=120)
         assert rows(a.connection.dsn) == [1, 2, 3]

@@ -273,6 +273,7 @@ def status() -> Op[dict[str, Any]]:
             "port_range": [response.port_range_first, response.port_range_last],
             "start_time": response.start_time.ToDatetime(UTC).isoformat(),
             "warnings": list(response.warnings),
+            "isolation": response.isolation,
         }
 
     return Op("daemon", "GetStatus", daemon_pb2.GetStatusRequest(), convert)

@@ -290,6 +290,7 @@ def _daemon_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("daemon", f"cowbranchd {status['version']}, up since {status['start_time']}"),
         ("pool", f"{status['driver']} {status['pool']}"),
+        ("isolation", status.get("isolation") or "unknown"),
         ("pool used", f"{format_bytes(used)} of {format_bytes(total)}{percent}"),
         (
             "capacity",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import pwd
 import select
 import signal
 import socket
@@ -33,7 +32,7 @@ import psycopg
 import structlog
 
 from ._pgdata import Binaries, read_pid_file, validate_settings
-from ._run import as_user, clean_env
+from ._run import RunAs, as_user, clean_env, ids_of
 from ._safefs import UnsafePath, open_dir
 from .errors import PostgresError
 
@@ -113,13 +112,13 @@ def _child_env() -> dict[str, str]:
     return clean_env()
 
 
-def _ensure_socket_dir(socket_dir: str, user: pwd.struct_passwd) -> None:
+def _ensure_socket_dir(socket_dir: str, uid: int, gid: int) -> None:
     # Local connections are trusted: this directory's mode is the access gate.
     # Its parent (postgres.socket_root) is the daemon's own, so the last
     # component is the only one a tenant could have swapped for a link.
     os.makedirs(socket_dir, mode=0o750, exist_ok=True)
     with open_dir(socket_dir) as fd:
-        os.fchown(fd, user.pw_uid, user.pw_gid)
+        os.fchown(fd, uid, gid)
         os.fchmod(fd, 0o750)
 
 
@@ -242,7 +241,7 @@ def start(
     pgdata: str,
     *,
     binaries: Binaries,
-    os_user: str,
+    os_user: RunAs,
     port: int,
     socket_dir: str,
     listen_addresses: str,
@@ -260,8 +259,8 @@ def start(
     in both cases nothing is left running.
     """
     validate_settings(settings)
-    user = pwd.getpwnam(os_user)
-    _ensure_socket_dir(socket_dir, user)
+    uid, gid = ids_of(os_user)
+    _ensure_socket_dir(socket_dir, uid, gid)
     overrides = {
         **_START_DEFAULTS,
         **settings,
@@ -274,7 +273,7 @@ def start(
     # setpriv drops to the OS user and execs postgres. Passing user/group to
     # Popen instead makes CPython fork the whole daemon rather than vfork
     # (measured: ~2.5 ms versus ~0.2 ms, more under load).
-    argv = [*as_user(user), binaries.postgres, "-D", pgdata]
+    argv = [*as_user((uid, gid)), binaries.postgres, "-D", pgdata]
     for name, value in overrides.items():
         argv += ["-c", f"{name}={value}"]
     started = time.perf_counter()

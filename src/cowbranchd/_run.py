@@ -22,7 +22,7 @@ import structlog
 from ._deadline import bounded
 from .errors import CommandError, DeadlineExceeded
 
-__all__ = ["as_user", "clean_env", "run", "stuck_commands"]
+__all__ = ["RunAs", "as_user", "clean_env", "ids_of", "run", "stuck_commands"]
 
 log = structlog.get_logger("cowbranchd.run")
 
@@ -32,16 +32,29 @@ SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"  # util-linux
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def as_user(user: str | pwd.struct_passwd) -> list[str]:
+RunAs = str | pwd.struct_passwd | tuple[int, int]
+
+
+def ids_of(user: RunAs) -> tuple[int, int]:
+    """(uid, gid) of a user name, a passwd entry or an explicit pair (a
+    branch's own ids need no passwd entry)."""
+    if isinstance(user, str):
+        user = pwd.getpwnam(user)
+    if isinstance(user, pwd.struct_passwd):  # itself a tuple: test it first
+        return user.pw_uid, user.pw_gid
+    return user
+
+
+def as_user(user: RunAs) -> list[str]:
     """The argv prefix that runs the rest as `user`, least privileged.
 
     setpriv execs in place, so a vfork-spawned child stays cheap (Popen's own
     user=/group= switch makes CPython fork the whole daemon instead)."""
-    entry = pwd.getpwnam(user) if isinstance(user, str) else user
+    uid, gid = ids_of(user)
     return [
         SETPRIV,
-        f"--reuid={entry.pw_uid}",
-        f"--regid={entry.pw_gid}",
+        f"--reuid={uid}",
+        f"--regid={gid}",
         "--clear-groups",
         "--no-new-privs",
         "--",

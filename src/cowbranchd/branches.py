@@ -40,9 +40,10 @@ from .lifecycle import (
     claim,
     clone_or_clean_up,
     connection,
-    remove_runtime_files,
+    dismantle,
     start_postmaster,
     stop_postmaster,
+    withdraw,
 )
 from .model import (
     BaseRecord,
@@ -239,9 +240,7 @@ class Branches:
             if parent_branch is None and not record.settings and self.warm is not None:
                 warm = self.warm.take(source)
             if warm is not None and self._hand_over(warm, entry):
-                undo.add("release port", lambda: self.ctx.ports.release(entry.record.port))
-                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, entry.volume))
-                undo.add("stop postgres", lambda: self._stop(entry, discard=True))
+                undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = t_start = time.perf_counter()
                 entry.record = entry.record.evolve(state=State.READY)
                 # Over the warm clone's metadata, only what differs (on ZFS
@@ -253,13 +252,15 @@ class Branches:
                 warm = None
                 port = self.ctx.ports.allocate()
                 undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
-                entry.record = entry.record.evolve(port=port)
+                uid = self.ctx.uids.allocate() if self.ctx.uids is not None else 0
+                if uid:
+                    undo.add("release uid", lambda: self._release_uid(uid))
+                entry.record = entry.record.evolve(port=port, uid=uid)
                 entry.path = clone_or_clean_up(driver, source, entry.volume, entry.record.to_meta())
-                undo.add("destroy clone", lambda: driver.destroy(Kind.BRANCHES, entry.volume))
+                undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = time.perf_counter()
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=True)
-                undo.add("stop postgres", lambda: self._stop(entry, discard=True))
                 t_start = time.perf_counter()
                 ready: dict[str, str] = {"state": "ready"}
                 if entry.record.port != port:  # moved to another port on a retry
@@ -288,7 +289,7 @@ class Branches:
         destroyed, nothing else changed) if that fails: the caller goes cold."""
         ctx = self.ctx
         entry.volume, entry.path, entry.postmaster = warm.volume, warm.path, warm.postmaster
-        entry.record = entry.record.evolve(port=warm.record.port)
+        entry.record = entry.record.evolve(port=warm.record.port, uid=warm.record.uid)
         for src, dst in (
             (ctx.socket_dir(warm.branch_id), ctx.socket_dir(entry.branch_id)),
             (ctx.log_path(warm.branch_id), ctx.log_path(entry.branch_id)),
@@ -304,7 +305,7 @@ class Branches:
             self.warm.discard(warm)
             shutil.rmtree(ctx.socket_dir(entry.branch_id), ignore_errors=True)
             entry.volume, entry.path, entry.postmaster = entry.branch_id, Path(), None
-            entry.record = entry.record.evolve(port=0)
+            entry.record = entry.record.evolve(port=0, uid=0)
             return False
         return True
 
@@ -331,7 +332,11 @@ class Branches:
         start_postmaster(self.ctx, entry, allow_new_port=allow_new_port)
 
     def _stop(self, entry: BranchEntry, *, discard: bool = False) -> None:
-        stop_postmaster(entry, discard=discard)
+        stop_postmaster(self.ctx, entry, discard=discard)
+
+    def _release_uid(self, uid: int) -> None:
+        if self.ctx.uids is not None:
+            self.ctx.uids.release(uid)
 
     def stop_all(self) -> int:
         """Stop every branch's postgres (their volumes stay; a restart adopts
@@ -383,8 +388,7 @@ class Branches:
                     return False
                 entry.deleting = True
             try:
-                self._stop(entry, discard=True)
-                self.ctx.driver.destroy(Kind.BRANCHES, entry.volume)
+                dismantle(self.ctx, entry)
             except BaseException:
                 entry.deleting = False
                 raise
@@ -395,8 +399,6 @@ class Branches:
             with inv.lock:
                 inv.branches.pop(entry.branch_id, None)
             self._usage_cache.pop(entry.branch_id, None)
-            self.ctx.ports.release(entry.record.port)
-            remove_runtime_files(self.ctx, entry.branch_id)
         log.info(
             "branch_deleted",
             branch=entry.branch_id,
@@ -423,6 +425,7 @@ class Branches:
                 state=State.CREATING, failure="", resets=entry.record.resets + 1
             )
             self._stop(entry, discard=True)
+            withdraw(self.ctx, old_volume)
             try:
                 entry.path = clone_or_clean_up(driver, source, new_volume, record.to_meta())
                 entry.volume = new_volume
@@ -431,7 +434,7 @@ class Branches:
             except CowbranchError as exc:
                 if entry.volume == new_volume:
                     with contextlib.suppress(CowbranchError):
-                        driver.destroy(Kind.BRANCHES, new_volume)
+                        dismantle(self.ctx, entry, release=False)
                 entry.volume, entry.path = old_volume, old_path
                 try:  # the branch as it was, rather than a FAILED one
                     self._start(entry, allow_new_port=False)

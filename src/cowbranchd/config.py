@@ -110,6 +110,11 @@ class PostgresConfig:
     # reachable by os_user, so it is not inside the 0750 runtime directory.
     socket_root: Path = Path("/run/cowbranchd-pg")
     start_timeout: timedelta = timedelta(seconds=30)
+    # One OS user per branch: each postmaster runs as its own uid/gid from
+    # this range, on an idmapped mount of its clone (btrfs; files still land
+    # on disk as os_user). Empty: every branch runs as os_user (also the
+    # fallback where the filesystem cannot idmap, e.g. zfs-fuse).
+    branch_uids: tuple[int, int] | None = (300000, 365535)
     # Applied to every branch (before the client's own postgres_settings).
     settings: Mapping[str, str] = field(default_factory=dict)
 
@@ -161,6 +166,8 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
         return Path(value)
     if key == "port_range":
         return _port_range(where, value)
+    if key == "branch_uids":
+        return _uid_range(where, value)
     if key == "import_roots":
         return _import_roots(where, value)
     if key == "bin_dirs":
@@ -207,6 +214,20 @@ def _import_roots(where: str, value: Any) -> tuple[str, ...]:
         if path != normal:
             raise InvalidArgument(where, f"{path!r} is not normalised; write {normal!r}")
     return tuple(value)
+
+
+def _uid_range(where: str, value: Any) -> tuple[int, int] | None:
+    if value == "":
+        return None
+    match = re.fullmatch(r"(\d+)-(\d+)", str(value))
+    if not match:
+        raise InvalidArgument(where, f"{value!r} is not a range like 300000-365535 (or \"\")")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 100000 <= first <= last < 2**31 - 1:
+        raise InvalidArgument(
+            where, "must lie within 100000-2147483646, first <= last (clear of system users)"
+        )
+    return first, last
 
 
 _SECTIONS: dict[str, type[Any]] = {

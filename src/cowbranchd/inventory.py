@@ -17,7 +17,7 @@ from pathlib import Path
 from ._secrets import SecretKeeper
 from .config import Config
 from .model import BaseRecord, BranchRecord
-from .ports import PortAllocator
+from .ports import PortAllocator, UidAllocator
 from .postgres import Postmaster
 from .storage.base import Kind, SnapshotRef, StorageDriver
 
@@ -121,6 +121,9 @@ class Context:
     driver: StorageDriver
     ports: PortAllocator
     inventory: Inventory
+    # Branch uids when every branch runs as its own OS user on an idmapped
+    # mount of its clone; None: all run as config.postgres.os_user.
+    uids: UidAllocator | None = None
     # Made from config.daemon.state_dir: the daemon key every password derives from.
     secrets: SecretKeeper = field(init=False, repr=False)
 
@@ -132,6 +135,23 @@ class Context:
         """The base superuser's password: derived (bases made before passwords
         were derived carry theirs in metadata, and keep it)."""
         return record.password or self.secrets.base_password(record.base_id, record.create_time)
+
+    @property
+    def isolation(self) -> str:
+        """`uid` (one OS user per branch) or `shared` (one for all)."""
+        return "uid" if self.uids is not None else "shared"
+
+    @property
+    def mount_root(self) -> Path:
+        """Where each isolated branch's data directory is presented to its uid."""
+        return self.config.daemon.state_dir / "mnt"
+
+    def run_dir(self, entry: BranchEntry) -> Path:
+        """The data directory its postmaster runs on: the idmapped mount of the
+        clone's pgdata when the branch has a uid of its own, else pgdata."""
+        if entry.record.uid:
+            return self.mount_root / entry.volume
+        return entry.pgdata
 
     @property
     def log_dir(self) -> Path:

@@ -6,6 +6,7 @@ postgres. Shared by branches.py (create, reset, restart, delete) and warm.py
 from __future__ import annotations
 
 import contextlib
+import pwd
 import shutil
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import structlog
 from psycopg import sql
 
 from . import _deadline as deadline
+from . import _idmap as idmap
 from . import postgres
 from .errors import AlreadyExists, CowbranchError, InvalidArgument, PostgresError, StorageError
 from .inventory import BranchEntry, Context
@@ -28,9 +30,12 @@ __all__ = [
     "claim",
     "clone_or_clean_up",
     "connection",
+    "dismantle",
+    "present",
     "remove_runtime_files",
     "start_postmaster",
     "stop_postmaster",
+    "withdraw",
 ]
 
 log = structlog.get_logger("cowbranchd.branches")
@@ -104,19 +109,49 @@ def _give_password(ctx: Context, entry: BranchEntry) -> postgres.OnReady:
     return apply
 
 
+def present(ctx: Context, entry: BranchEntry) -> Path:
+    """The directory the branch's postmaster runs on. With a uid of its own,
+    the clone's pgdata is mounted there idmapped: files owned on disk by
+    os_user appear as the branch's, and what it writes lands as os_user, so no
+    chown ever, and no other branch (another uid) can reach it."""
+    run_dir = ctx.run_dir(entry)
+    uid = entry.record.uid
+    if uid and not (run_dir.exists() and idmap.is_idmapped_mount(run_dir)):
+        disk = pwd.getpwnam(ctx.config.postgres.os_user)
+        ctx.mount_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        idmap.idmapped_mount(
+            entry.pgdata, run_dir, disk_uid=disk.pw_uid, disk_gid=disk.pw_gid, uid=uid, gid=uid
+        )
+    return run_dir
+
+
+def withdraw(ctx: Context, volume: str) -> None:
+    """Unmount what `present` mounted for `volume` (nothing there is fine);
+    before its volume is destroyed, and after its postmaster stopped."""
+    target = ctx.mount_root / volume
+    if not target.exists():
+        return
+    idmap.unmount(target)
+    with contextlib.suppress(OSError):
+        target.rmdir()
+
+
 def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) -> None:
     """Start the branch's postgres on its port (another one if that port
-    turns out taken and `allow_new_port`), and wait for SELECT 1."""
+    turns out taken and `allow_new_port`), as its own uid where it has one,
+    and wait for SELECT 1 (its own password set on that connection)."""
     pg = ctx.config.postgres
     binaries = postgres.find_binaries(postgres.pg_version(entry.pgdata), pg.bin_dirs)
     settings = {**pg.settings, **entry.record.settings}
     ctx.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir = present(ctx, entry)
+    uid = entry.record.uid
     for attempt in range(PORT_ATTEMPTS):
         try:
             entry.postmaster = postgres.start(
-                str(entry.pgdata),
+                str(run_dir),
                 binaries=binaries,
-                os_user=pg.os_user,
+                os_user=(uid, uid) if uid else pg.os_user,
                 port=entry.record.port,
                 socket_dir=str(ctx.socket_dir(entry.branch_id)),
                 listen_addresses=pg.listen_addresses,
@@ -142,13 +177,30 @@ def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) 
         log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
 
 
-def stop_postmaster(entry: BranchEntry, *, discard: bool = False) -> None:
+def stop_postmaster(ctx: Context, entry: BranchEntry, *, discard: bool = False) -> None:
     """Stop the branch's postgres. With `discard` the data is about to be
     destroyed, so skip the shutdown checkpoint (immediate shutdown)."""
-    master = entry.postmaster or postgres.find_postmaster(str(entry.pgdata))
+    master = entry.postmaster or postgres.find_postmaster(str(ctx.run_dir(entry)))
     if master is not None:
         postgres.stop(master, fast_timeout=0 if discard else 10.0)
     entry.postmaster = None
+
+
+def dismantle(ctx: Context, entry: BranchEntry, *, release: bool = True) -> None:
+    """The one teardown of a branch, a warm clone or a leftover volume: stop
+    its postgres (immediate: the data goes), unmount, destroy its volume, and
+    with `release` give back its port and uid and remove its socket directory
+    and log (not for a volume a reset superseded: those are still the
+    branch's). Idempotent."""
+    stop_postmaster(ctx, entry, discard=True)
+    withdraw(ctx, entry.volume)
+    ctx.driver.destroy(Kind.BRANCHES, entry.volume)
+    if not release:
+        return
+    ctx.ports.release(entry.record.port)
+    if ctx.uids is not None and entry.record.uid:
+        ctx.uids.release(entry.record.uid)
+    remove_runtime_files(ctx, entry.branch_id)
 
 
 def clone_or_clean_up(

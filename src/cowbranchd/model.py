@@ -220,6 +220,8 @@ class BranchRecord:
     # How often it was reset: each reset clones a new volume, and the one
     # with the highest count is the branch if a crash left two.
     resets: int = 0
+    # The OS user (and group) its postmaster runs as; 0: the shared os_user.
+    uid: int = 0
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -237,6 +239,7 @@ class BranchRecord:
             "request_id": self.request_id,
             "settings": json.dumps(self.settings, sort_keys=True, separators=(",", ":")),
             "failure": self.failure[:500],
+            "uid": str(self.uid) if self.uid else "",
         }
 
     @classmethod
@@ -256,6 +259,7 @@ class BranchRecord:
             settings=json.loads(meta.get("settings") or "{}"),
             failure=meta.get("failure", ""),
             resets=int(meta.get("resets") or 0),
+            uid=int(meta.get("uid") or 0),
         )
 
     def evolve(self, **changes: object) -> BranchRecord:

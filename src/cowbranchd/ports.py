@@ -19,7 +19,7 @@ from collections.abc import Collection
 
 from .errors import ResourceExhausted
 
-__all__ = ["PortAllocator"]
+__all__ = ["PortAllocator", "UidAllocator"]
 
 _Address = tuple[socket.AddressFamily, str]
 
@@ -121,3 +121,36 @@ class PortAllocator:
         """The ports currently held by branches."""
         with self._lock:
             return set(self._in_use)
+
+
+class UidAllocator:
+    """OS user ids for branch postmasters: each id of a range to one branch at a
+    time (its gid is the same number). No /etc/passwd entry is needed: the
+    id only has to be nobody else's, which the operator's range promises."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self._lock = threading.Lock()
+        self._used: set[int] = set()
+        self._next = first
+
+    def allocate(self) -> int:
+        with self._lock:
+            size = self.last - self.first + 1
+            for step in range(size):
+                uid = self.first + (self._next - self.first + step) % size
+                if uid not in self._used:
+                    self._used.add(uid)
+                    self._next = uid + 1
+                    return uid
+        raise ResourceExhausted(
+            f"every branch uid in {self.first}-{self.last} is in use (postgres.branch_uids)"
+        )
+
+    def reserve(self, uid: int) -> None:
+        with self._lock:
+            self._used.add(uid)
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._used.discard(uid)

@@ -17,6 +17,7 @@ from . import postgres
 from .branches import SUPERSEDED_META, Branches
 from .errors import CowbranchError
 from .inventory import BaseEntry, BranchEntry, Context, parse_snapshot_ref
+from .lifecycle import dismantle, withdraw
 from .model import BaseRecord, BranchRecord, State
 from .storage.base import Kind, Volume
 from .warm import WARM_META
@@ -51,10 +52,7 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     )
     for volume in superseded:
         log.warning("removing_superseded_volume", volume=volume.name)
-        master = postgres.find_postmaster(str(volume.path / "pgdata"))
-        if master is not None:
-            postgres.stop(master, fast_timeout=0)
-        ctx.driver.destroy(Kind.BRANCHES, volume.name)
+        dismantle(ctx, _entry(volume), release=False)  # port and uid are the branch's
         counts["removed"] += 1
     for volume in branch_volumes:
         try:
@@ -138,9 +136,11 @@ def _keep_unreadable_branch(ctx: Context, volume: Volume) -> None:
     delete must still find and remove it."""
     why = _meta_problem(volume, BranchRecord)
     log.error("branch_metadata_unreadable", volume=volume.name, error=why)
-    master = postgres.find_postmaster(str(volume.path / "pgdata"))
-    if master is not None:
-        postgres.stop(master, fast_timeout=0)
+    for run_dir in (ctx.mount_root / volume.name, volume.path / "pgdata"):
+        master = postgres.find_postmaster(str(run_dir))
+        if master is not None:
+            postgres.stop(master, fast_timeout=0)
+    withdraw(ctx, volume.name)
     record = BranchRecord(
         branch_id=volume.name,
         base_id="",
@@ -183,25 +183,27 @@ def _adopt_base(ctx: Context, volume: Volume) -> int:
     return 1
 
 
-def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
+def _entry(volume: Volume) -> BranchEntry:
     record = BranchRecord.from_meta(volume.name, volume.meta)
     entry = BranchEntry(record=record, path=volume.path, volume=volume.name)
     entry.settled.set()
-    master = postgres.find_postmaster(str(entry.pgdata))
+    return entry
+
+
+def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
+    entry = _entry(volume)
+    record = entry.record
     if volume.meta.get(WARM_META) == "1":
         # A warm clone of the previous run (or one caught mid-hand-over, whose
         # client never got an answer): cheaper to make anew than to track.
-        if master is not None:
-            postgres.stop(master, fast_timeout=0)
-        ctx.driver.destroy(Kind.BRANCHES, volume.name)
+        dismantle(ctx, entry, release=False)  # nothing is reserved yet
         return "removed"
     if record.state is State.CREATING:
         # Half-built at a crash (or a reset that did not finish): nothing was
         # handed out for it unless it was a reset, and a reset re-clones anyway.
         log.warning("removing_half_built_branch", branch=volume.name)
-        if master is not None:
-            postgres.stop(master)
-        ctx.driver.destroy(Kind.BRANCHES, volume.name)
+        # Not released: a reset's port, uid and socket are its branch's.
+        dismantle(ctx, entry, release=False)
         source = entry.source
         # A reset's new volume shares its source with the branch's surviving
         # volume; only a first create owns its parent's `c-` snapshot.
@@ -211,6 +213,9 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
     ctx.inventory.branches[record.branch_id] = entry
     if record.port:
         ctx.ports.reserve(record.port)
+    if record.uid and ctx.uids is not None:
+        ctx.uids.reserve(record.uid)
+    master = postgres.find_postmaster(str(ctx.run_dir(entry)))
     if master is not None:
         entry.postmaster = master
         log.info("adopted_branch", branch=volume.name, pid=master.pid, port=record.port)

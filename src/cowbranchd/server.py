@@ -25,15 +25,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
+from . import _idmap as idmap
 from ._logging import configure_logging
-from ._run import stuck_commands
+from ._run import run, stuck_commands
 from .bases import Bases, InitdbSpec
 from .branches import Branches
 from .config import Config, load_config
 from .errors import CowbranchError, InvalidArgument
 from .inventory import Context, Inventory
 from .model import now
-from .ports import PortAllocator
+from .ports import PortAllocator, UidAllocator
 from .reconcile import reconcile
 from .service import BaseServicer, BranchServicer, DaemonServicer, Gate, admissions
 from .storage import open_driver
@@ -127,6 +128,49 @@ def open_storage(config: Config) -> StorageDriver:
     return open_driver("btrfs", str(pool.mountpoint))
 
 
+SHARED_UID_WARNING = (
+    "isolation is shared-uid: every branch's postgres runs as the same OS user, so a "
+    "tenant's superuser can read and signal other branches ({why})"
+)
+
+
+def _pool_directory(driver: StorageDriver) -> Path:
+    """A directory on the pool's filesystem, to probe what it can do."""
+    if driver.kind == "btrfs":
+        return Path(driver.location)
+    out = run(["zfs", "get", "-H", "-o", "value", "mountpoint", driver.location], timeout=60)
+    return Path(out.stdout.strip())
+
+
+def _branch_uids(config: Config, driver: StorageDriver) -> UidAllocator | None:
+    """One OS user per branch where configured and the pool can idmap;
+    otherwise the shared os_user, said loudly (log, GetStatus, ctl status)."""
+    uids = config.postgres.branch_uids
+    if uids is None:
+        log.warning(
+            "isolation",
+            mode="shared",
+            message=SHARED_UID_WARNING.format(why="postgres.branch_uids is empty"),
+        )
+        return None
+    try:
+        supported = idmap.supports_idmap(_pool_directory(driver))
+    except CowbranchError as exc:
+        supported = False
+        log.warning("idmap_probe_failed", error=exc.message)
+    if not supported:
+        log.warning(
+            "isolation",
+            mode="shared",
+            message=SHARED_UID_WARNING.format(
+                why=f"the {driver.kind} pool cannot do idmapped mounts"
+            ),
+        )
+        return None
+    log.info("isolation", mode="uid", branch_uids=f"{uids[0]}-{uids[1]}")
+    return UidAllocator(*uids)
+
+
 def notify_systemd(message: str) -> None:
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
@@ -154,6 +198,7 @@ class Daemon:
             driver=driver,
             ports=PortAllocator(pg.port_range[0], pg.port_range[1], pg.listen_addresses),
             inventory=Inventory(),
+            uids=_branch_uids(config, driver),
         )
         self.bases = Bases(self.ctx)
         self.warm = WarmPool(self.ctx, config.daemon.warm_branches)

@@ -460,6 +460,11 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
                 f"bases/{name} is quarantined (kept, not served): {why}"
                 for name, why in sorted(ctx.inventory.quarantined.items())
             ]
+        if ctx.isolation == "shared":
+            warnings.append(
+                "isolation is shared-uid: every branch's postgres runs as the same OS user, "
+                "so a tenant's superuser can read and signal other branches"
+            )
         first, last = ctx.config.postgres.port_range
         return daemon_pb2.DaemonStatus(
             version=__version__,
@@ -474,4 +479,5 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             port_range_last=last,
             start_time=_timestamp(self.start_time),
             warnings=warnings,
+            isolation=ctx.isolation,
         )

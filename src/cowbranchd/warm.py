@@ -27,9 +27,9 @@ from .errors import CowbranchError
 from .inventory import BranchEntry, Context
 from .lifecycle import (
     clone_or_clean_up,
+    dismantle,
     remove_runtime_files,
     start_postmaster,
-    stop_postmaster,
 )
 from .model import BranchRecord, State, now
 from .storage.base import Kind, SnapshotRef
@@ -99,13 +99,9 @@ class WarmPool:
 
     def discard(self, entry: BranchEntry) -> None:
         try:
-            stop_postmaster(entry, discard=True)
-            self.ctx.driver.destroy(Kind.BRANCHES, entry.volume)
+            dismantle(self.ctx, entry)
         except CowbranchError as exc:
             log.error("warm_discard_failed", branch=entry.branch_id, error=exc.message)
-        finally:
-            self.ctx.ports.release(entry.record.port)
-            remove_runtime_files(self.ctx, entry.branch_id)
 
     # -- refill ------------------------------------------------------------------
 
@@ -164,7 +160,14 @@ class WarmPool:
         except CowbranchError as exc:
             log.warning("warm_no_port", base=source.name, error=exc.message)
             return None
+        try:
+            uid = ctx.uids.allocate() if ctx.uids is not None else 0
+        except CowbranchError as exc:
+            ctx.ports.release(port)
+            log.warning("warm_no_uid", base=source.name, error=exc.message)
+            return None
         record = BranchRecord(
+            uid=uid,
             branch_id=warm_id,
             base_id=source.name,
             parent=f"bases/{source.name}/versions/{source.snap[1:]}",
@@ -178,9 +181,11 @@ class WarmPool:
         try:
             with Revert() as undo:
                 undo.add("release port", lambda: ctx.ports.release(entry.record.port))
+                if uid and ctx.uids is not None:
+                    undo.add("release uid", lambda: ctx.uids.release(uid) if ctx.uids else None)
                 meta = {**record.to_meta(), WARM_META: "1"}
                 entry.path = clone_or_clean_up(ctx.driver, source, warm_id, meta)
-                undo.add("destroy clone", lambda: ctx.driver.destroy(Kind.BRANCHES, warm_id))
+                undo.add("dismantle", lambda: dismantle(ctx, entry))
                 postgres.prepare_clone(entry.pgdata)
                 start_postmaster(ctx, entry, allow_new_port=True)
                 if entry.record.port != port:

@@ -50,6 +50,7 @@ class DaemonStatus(_message.Message):
     PORT_RANGE_LAST_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     driver: _builtins.str
     """Storage driver: `btrfs` or `zfs`."""
@@ -62,6 +63,11 @@ class DaemonStatus(_message.Message):
     max_branches: _builtins.int
     port_range_first: _builtins.int
     port_range_last: _builtins.int
+    isolation: _builtins.str
+    """How branches are kept apart: `uid` (each postmaster its own OS user, on an
+    idmapped mount of its clone) or `shared` (one OS user for all: a tenant's
+    superuser can reach other branches; see docs/security.md).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -85,10 +91,11 @@ class DaemonStatus(_message.Message):
         port_range_last: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        isolation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_count", b"base_count", "branch_count", b"branch_count", "driver", b"driver", "max_branches", b"max_branches", "pool", b"pool", "pool_total_bytes", b"pool_total_bytes", "pool_used_bytes", b"pool_used_bytes", "port_range_first", b"port_range_first", "port_range_last", b"port_range_last", "start_time", b"start_time", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_count", b"base_count", "branch_count", b"branch_count", "driver", b"driver", "isolation", b"isolation", "max_branches", b"max_branches", "pool", b"pool", "pool_total_bytes", b"pool_total_bytes", "pool_used_bytes", b"pool_used_bytes", "port_range_first", b"port_range_first", "port_range_last", b"port_range_last", "start_time", b"start_time", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
