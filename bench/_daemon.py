@@ -124,7 +124,7 @@ enabled = false
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cowbranchd.server", "--config", str(config)],
+                [sys.executable, "-m", "cowbranchd.daemon", "--config", str(config)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout

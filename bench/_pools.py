@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowbranchd.storage.loop import (
-    LoopPool,
-    ZfsFuse,
-    make_btrfs_loop_pool,
-    make_zfs_file_pool,
-    start_zfs_fuse,
-)
+from cowbranchd.storage.loop import LoopPool, make_btrfs_loop_pool
+
+# zfs-fuse management is test tooling (tests/zfs_fuse.py), not part of the
+# package; the benchmark runs from a checkout and borrows it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.zfs_fuse import ZfsFuse, make_zfs_file_pool, start_zfs_fuse
 
 __all__ = ["ZFS_POOL", "Pool", "open_pool"]
 

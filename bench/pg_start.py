@@ -21,7 +21,7 @@ import structlog
 from structlog.testing import LogCapture
 
 from cowbranchd import postgres as pg
-from cowbranchd._pgdata import read_pid_file
+from cowbranchd.postgres.datadir import read_pid_file
 
 BIN_DIRS = ["/usr/lib/postgresql/{version}/bin"]
 OS_USER = "postgres"

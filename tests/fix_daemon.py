@@ -26,8 +26,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cowbranchd import _idmap as idmap
 from cowbranchd import postgres
+from cowbranchd.storage import idmap
 from cowbranchd.v1 import bases_pb2_grpc, branches_pb2_grpc
 
 _counter = itertools.count()
@@ -101,7 +101,7 @@ base_id = "{self.base}"
         self.write_config()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cowbranchd.server", "--config", str(self.config_path)],
+            [sys.executable, "-m", "cowbranchd.daemon", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},

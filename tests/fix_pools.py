@@ -22,17 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from cowbranchd._run import run
 from cowbranchd.errors import CowbranchError
+from cowbranchd.run import run
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 from cowbranchd.storage.btrfs import BtrfsDriver
-from cowbranchd.storage.loop import (
-    ZfsFuse,
-    make_btrfs_loop_pool,
-    make_zfs_file_pool,
-    start_zfs_fuse,
-)
+from cowbranchd.storage.loop import make_btrfs_loop_pool
 from cowbranchd.storage.zfs import ZfsDriver
+from tests.zfs_fuse import ZfsFuse, make_zfs_file_pool, start_zfs_fuse
 
 __all__ = ["leave_leftovers", "misplaced_like", "reopen"]
 

@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 from cowbranchd import postgres
-from cowbranchd._run import run
 from cowbranchd.errors import NotFound
 from cowbranchd.ports import PortAllocator
+from cowbranchd.run import run
 
 PG_MAJOR = 15
 BIN_DIRS = ["/usr/lib/postgresql/{version}/bin"]

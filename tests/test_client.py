@@ -16,8 +16,6 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 import cowbranchd.client as client_module
-from cowbranchd._client_transport import resolve_endpoint
-from cowbranchd._client_types import sanitize_label_value
 from cowbranchd.client import (
     AlreadyExists,
     AsyncClient,
@@ -33,6 +31,8 @@ from cowbranchd.client import (
     format_selector,
     parse_duration,
 )
+from cowbranchd.client.transport import resolve_endpoint
+from cowbranchd.client.types import sanitize_label_value
 from cowbranchd.v1 import branches_pb2
 from tests.fix_daemon import DaemonFactory, DaemonHandle
 

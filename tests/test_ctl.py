@@ -13,9 +13,9 @@ import psycopg
 import pytest
 
 from cowbranchd import __version__
-from cowbranchd._ctl_render import branch_rows, format_bytes, key_values, table
 from cowbranchd.client import Branch
 from cowbranchd.ctl import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
+from cowbranchd.ctl.render import branch_rows, format_bytes, key_values, table
 from tests.fix_daemon import DaemonHandle
 
 NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)

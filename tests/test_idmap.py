@@ -26,8 +26,11 @@ import psutil
 import psycopg
 import pytest
 
-from cowbranchd import _idmap, postgres
-from cowbranchd._idmap import (
+from cowbranchd import postgres
+from cowbranchd.ports import PortAllocator
+from cowbranchd.run import SETPRIV, clean_env, run
+from cowbranchd.storage import idmap
+from cowbranchd.storage.idmap import (
     IdmapError,
     IdmapUnsupported,
     MountBusy,
@@ -37,8 +40,6 @@ from cowbranchd._idmap import (
     unmount,
     user_namespace,
 )
-from cowbranchd._run import SETPRIV, clean_env, run
-from cowbranchd.ports import PortAllocator
 
 pytestmark = pytest.mark.btrfs
 
@@ -328,7 +329,7 @@ def test_user_namespace_holds_exactly_the_maps() -> None:
 
 def test_supports_idmap_on_btrfs(area: Area) -> None:
     """btrfs supports idmapped mounts; the probe leaves nothing behind."""
-    _idmap._supported.clear()
+    idmap._supported.clear()
     assert supports_idmap(area.root)
     assert os.listdir(area.root) == []
     # Nothing of the probe's is mounted (daemons of other tests may hold mounts).
@@ -345,7 +346,7 @@ def test_zfs_fuse_has_no_idmapped_mounts(zfs_pool: str) -> None:
     directory = mountpoint / f"idmap{next(_counter)}"
     directory.mkdir()
     try:
-        _idmap._supported.clear()
+        idmap._supported.clear()
         assert not supports_idmap(directory)
         assert os.listdir(directory) == []
         (directory / "src").mkdir()

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 
 from cowbranchd import postgres
-from cowbranchd._run import run
 from cowbranchd.errors import FailedPrecondition, InvalidArgument, NotFound, PostgresError
 from cowbranchd.ports import PortAllocator
+from cowbranchd.run import run
 
 from .fix_postgres import (
     BIN_DIRS,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cowbranchd._client_plugin import branch_id_for, ci_labels, marker_args
 from cowbranchd.client import Client, NotFound
+from cowbranchd.pytest_plugin.rules import branch_id_for, ci_labels, marker_args
 from tests.fix_daemon import DaemonHandle
 
 pytest_plugins = ["pytester"]

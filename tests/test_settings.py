@@ -14,16 +14,16 @@ from typing import Any, cast
 import pytest
 
 from cowbranchd import postgres
-from cowbranchd._run import run
-from cowbranchd._settings import (
+from cowbranchd.client import Client
+from cowbranchd.errors import InvalidArgument, NotFound
+from cowbranchd.postgres.settings import (
     ALLOWED_SETTINGS,
     DAEMON_OWNED_SETTINGS,
     FORBIDDEN_SETTINGS,
     setting_refusal,
     validate_client_settings,
 )
-from cowbranchd.client import Client
-from cowbranchd.errors import InvalidArgument, NotFound
+from cowbranchd.run import run
 from tests.fix_daemon import DaemonHandle
 from tests.fix_postgres import BIN_DIRS, PG_MAJOR
 

@@ -1,14 +1,15 @@
-"""Copy-on-write storage drivers; `open_driver(kind, root)` is how the daemon
-picks one from its config."""
+"""Copy-on-write storage: the narrow `StorageDriver` interface, its btrfs and
+zfs drivers, and `open_driver`, how the daemon opens the pool its config names
+(or, with none, a btrfs pool on a loop file).
+
+Nothing here knows PostgreSQL or gRPC, nor imports the daemon.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from cowbranchd.errors import InvalidArgument
-
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
 from .btrfs import BtrfsDriver
+from .pool import open_driver
 from .zfs import ZfsDriver
 
 __all__ = [
@@ -21,13 +22,3 @@ __all__ = [
     "ZfsDriver",
     "open_driver",
 ]
-
-
-def open_driver(kind: str, root: str) -> StorageDriver:
-    """The driver for `kind`: "btrfs" (`root` is a directory on a btrfs mount)
-    or "zfs" (`root` is a dataset such as `tank/cowbranchd`). Does not check()."""
-    if kind == "btrfs":
-        return BtrfsDriver(Path(root))
-    if kind == "zfs":
-        return ZfsDriver(root)
-    raise InvalidArgument("storage.kind", f"{kind!r} is not one of 'btrfs', 'zfs'")

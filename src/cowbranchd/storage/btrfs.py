@@ -39,8 +39,8 @@ from typing import Any
 
 import structlog
 
-from cowbranchd._run import run
 from cowbranchd.errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
+from cowbranchd.run import run
 
 from ._names import check_meta, check_name
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume

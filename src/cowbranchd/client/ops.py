@@ -1,0 +1,280 @@
+"""Every client operation described once, as data: which RPC, which request,
+how the answer becomes a value, whether a retry is safe.
+
+The sync `Client` and the `AsyncClient` only differ in how they send an `Op`,
+so request building (request ids, update masks, durations, names) is written
+once, here, and cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Generic, Literal, TypeVar
+
+from google.protobuf import duration_pb2, field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cowbranchd.errors import InvalidArgument
+from cowbranchd.v1 import (
+    bases_pb2,
+    bases_pb2_grpc,
+    branches_pb2,
+    branches_pb2_grpc,
+    daemon_pb2,
+    daemon_pb2_grpc,
+)
+
+from .types import (
+    Base,
+    BaseVersion,
+    Branch,
+    DurationLike,
+    SelectorLike,
+    base_name,
+    branch_name,
+    format_selector,
+    parse_duration,
+)
+
+__all__ = [
+    "HEALTH_SERVICE",
+    "STUBS",
+    "Op",
+    "create_base",
+    "create_base_version",
+    "create_branch",
+    "delete_base",
+    "delete_branch",
+    "get_base",
+    "get_branch",
+    "health",
+    "list_bases",
+    "list_branches_page",
+    "reset_branch",
+    "status",
+    "update_branch",
+]
+
+T = TypeVar("T")
+Service = Literal["branches", "bases", "daemon", "health"]
+HEALTH_SERVICE = "cowbranchd.v1.BranchService"
+# The stub class of each service; it takes a sync or an asyncio channel alike.
+STUBS: dict[Service, Callable[[Any], Any]] = {
+    "branches": branches_pb2_grpc.BranchServiceStub,
+    "bases": bases_pb2_grpc.BaseServiceStub,
+    "daemon": daemon_pb2_grpc.DaemonServiceStub,
+    "health": health_pb2_grpc.HealthStub,
+}
+
+
+@dataclass(frozen=True)
+class Op(Generic[T]):
+    """One RPC to make: `service`.`method`(`request`), answer mapped by `convert`.
+
+    `retry` is False for calls that are not safe to repeat. With
+    `missing_ok_after_retry`, NOT_FOUND on a retried attempt means an earlier
+    attempt already did the work (a delete whose answer was lost).
+    """
+
+    service: Service
+    method: str
+    request: Any
+    convert: Callable[[Any], T]
+    retry: bool = True
+    missing_ok_after_retry: bool = False
+
+
+def _none(_: object) -> None:
+    return None
+
+
+def _duration(value: DurationLike) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromTimedelta(parse_duration(value))
+    return message
+
+
+def create_branch(
+    parent: str,
+    *,
+    branch_id: str = "",
+    labels: Mapping[str, str] | None = None,
+    ttl: DurationLike | None = None,
+    postgres_settings: Mapping[str, str] | None = None,
+    protected: bool = False,
+    request_id: str | None = None,
+) -> Op[Branch]:
+    """CreateBranch, always with a request id so a retry can never make two branches."""
+    if not parent:
+        raise InvalidArgument(
+            "parent", "required: bases/{base}, bases/{base}/versions/{n} or branches/{id}"
+        )
+    request = branches_pb2.CreateBranchRequest(
+        branch_id=branch_id,
+        parent=parent,
+        request_id=request_id or str(uuid.uuid4()),
+        labels=dict(labels or {}),
+        postgres_settings=dict(postgres_settings or {}),
+        protected=protected,
+    )
+    if ttl is not None:
+        request.ttl.CopyFrom(_duration(ttl))
+    return Op("branches", "CreateBranch", request, Branch.from_proto)
+
+
+def get_branch(name: str) -> Op[Branch]:
+    """GetBranch by id or `branches/{id}`."""
+    request = branches_pb2.GetBranchRequest(name=branch_name(name))
+    return Op("branches", "GetBranch", request, Branch.from_proto)
+
+
+def list_branches_page(
+    selector: SelectorLike, page_size: int, page_token: str
+) -> Op[tuple[list[Branch], str]]:
+    """One ListBranches page: its branches and the next page token ("" after the last)."""
+    request = branches_pb2.ListBranchesRequest(
+        label_selector=format_selector(selector), page_size=page_size, page_token=page_token
+    )
+
+    def convert(response: branches_pb2.ListBranchesResponse) -> tuple[list[Branch], str]:
+        return [Branch.from_proto(b) for b in response.branches], response.next_page_token
+
+    return Op("branches", "ListBranches", request, convert)
+
+
+def delete_branch(name: str, *, allow_missing: bool = False, force: bool = False) -> Op[None]:
+    """DeleteBranch; NOT_FOUND after a retry counts as done."""
+    request = branches_pb2.DeleteBranchRequest(
+        name=branch_name(name), allow_missing=allow_missing, force=force
+    )
+    return Op("branches", "DeleteBranch", request, _none, missing_ok_after_retry=True)
+
+
+def reset_branch(name: str) -> Op[Branch]:
+    """ResetBranch: throw away the branch's writes."""
+    request = branches_pb2.ResetBranchRequest(name=branch_name(name))
+    return Op("branches", "ResetBranch", request, Branch.from_proto)
+
+
+def update_branch(
+    name: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+    ttl: DurationLike | None = None,
+    protected: bool | None = None,
+) -> Op[Branch]:
+    """UpdateBranch of the fields given.
+
+    `labels` replaces all labels; a zero `ttl` means never expire.
+    """
+    request = branches_pb2.UpdateBranchRequest(branch=branches_pb2.Branch(name=branch_name(name)))
+    paths = []
+    if labels is not None:
+        request.branch.labels.update(labels)
+        paths.append("labels")
+    if protected is not None:
+        request.branch.protected = protected
+        paths.append("protected")
+    if ttl is not None:
+        request.ttl.CopyFrom(_duration(ttl))
+        paths.append("ttl")
+    if not paths:
+        raise InvalidArgument("update_mask", "nothing to update: give labels, ttl or protected")
+    request.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=paths))
+    return Op("branches", "UpdateBranch", request, Branch.from_proto)
+
+
+def create_base(
+    base_id: str,
+    *,
+    data_directory: str | None = None,
+    database: str = "",
+    pg_version: int = 0,
+    init_sql: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> Op[Base]:
+    """CreateBase from `data_directory`, or from a fresh initdb when it is None.
+
+    Not retried: the proto has no request id, so a repeat could not tell a lost
+    answer from a duplicate (the daemon would answer ALREADY_EXISTS).
+    """
+    request = bases_pb2.CreateBaseRequest(base_id=base_id, labels=dict(labels or {}))
+    if data_directory is not None:
+        if database or pg_version or init_sql:
+            raise InvalidArgument(
+                "source", "database, pg_version and init_sql are for initdb, not data_directory"
+            )
+        request.data_directory = data_directory
+    else:
+        request.initdb.CopyFrom(
+            bases_pb2.InitdbSource(database=database, pg_version=pg_version, init_sql=init_sql)
+        )
+    return Op("bases", "CreateBase", request, Base.from_proto, retry=False)
+
+
+def get_base(name: str) -> Op[Base]:
+    """GetBase by id or `bases/{id}`."""
+    return Op("bases", "GetBase", bases_pb2.GetBaseRequest(name=base_name(name)), Base.from_proto)
+
+
+def list_bases() -> Op[list[Base]]:
+    """ListBases (not paged)."""
+
+    def convert(response: bases_pb2.ListBasesResponse) -> list[Base]:
+        return [Base.from_proto(b) for b in response.bases]
+
+    return Op("bases", "ListBases", bases_pb2.ListBasesRequest(), convert)
+
+
+def delete_base(name: str, *, force: bool = False, allow_missing: bool = False) -> Op[None]:
+    """DeleteBase; `force` also deletes the branches that depend on it."""
+    request = bases_pb2.DeleteBaseRequest(
+        name=base_name(name), force=force, allow_missing=allow_missing
+    )
+    return Op("bases", "DeleteBase", request, _none, missing_ok_after_retry=True)
+
+
+def create_base_version(name: str, data_directory: str = "") -> Op[BaseVersion]:
+    """CreateBaseVersion: snapshot the base (first refreshed from
+    `data_directory`, if given) as its next version.
+
+    Not retried: a repeat after a lost answer would make a second version.
+    """
+    request = bases_pb2.CreateBaseVersionRequest(
+        parent=base_name(name), data_directory=data_directory
+    )
+    return Op("bases", "CreateBaseVersion", request, BaseVersion.from_proto, retry=False)
+
+
+def health(service: str = HEALTH_SERVICE) -> Op[str]:
+    """grpc.health.v1 Check: `SERVING`, `NOT_SERVING` or `SERVICE_UNKNOWN`."""
+
+    def convert(response: health_pb2.HealthCheckResponse) -> str:
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    return Op("health", "Check", health_pb2.HealthCheckRequest(service=service), convert)
+
+
+def status() -> Op[dict[str, Any]]:
+    """DaemonService.GetStatus as a JSON-ready dict (version, driver, pool, capacity)."""
+
+    def convert(response: daemon_pb2.DaemonStatus) -> dict[str, Any]:
+        return {
+            "version": response.version,
+            "driver": response.driver,
+            "pool": response.pool,
+            "pool_used_bytes": response.pool_used_bytes,
+            "pool_total_bytes": response.pool_total_bytes,
+            "base_count": response.base_count,
+            "branch_count": response.branch_count,
+            "max_branches": response.max_branches,
+            "port_range": [response.port_range_first, response.port_range_last],
+            "start_time": response.start_time.ToDatetime(UTC).isoformat(),
+            "warnings": list(response.warnings),
+            "isolation": response.isolation,
+        }
+
+    return Op("daemon", "GetStatus", daemon_pb2.GetStatusRequest(), convert)

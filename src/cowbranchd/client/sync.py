@@ -1,0 +1,298 @@
+"""`Client`: the synchronous client, method for method the twin of
+`aio.AsyncClient`. The requests come from `ops`, the addresses, retries and
+error translation from `transport`; only the sending blocks.
+
+Re-exported by `cowbranchd.client`. Speaks gRPC only; it may not import
+daemon code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from cowbranchd.errors import CowbranchError
+
+from . import ops
+from .transport import (
+    Endpoint,
+    RetryPolicy,
+    deadline_error,
+    open_channel,
+    resolve_endpoint,
+    status_code,
+    translate,
+)
+from .types import Base, BaseVersion, Branch, DurationLike, SelectorLike
+
+__all__ = ["Client"]
+
+T = TypeVar("T")
+
+
+class Client:
+    """A synchronous connection to one cowbranchd daemon.
+
+    `address`: `unix:///path.sock`, a bare socket path or `host:port`; default
+    `COWBRANCHD_ADDRESS`, else `unix:///run/cowbranchd/api.sock`. `token` is
+    sent as `authorization: Bearer <token>` (default `COWBRANCHD_TOKEN`);
+    `tls_root_cert` (PEM path or bytes, default `COWBRANCHD_TLS_ROOT_CERT`)
+    turns on TLS for TCP. `timeout` is each call's overall deadline in seconds,
+    retries included. Nothing connects until the first call.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls_root_cert: str | os.PathLike[str] | bytes | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.endpoint: Endpoint = resolve_endpoint(
+            address, token=token, tls_root_cert=tls_root_cert
+        )
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel: grpc.Channel | None = None
+        self._stubs: dict[str, Any] = {}
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """The daemon address in use."""
+        return self.endpoint.address
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calling it again does nothing."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        self._stubs.clear()
+        if channel is not None:
+            channel.close()
+
+    def _stub(self, service: ops.Service) -> Any:
+        if self._closed:
+            raise CowbranchError("this Client is closed")
+        if self._channel is None:
+            self._channel = open_channel(self.endpoint)
+        if service not in self._stubs:
+            self._stubs[service] = ops.STUBS[service](self._channel)
+        return self._stubs[service]
+
+    def _call(self, op: ops.Op[T], timeout: float | None = None) -> T:
+        """Send `op`, retrying UNAVAILABLE within the retry policy and the call's deadline."""
+        method = getattr(self._stub(op.service), op.method)
+        budget = self.timeout if timeout is None else timeout
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            remaining = started + budget - time.monotonic()
+            if remaining <= 0:
+                raise deadline_error(self.endpoint, budget)
+            try:
+                response = method(op.request, timeout=remaining, metadata=self.endpoint.metadata())
+            except grpc.RpcError as exc:
+                code = status_code(exc)
+                if code == grpc.StatusCode.NOT_FOUND and attempt and op.missing_ok_after_retry:
+                    return op.convert(None)
+                wait = None
+                if code == grpc.StatusCode.UNAVAILABLE and op.retry:
+                    elapsed = time.monotonic() - started
+                    wait = self.retry.next_delay(attempt, elapsed, budget - elapsed)
+                if wait is None:
+                    raise translate(exc, self.endpoint) from exc
+                time.sleep(wait)
+                attempt += 1
+            else:
+                return op.convert(response)
+
+    # -- branches -----------------------------------------------------------------
+
+    def create_branch(
+        self,
+        parent: str,
+        *,
+        branch_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        ttl: DurationLike | None = None,
+        postgres_settings: Mapping[str, str] | None = None,
+        protected: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Branch:
+        """Create a branch of `parent` and return it once it answers queries.
+
+        `request_id` (default: a new uuid4) makes the call idempotent: the same
+        id again returns the same branch.
+        """
+        op = ops.create_branch(
+            parent,
+            branch_id=branch_id,
+            labels=labels,
+            ttl=ttl,
+            postgres_settings=postgres_settings,
+            protected=protected,
+            request_id=request_id,
+        )
+        return self._call(op, timeout)
+
+    def get_branch(self, name: str, *, timeout: float | None = None) -> Branch:
+        """The branch `name` (`branches/{id}` or just the id)."""
+        return self._call(ops.get_branch(name), timeout)
+
+    def list_branches(
+        self, selector: SelectorLike = None, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[Branch]:
+        """Every branch matching the label `selector`, fetching pages as it goes."""
+        token = ""
+        while True:
+            page, token = self._call(ops.list_branches_page(selector, page_size, token), timeout)
+            yield from page
+            if not token:
+                return
+
+    def delete_branch(
+        self,
+        name: str,
+        *,
+        allow_missing: bool = False,
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Delete a branch; NotFound unless `allow_missing`; `force` deletes a protected one too."""
+        self._call(ops.delete_branch(name, allow_missing=allow_missing, force=force), timeout)
+
+    def reset_branch(self, name: str, *, timeout: float | None = None) -> Branch:
+        """Throw away the branch's writes; same port and credentials afterwards."""
+        return self._call(ops.reset_branch(name), timeout)
+
+    def update_branch(
+        self,
+        name: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ttl: DurationLike | None = None,
+        protected: bool | None = None,
+        timeout: float | None = None,
+    ) -> Branch:
+        """Change the fields given.
+
+        `labels` replaces all labels; `ttl` counts from now (0: never expire).
+        """
+        op = ops.update_branch(name, labels=labels, ttl=ttl, protected=protected)
+        return self._call(op, timeout)
+
+    @contextmanager
+    def branch(
+        self,
+        parent: str,
+        *,
+        branch_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        ttl: DurationLike | None = None,
+        postgres_settings: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Branch]:
+        """A branch for the `with` block, deleted when the block ends (also on error).
+
+        Give it a `ttl` too when the process may be killed: the daemon then
+        removes the branch even if the exit code never runs.
+        """
+        created = self.create_branch(
+            parent,
+            branch_id=branch_id,
+            labels=labels,
+            ttl=ttl,
+            postgres_settings=postgres_settings,
+            timeout=timeout,
+        )
+        try:
+            yield created
+        finally:
+            self.delete_branch(created.name, allow_missing=True, force=True, timeout=timeout)
+
+    # -- bases --------------------------------------------------------------------
+
+    def create_base(
+        self,
+        base_id: str,
+        *,
+        data_directory: str | None = None,
+        database: str = "",
+        pg_version: int = 0,
+        init_sql: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Base:
+        """Create a base from `data_directory` (copied), or by initdb when it is None."""
+        op = ops.create_base(
+            base_id,
+            data_directory=data_directory,
+            database=database,
+            pg_version=pg_version,
+            init_sql=init_sql,
+            labels=labels,
+        )
+        return self._call(op, timeout)
+
+    def get_base(self, name: str, *, timeout: float | None = None) -> Base:
+        """The base `name` (`bases/{id}` or just the id)."""
+        return self._call(ops.get_base(name), timeout)
+
+    def list_bases(self, *, timeout: float | None = None) -> list[Base]:
+        """Every base."""
+        return self._call(ops.list_bases(), timeout)
+
+    def delete_base(
+        self,
+        name: str,
+        *,
+        force: bool = False,
+        allow_missing: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Delete a base; FailedPrecondition while branches depend on it, unless `force`."""
+        self._call(ops.delete_base(name, force=force, allow_missing=allow_missing), timeout)
+
+    def create_base_version(
+        self, name: str, *, data_directory: str = "", timeout: float | None = None
+    ) -> BaseVersion:
+        """Snapshot the base's current data as its next version; with
+        `data_directory` (a cleanly shut down PGDATA on the daemon's host), a
+        copy of it replaces the base's data first."""
+        return self._call(ops.create_base_version(name, data_directory), timeout)
+
+    # -- daemon -------------------------------------------------------------------
+
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The daemon's version, storage driver and pool usage, and capacity."""
+        return self._call(ops.status(), timeout)
+
+    def health(self, service: str = ops.HEALTH_SERVICE, *, timeout: float | None = None) -> str:
+        """The daemon's grpc health status for `service` ("" is the whole daemon): `SERVING`, ...
+
+        Unavailable (with what to do) when nothing answers at the address.
+        """
+        return self._call(ops.health(service), timeout)

@@ -1,0 +1,464 @@
+"""Bases: golden, cleanly shut down PostgreSQL data directories in the pool,
+with immutable numbered versions (storage snapshots `v<n>`).
+
+Creating a base runs `initdb` or copies an existing data directory into a new
+volume, owns it by the configured OS user once (clones inherit ownership and
+are never chowned), and snapshots it as version 1. This module orchestrates;
+it does not speak gRPC and does not run branch postmasters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import stat
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from cowbranchd import deadline, postgres
+from cowbranchd.errors import (
+    AlreadyExists,
+    CommandError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from cowbranchd.model import BaseRecord, Parent, State, now, validate_id, validate_labels
+from cowbranchd.postgres import copyin
+from cowbranchd.run import run
+from cowbranchd.storage.base import Kind, SnapshotRef
+
+from .inventory import BaseEntry, BranchEntry, Context
+from .revert import Revert
+
+__all__ = ["Bases", "InitdbSpec"]
+
+log = structlog.get_logger("cowbranchd.bases")
+
+# The system Python runs the copy as the import user: the daemon's own
+# interpreter may live where that user cannot reach (a venv under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+COPY_TIMEOUT_S = None  # an import takes as long as its size needs
+
+
+@dataclass(frozen=True)
+class InitdbSpec:
+    database: str = ""
+    pg_version: int = 0
+    init_sql: str = ""
+
+
+# How often DeleteBase(force) re-reads the branches that depend on the base.
+_DEPENDENT_ROUNDS = 100
+# Beside a base's pgdata while a new version's data is copied in.
+_INCOMING = ".pgdata.incoming"
+_OUTGOING = ".pgdata.outgoing"
+
+
+def _remove_leftovers(volume: Path) -> None:
+    """What a crash in the middle of `_replace_pgdata` left: it must not end up
+    in the next version's snapshot."""
+    for name in (_INCOMING, _OUTGOING):
+        if os.path.lexists(volume / name):
+            shutil.rmtree(volume / name)
+    if not os.path.lexists(volume / "pgdata"):
+        raise FailedPrecondition(f"{volume} lost its pgdata/: restore it or delete the base")
+
+
+def version_snap(version: int) -> str:
+    return f"v{version}"
+
+
+def tree_bytes(root: Path) -> int:
+    """Apparent size of the files under `root` (metadata only: no reads)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def check_reachable(path: Path, os_user: str) -> None:
+    """FailedPrecondition naming the directory that keeps `os_user` (who runs
+    every postgres) from reaching `path`, instead of initdb's bare EACCES."""
+    user = pwd.getpwnam(os_user)
+    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for directory in [*reversed(path.parents), path]:
+        st = directory.stat()
+        if st.st_uid == user.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            raise FailedPrecondition(
+                f"the {os_user!r} OS user cannot reach {path}: {directory} is mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; give it search (x) permission for that user"
+            )
+
+
+def validate_data_directory(
+    field_name: str, value: str, import_roots: Sequence[str]
+) -> Path:
+    """An absolute, normalised, link-free path inside one of the operator's
+    `daemon.import_roots`. Whether it holds a data directory is found out by
+    the import user, not by root (see `copy_in`)."""
+    if not value.startswith("/"):
+        raise InvalidArgument(field_name, f"{value[:200]!r} is not an absolute path")
+    if "\x00" in value or len(value) > 4096:
+        raise InvalidArgument(field_name, "is not a usable path")
+    if ".." in Path(value).parts or (os.path.normpath(value) != value.rstrip("/") and value != "/"):
+        raise InvalidArgument(
+            field_name, f"{value[:200]!r} must be normalised (no '..', '.' or '//')"
+        )
+    path = Path(value.rstrip("/") or "/")
+    if not import_roots:
+        raise FailedPrecondition(
+            f"{field_name}: imports are disabled: the operator lists the directories "
+            "they may come from in daemon.import_roots"
+        )
+    inside = [r for r in import_roots if path == Path(r) or Path(r) in path.parents]
+    if not inside:
+        raise PermissionDenied(
+            f"{field_name}: {path} is outside daemon.import_roots ({', '.join(import_roots)})"
+        )
+    # No link anywhere on the way: root resolves nothing a caller planted.
+    if os.path.realpath(path) != str(path):
+        raise InvalidArgument(field_name, f"{path} goes through a symbolic link")
+    return path
+
+
+def read_source_version(source_dir: Path, os_user: str) -> int:
+    """PG_VERSION of an import source, read as the import user: a directory
+    that user cannot read is refused before anything is copied."""
+    proc = run(
+        ["head", "-c", "64", "--", str(source_dir / "PG_VERSION")],
+        user=os_user,
+        check=False,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        raise PermissionDenied(
+            f"data_directory: {source_dir} cannot be read by the import user {os_user!r}: "
+            f"{proc.stderr.strip()[:300]}"
+        )
+    text = proc.stdout.strip()
+    if not text.isdigit():
+        raise InvalidArgument(
+            "data_directory", f"{source_dir}: unsupported PostgreSQL version {text[:20]!r}"
+        )
+    return int(text)
+
+
+def copy_in(source_dir: Path, pgdata: Path, os_user: str) -> None:
+    """Copy `source_dir` into the empty directory `pgdata` as `os_user` (see
+    `cowbranchd.postgres.copyin`). The copy lands owned by that user: no chown afterwards."""
+    code = Path(copyin.__file__).read_text(encoding="utf-8")
+    python = SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sys.executable
+    proc = run(
+        [python, "-I", "-S", "-c", code, str(source_dir), str(pgdata)],
+        user=os_user,
+        check=False,
+        timeout=COPY_TIMEOUT_S,
+    )
+    if proc.returncode == 3:
+        raise FailedPrecondition(
+            f"data_directory: {source_dir}/{proc.stderr.strip()[:500]}; nothing was imported"
+        )
+    if proc.returncode != 0:
+        raise CommandError(["copy-in", str(source_dir), str(pgdata)], proc.returncode, proc.stderr)
+
+
+class Bases:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._creating: set[str] = set()
+
+    # -- queries -------------------------------------------------------------
+
+    def get(self, base_id: str) -> BaseEntry:
+        with self.ctx.inventory.lock:
+            entry = self.ctx.inventory.bases.get(base_id)
+        if entry is None:
+            raise NotFound(f"bases/{base_id} does not exist")
+        return entry
+
+    def all(self) -> list[BaseEntry]:
+        with self.ctx.inventory.lock:
+            return sorted(self.ctx.inventory.bases.values(), key=lambda e: e.record.base_id)
+
+    def branch_counts(self, base_id: str) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        with self.ctx.inventory.lock:
+            for child in self.ctx.inventory.children_of(Kind.BASES, base_id):
+                source = child.source
+                if source is not None and source.snap.startswith("v"):
+                    version = int(source.snap[1:])
+                    counts[version] = counts.get(version, 0) + 1
+        return counts
+
+    def resolve(self, parent: Parent) -> tuple[BaseRecord, SnapshotRef]:
+        """The base record and the version snapshot a branch of `parent` clones."""
+        assert parent.base is not None
+        record = self.get(parent.base).record
+        if record.state is not State.READY:
+            raise FailedPrecondition(f"bases/{parent.base} is {record.state.name}")
+        version = parent.version if parent.version is not None else record.latest_version
+        if version is None or version not in record.versions:
+            raise NotFound(f"bases/{parent.base}/versions/{parent.version} does not exist")
+        return record, SnapshotRef(Kind.BASES, record.base_id, version_snap(version))
+
+    # -- create --------------------------------------------------------------
+
+    def create(
+        self,
+        base_id: str,
+        *,
+        initdb: InitdbSpec | None = None,
+        data_directory: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> BaseRecord:
+        validate_id("base_id", base_id)
+        labels = validate_labels("labels", labels or {})
+        source_dir = self._source("data_directory", data_directory)
+        if source_dir is None and initdb is None:
+            initdb = InitdbSpec()
+        if initdb is not None and initdb.database:
+            validate_id("initdb.database", initdb.database.replace("_", "-"))
+        pg_cfg = self.ctx.config.postgres
+        if source_dir is not None:
+            major = read_source_version(source_dir, pg_cfg.os_user)
+        else:
+            assert initdb is not None
+            installed = postgres.installed_versions(pg_cfg.bin_dirs)
+            major = initdb.pg_version or (max(installed) if installed else 0)
+        binaries = postgres.find_binaries(major, pg_cfg.bin_dirs)
+        if source_dir is not None:
+            postgres.check_clean_shutdown(source_dir, binaries, os_user=pg_cfg.os_user)
+
+        inv = self.ctx.inventory
+        with inv.lock:
+            if base_id in inv.bases or base_id in self._creating:
+                raise AlreadyExists(f"bases/{base_id} already exists")
+            self._creating.add(base_id)
+        try:
+            return self._build(
+                base_id=base_id,
+                major=major,
+                binaries=binaries,
+                initdb=initdb,
+                source_dir=source_dir,
+                labels=labels,
+            )
+        finally:
+            with inv.lock:
+                self._creating.discard(base_id)
+
+    def _build(
+        self,
+        *,
+        base_id: str,
+        major: int,
+        binaries: postgres.Binaries,
+        initdb: InitdbSpec | None,
+        source_dir: Path | None,
+        labels: dict[str, str],
+    ) -> BaseRecord:
+        pg_cfg = self.ctx.config.postgres
+        driver = self.ctx.driver
+        record = BaseRecord(
+            base_id=base_id,
+            state=State.CREATING,
+            create_time=now(),
+            pg_version=major,
+            user="postgres",
+            database=(initdb.database if initdb and initdb.database else "postgres"),
+            labels=labels,
+        )
+        with Revert() as undo:
+            path = driver.create_volume(Kind.BASES, base_id, record.to_meta())
+            undo.add("destroy base volume", lambda: driver.destroy(Kind.BASES, base_id))
+            os.chmod(path, 0o755)
+            check_reachable(path, pg_cfg.os_user)
+            pgdata = path / "pgdata"
+            if source_dir is not None:
+                record = record.evolve(user=self._copy_in(source_dir, pgdata, binaries, record))
+            else:
+                assert initdb is not None
+                pgdata.mkdir(mode=0o700)
+                postgres.initdb(
+                    str(pgdata),
+                    binaries,
+                    os_user=pg_cfg.os_user,
+                    superuser=record.user,
+                    password=postgres.scram_verifier(self.ctx.base_password(record)),
+                    database=initdb.database or None,
+                    init_sql=initdb.init_sql or None,
+                )
+            postgres.check_clean_shutdown(pgdata, binaries, os_user=pg_cfg.os_user)
+            driver.snapshot(Kind.BASES, base_id, version_snap(1))
+            record = record.evolve(
+                state=State.READY, versions={1: now()}, size_bytes=tree_bytes(pgdata)
+            )
+            driver.set_meta(Kind.BASES, base_id, record.to_meta())
+            undo.success()
+        with self.ctx.inventory.lock:
+            self.ctx.inventory.bases[base_id] = BaseEntry(record=record, path=path)
+        log.info("base_created", base=base_id, pg_version=major, source=str(source_dir or "initdb"))
+        return record
+
+    def _source(self, field_name: str, data_directory: str) -> Path | None:
+        if not data_directory:
+            return None
+        return validate_data_directory(
+            field_name, data_directory, self.ctx.config.daemon.import_roots
+        )
+
+    def _copy_in(
+        self, source_dir: Path, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord
+    ) -> str:
+        """Copy a clean data directory in (source untouched, read as the import
+        user), and make it answer with this base's credentials."""
+        os_user = self.ctx.config.postgres.os_user
+        user = pwd.getpwnam(os_user)
+        pgdata.mkdir(mode=0o700)
+        os.chown(pgdata, user.pw_uid, user.pw_gid)
+        copy_in(source_dir, pgdata, os_user)
+        postgres.write_hba(pgdata, os_user)
+        postgres.prepare_clone(pgdata)
+        return self._set_password(pgdata, binaries, self.ctx.base_password(record))
+
+    def _set_password(self, pgdata: Path, binaries: postgres.Binaries, password: str) -> str:
+        """Give the cluster's bootstrap superuser (whatever its name) the base's
+        password, in single-user mode: no port, no socket, no pg_hba, and a
+        clean shutdown at the end. Returns the superuser's name."""
+        verifier = postgres.scram_verifier(password)
+        if not re.fullmatch(r"[A-Za-z0-9+/=:$-]+", verifier) or "$$" in verifier:
+            raise ValueError("a SCRAM verifier is base64 text with $ and : separators")
+        script = (
+            "DO $$ BEGIN EXECUTE format('ALTER ROLE %I PASSWORD %L', "
+            f"(SELECT rolname FROM pg_authid WHERE oid = 10), '{verifier}'); END $$;\n"
+            "SELECT rolname FROM pg_authid WHERE oid = 10;\n"
+        )
+        out = run(
+            [binaries.postgres, "--single", "-D", str(pgdata), "-j", "template1"],
+            input=script,
+            user=self.ctx.config.postgres.os_user,
+            cwd="/",
+        ).stdout
+        match = re.search(r'rolname = "([^"]+)"', out)
+        if match is None:
+            raise FailedPrecondition(f"could not find the superuser of {pgdata}: {out[-500:]}")
+        return match.group(1)
+
+    # -- versions ------------------------------------------------------------
+
+    def create_version(self, base_id: str, data_directory: str = "") -> tuple[BaseRecord, int]:
+        validate_id("parent", base_id)
+        source_dir = self._source("data_directory", data_directory)
+        entry = self.get(base_id)
+        os_user = self.ctx.config.postgres.os_user
+        with deadline.holding(entry.lock, f"bases/{base_id}"):
+            record = entry.record
+            binaries = postgres.find_binaries(record.pg_version, self.ctx.config.postgres.bin_dirs)
+            pgdata = entry.path / "pgdata"
+            _remove_leftovers(entry.path)
+            if source_dir is not None:
+                major = read_source_version(source_dir, os_user)
+                if major != record.pg_version:
+                    raise FailedPrecondition(
+                        f"{source_dir} is PostgreSQL {major}, "
+                        f"bases/{base_id} is {record.pg_version}"
+                    )
+                postgres.check_clean_shutdown(source_dir, binaries, os_user=os_user)
+                record = record.evolve(user=self._replace_pgdata(entry.path, source_dir, record))
+            postgres.check_clean_shutdown(pgdata, binaries, os_user=os_user)
+            version = (record.latest_version or 0) + 1
+            self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))
+            record = record.evolve(
+                versions={**record.versions, version: now()}, size_bytes=tree_bytes(pgdata)
+            )
+            self.ctx.driver.set_meta(Kind.BASES, base_id, record.to_meta())
+            entry.record = record
+        log.info("base_version_created", base=base_id, version=version)
+        return record, version
+
+    def _replace_pgdata(self, volume: Path, source_dir: Path, record: BaseRecord) -> str:
+        """The base's pgdata replaced by a copy of `source_dir`, built beside it
+        and swapped in by two renames only once complete: a failed copy leaves
+        the base as it was."""
+        binaries = postgres.find_binaries(record.pg_version, self.ctx.config.postgres.bin_dirs)
+        incoming = volume / _INCOMING
+        try:
+            user = self._copy_in(source_dir, incoming, binaries, record)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        os.rename(volume / "pgdata", volume / _OUTGOING)
+        os.rename(incoming, volume / "pgdata")
+        shutil.rmtree(volume / _OUTGOING, ignore_errors=True)  # never follows links
+        return user
+
+    # -- delete --------------------------------------------------------------
+
+    def delete(
+        self,
+        base_id: str,
+        *,
+        force: bool,
+        allow_missing: bool,
+        delete_branch: Callable[[BranchEntry], object],
+        drop_warm: Callable[[str], None] = lambda base_id: None,
+    ) -> None:
+        validate_id("name", base_id)
+        try:
+            entry = self.get(base_id)
+        except NotFound:
+            if allow_missing:
+                return
+            raise
+        dependents = self.ctx.inventory.descendants_of_base(base_id)
+        if dependents and not force:
+            names = ", ".join(f"branches/{d.branch_id}" for d in dependents[:5])
+            more = f" and {len(dependents) - 5} more" if len(dependents) > 5 else ""
+            raise FailedPrecondition(
+                f"bases/{base_id} has {len(dependents)} branch(es): {names}{more}; "
+                "delete them first or pass force"
+            )
+        ready = entry.record
+        # DELETING first: no new branch, and no new warm clone, starts from it.
+        entry.record = ready.evolve(state=State.DELETING)
+        try:
+            # Read again after DELETING, and until none is left: a create that
+            # resolved the base just before would otherwise be orphaned.
+            for _ in range(_DEPENDENT_ROUNDS):
+                for dependent in dependents:
+                    delete_branch(dependent)
+                dependents = self.ctx.inventory.descendants_of_base(base_id)
+                if not dependents:
+                    break
+                time.sleep(0.05)  # let creates in flight settle, then their branches go
+            else:
+                raise FailedPrecondition(
+                    f"bases/{base_id}: branches kept appearing while it was deleted; try again"
+                )
+            drop_warm(base_id)
+            with deadline.holding(entry.lock, f"bases/{base_id}"):
+                self.ctx.driver.destroy(Kind.BASES, base_id)
+        except BaseException:
+            entry.record = ready
+            raise
+        with self.ctx.inventory.lock:
+            self.ctx.inventory.bases.pop(base_id, None)
+        log.info("base_deleted", base=base_id, branches_deleted=len(dependents))

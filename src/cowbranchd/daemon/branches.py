@@ -1,0 +1,539 @@
+"""Branches: writable clones of a base version or of another branch, each with
+its own postmaster on its own port.
+
+Create = (CHECKPOINT + snapshot, for a branch parent) -> port -> clone with
+state=creating -> start postgres -> SELECT 1 -> state=ready; each step
+registers its undo, so a failure leaves no clone, process or port behind.
+Slow work runs under the branch's own lock, never under the inventory lock.
+This module does not speak gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import structlog
+
+from cowbranchd import deadline, postgres
+from cowbranchd.errors import (
+    AlreadyExists,
+    CowbranchError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+)
+from cowbranchd.model import (
+    BaseRecord,
+    BranchRecord,
+    Selector,
+    State,
+    now,
+    parse_parent,
+    validate_id,
+    validate_labels,
+    validate_request_id,
+    validate_ttl,
+)
+from cowbranchd.postgres.settings import validate_client_settings
+from cowbranchd.storage.base import Kind, SnapshotRef
+
+from .bases import Bases
+from .inventory import BranchEntry, Context
+from .lifecycle import (
+    Connection,
+    claim,
+    clone_or_clean_up,
+    connection,
+    dismantle,
+    start_postmaster,
+    stop_postmaster,
+    withdraw,
+)
+from .revert import Revert
+from .warm import WARM_META, WarmPool
+
+__all__ = ["SUPERSEDED_META", "Branches", "Connection", "CreateSpec"]
+
+log = structlog.get_logger("cowbranchd.branches")
+
+FREE_SPACE_CHECK_INTERVAL = 2.0
+# On a branch's old volume once a reset has replaced it: never the branch.
+SUPERSEDED_META = "superseded"
+USAGE_CACHE_S = 10.0
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    parent: str
+    branch_id: str = ""
+    request_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ttl: timedelta | None = None
+    postgres_settings: Mapping[str, str] = field(default_factory=dict)
+    protected: bool = False
+
+
+class Branches:
+    def __init__(self, ctx: Context, bases: Bases, warm: WarmPool | None = None) -> None:
+        self.ctx = ctx
+        self.bases = bases
+        self.warm = warm
+        self._free_checked_at = 0.0
+        self._usage_cache: dict[str, tuple[float, int]] = {}
+
+    def _check_space(self) -> None:
+        """RESOURCE_EXHAUSTED below the configured free-space reserve. Asked of
+        storage at most every couple of seconds: on ZFS it costs a command."""
+        if time.monotonic() - self._free_checked_at < FREE_SPACE_CHECK_INTERVAL:
+            return
+        usage = self.ctx.driver.pool_usage()
+        free = usage.total_bytes - usage.used_bytes
+        reserve = self.ctx.config.storage.min_free_bytes
+        if free < reserve:
+            raise ResourceExhausted(
+                f"the pool has {free // 2**20} MiB free, below storage.min_free_bytes "
+                f"({reserve // 2**20} MiB): delete branches or grow the pool"
+            )
+        self._free_checked_at = time.monotonic()
+
+    # -- queries -------------------------------------------------------------
+
+    def get(self, branch_id: str) -> BranchEntry:
+        validate_id("name", branch_id)
+        with self.ctx.inventory.lock:
+            entry = self.ctx.inventory.branches.get(branch_id)
+        if entry is None or entry.error is not None:
+            raise NotFound(f"branches/{branch_id} does not exist")
+        return entry
+
+    def matching(self, selector: Selector) -> list[BranchEntry]:
+        with self.ctx.inventory.lock:
+            entries = list(self.ctx.inventory.branches.values())
+        return sorted(
+            (e for e in entries if e.error is None and selector.matches(e.record.labels)),
+            key=lambda e: e.branch_id,
+        )
+
+    def state(self, entry: BranchEntry) -> State:
+        """The state clients see: stored state, corrected by what runs."""
+        record = entry.record
+        if entry.deleting:
+            return State.DELETING
+        if record.state is State.READY and not (entry.postmaster and entry.postmaster.alive()):
+            return State.STOPPED
+        return record.state
+
+    def connection(self, entry: BranchEntry) -> Connection:
+        return connection(self.ctx, entry)
+
+    def written_bytes(self, entry: BranchEntry) -> int:
+        """From storage, cached briefly: on btrfs it walks the branch's extents
+        (a command), which a ListBranches of hundreds must not repeat."""
+        cached = self._usage_cache.get(entry.branch_id)
+        if cached is not None and time.monotonic() - cached[0] < USAGE_CACHE_S:
+            return cached[1]
+        try:
+            value = self.ctx.driver.usage(Kind.BRANCHES, entry.volume)
+        except CowbranchError:
+            return 0
+        self._usage_cache[entry.branch_id] = (time.monotonic(), value)
+        return value
+
+    # -- create --------------------------------------------------------------
+
+    def create(self, spec: CreateSpec) -> BranchEntry:
+        branch_id = validate_id("branch_id", spec.branch_id) if spec.branch_id else ""
+        request_id = validate_request_id(spec.request_id)
+        parent = parse_parent("parent", spec.parent)
+        labels = validate_labels("labels", spec.labels)
+        ttl = validate_ttl("ttl", spec.ttl) or self.ctx.config.daemon.default_ttl
+        settings = validate_client_settings(spec.postgres_settings)
+        self._check_space()
+
+        inv = self.ctx.inventory
+        while True:
+            with inv.lock:
+                existing = inv.by_request_id(request_id)
+                if existing is None:
+                    branch_id = branch_id or self._generate_id()
+                    if branch_id in inv.branches:
+                        raise AlreadyExists(
+                            f"branches/{branch_id} already exists (created with another request_id)"
+                        )
+                    if len(inv.branches) >= self.ctx.config.daemon.max_branches:
+                        raise ResourceExhausted(
+                            f"all {self.ctx.config.daemon.max_branches} branch slots are in use "
+                            "(daemon.max_branches); delete some branches"
+                        )
+                    record = BranchRecord(
+                        branch_id=branch_id,
+                        base_id=parent.base or "",
+                        parent=str(parent),
+                        source_snapshot="",
+                        state=State.CREATING,
+                        create_time=now(),
+                        port=0,
+                        labels=labels,
+                        expire_time=now() + ttl if ttl else None,
+                        protected=spec.protected,
+                        request_id=request_id,
+                        settings=settings,
+                    )
+                    entry = BranchEntry(record=record, path=Path())
+                    entry.lock.acquire()
+                    inv.branches[branch_id] = entry
+                    break
+            # Same request_id as a create in flight or done: wait for it and
+            # answer with its result; if it failed, nothing exists, so retry.
+            deadline.wait(existing.settled, f"the create with request_id {request_id!r}")
+            if existing.error is None:
+                existing.unclaimed_since = None  # the retry its caller never made
+                return existing
+        try:
+            self._build(entry, parent.branch)
+        except BaseException as exc:
+            entry.error = exc
+            raise
+        finally:
+            entry.settled.set()
+            entry.lock.release()
+        return entry
+
+    def _generate_id(self) -> str:
+        return "br-" + secrets.token_hex(4)
+
+    def _build(self, entry: BranchEntry, parent_branch: str | None) -> None:
+        started = time.perf_counter()
+        inv = self.ctx.inventory
+        driver = self.ctx.driver
+        record = entry.record
+        branch_id = record.branch_id
+        with Revert() as undo:
+
+            def forget() -> None:
+                with inv.lock:
+                    if inv.branches.get(branch_id) is entry:
+                        del inv.branches[branch_id]
+
+            undo.add("forget branch", forget)
+            if parent_branch is not None:
+                source = self._snapshot_branch(parent_branch, branch_id)
+                undo.add("destroy parent snapshot", lambda: driver.destroy_snapshot(source))
+                with inv.lock:
+                    base_id = inv.branches[parent_branch].record.base_id
+            else:
+                base_record, source = self.bases.resolve(parse_parent("parent", record.parent))
+                base_id = base_record.base_id
+                record = record.evolve(parent=f"bases/{base_id}/versions/{source.snap[1:]}")
+            t_source = time.perf_counter()
+            record = record.evolve(base_id=base_id, source_snapshot=str(source))
+            entry.record = record
+            warm = None
+            if parent_branch is None and not record.settings and self.warm is not None:
+                warm = self.warm.take(source)
+            if warm is not None and self._hand_over(warm, entry):
+                undo.add("dismantle", lambda: dismantle(self.ctx, entry))
+                t_clone = t_start = time.perf_counter()
+                entry.record = entry.record.evolve(state=State.READY)
+                # Over the warm clone's metadata, only what differs (on ZFS
+                # each key is a command): the id, times, labels, request_id.
+                before = warm.record.to_meta()
+                changed = {k: v for k, v in entry.record.to_meta().items() if before.get(k) != v}
+                driver.set_meta(Kind.BRANCHES, entry.volume, {**changed, WARM_META: ""})
+            else:
+                warm = None
+                port = self.ctx.ports.allocate()
+                undo.add("release port", lambda: self.ctx.ports.release(entry.record.port or port))
+                uid = self.ctx.uids.allocate() if self.ctx.uids is not None else 0
+                if uid:
+                    undo.add("release uid", lambda: self._release_uid(uid))
+                entry.record = entry.record.evolve(port=port, uid=uid)
+                entry.path = clone_or_clean_up(driver, source, entry.volume, entry.record.to_meta())
+                undo.add("dismantle", lambda: dismantle(self.ctx, entry))
+                t_clone = time.perf_counter()
+                postgres.prepare_clone(entry.pgdata)
+                self._start(entry, allow_new_port=True)
+                t_start = time.perf_counter()
+                ready: dict[str, str] = {"state": "ready"}
+                if entry.record.port != port:  # moved to another port on a retry
+                    ready["port"] = str(entry.record.port)
+                entry.record = entry.record.evolve(state=State.READY)
+                # One key: on ZFS each property is its own command.
+                driver.set_meta(Kind.BRANCHES, entry.volume, ready)
+            undo.success()
+        log.info(
+            "branch_created",
+            branch=branch_id,
+            parent=record.parent,
+            port=entry.record.port,
+            warm=warm is not None,
+            ms_source=round((t_source - started) * 1000, 1),
+            ms_clone=round((t_clone - t_source) * 1000, 1),
+            ms_start=round((t_start - t_clone) * 1000, 1),
+            ms_total=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    def _hand_over(self, warm: BranchEntry, entry: BranchEntry) -> bool:
+        """Make a warm clone this branch: it keeps its volume and its running
+        postgres; its socket directory and log take the branch's name (the
+        socket's path is resolved when clients connect; the log is an open
+        descriptor). Checks SELECT 1 through the DSN. False (the warm clone
+        destroyed, nothing else changed) if that fails: the caller goes cold."""
+        ctx = self.ctx
+        entry.volume, entry.path, entry.postmaster = warm.volume, warm.path, warm.postmaster
+        entry.record = entry.record.evolve(port=warm.record.port, uid=warm.record.uid)
+        for src, dst in (
+            (ctx.socket_dir(warm.branch_id), ctx.socket_dir(entry.branch_id)),
+            (ctx.log_path(warm.branch_id), ctx.log_path(entry.branch_id)),
+        ):
+            shutil.rmtree(dst, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, dst)
+        try:
+            claim(ctx, entry)
+        except CowbranchError as exc:
+            log.warning("warm_hand_over_failed", branch=entry.branch_id, error=exc.message)
+            assert self.warm is not None
+            self.warm.discard(warm)
+            shutil.rmtree(ctx.socket_dir(entry.branch_id), ignore_errors=True)
+            entry.volume, entry.path, entry.postmaster = entry.branch_id, Path(), None
+            entry.record = entry.record.evolve(port=0, uid=0)
+            return False
+        return True
+
+    def _snapshot_branch(self, parent_id: str, child_id: str) -> SnapshotRef:
+        """CHECKPOINT a running parent branch, then snapshot it for the child."""
+        parent = self.get(parent_id)
+        with deadline.holding(parent.lock, f"branches/{parent_id}"):
+            if parent.deleting or self.state(parent) is not State.READY:
+                raise FailedPrecondition(
+                    f"branches/{parent_id} is {self.state(parent).name}, not READY: "
+                    "only a running branch can be branched"
+                )
+            postgres.checkpoint(self.connection(parent).dsn)
+            return self.ctx.driver.snapshot(Kind.BRANCHES, parent.volume, f"c-{child_id}")
+
+    def _base_record(self, base_id: str) -> BaseRecord | None:
+        with self.ctx.inventory.lock:
+            base = self.ctx.inventory.bases.get(base_id)
+        return base.record if base else None
+
+    # -- postmaster ------------------------------------------------------------
+
+    def _start(self, entry: BranchEntry, *, allow_new_port: bool) -> None:
+        start_postmaster(self.ctx, entry, allow_new_port=allow_new_port)
+
+    def _stop(self, entry: BranchEntry, *, discard: bool = False) -> None:
+        stop_postmaster(self.ctx, entry, discard=discard)
+
+    def _release_uid(self, uid: int) -> None:
+        if self.ctx.uids is not None:
+            self.ctx.uids.release(uid)
+
+    def stop_all(self) -> int:
+        """Stop every branch's postgres (their volumes stay; a restart adopts
+        them again). Returns how many were running."""
+        with self.ctx.inventory.lock:
+            entries = list(self.ctx.inventory.branches.values())
+        stopped = 0
+        for entry in entries:
+            with entry.lock:
+                if entry.postmaster is not None:
+                    stopped += 1
+                self._stop(entry)
+        return stopped
+
+    def restart(self, entry: BranchEntry) -> None:
+        """Start a stopped branch on its own port (used at start-up)."""
+        with entry.lock:
+            postgres.prepare_clone(entry.pgdata)
+            self._start(entry, allow_new_port=False)
+
+    # -- delete / reset / update ------------------------------------------------
+
+    def delete(self, branch_id: str, *, allow_missing: bool = False, force: bool = False) -> None:
+        try:
+            entry = self.get(branch_id)
+        except NotFound:
+            if allow_missing:
+                return
+            raise
+        if entry.record.protected and not force:
+            raise FailedPrecondition(
+                f"branches/{branch_id} is protected: unprotect it first or pass force"
+            )
+        self.delete_entry(entry)
+
+    def delete_entry(
+        self, entry: BranchEntry, *, unless: Callable[[BranchRecord], bool] | None = None
+    ) -> bool:
+        """Delete the branch; False if it was gone already, or if `unless` holds
+        for its record once its lock is held (a decision taken before the lock,
+        such as the reaper's, is checked again against what changed since)."""
+        started = time.perf_counter()
+        inv = self.ctx.inventory
+        with deadline.holding(entry.lock, f"branches/{entry.branch_id}"):
+            with inv.lock:
+                if inv.branches.get(entry.branch_id) is not entry:
+                    return False  # deleted meanwhile
+                if unless is not None and unless(entry.record):
+                    return False
+                entry.deleting = True
+            try:
+                dismantle(self.ctx, entry)
+            except BaseException:
+                entry.deleting = False
+                raise
+            source = entry.source
+            if source is not None and source.kind is Kind.BRANCHES:
+                # The `c-<child>` snapshot of the parent exists for this branch only.
+                self.ctx.driver.destroy_snapshot(source)
+            with inv.lock:
+                inv.branches.pop(entry.branch_id, None)
+            self._usage_cache.pop(entry.branch_id, None)
+        log.info(
+            "branch_deleted",
+            branch=entry.branch_id,
+            ms_total=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return True
+
+    def reset(self, branch_id: str) -> BranchEntry:
+        entry = self.get(branch_id)
+        driver = self.ctx.driver
+        with deadline.holding(entry.lock, f"branches/{branch_id}"):
+            source = entry.source
+            if source is None or entry.deleting:
+                raise FailedPrecondition(
+                    f"branches/{branch_id} cannot be reset while it is deleting"
+                )
+            # A new volume first, the old one destroyed last: a crash midway
+            # leaves the old volume (restarted at the next start) or both,
+            # and then the higher `resets` count wins (reconcile.py). It also
+            # never re-clones a name just destroyed, which zfs-fuse can trip on.
+            old_volume, old_path = entry.volume, entry.path
+            new_volume = f"{branch_id}_{secrets.token_hex(3)}"  # '_' is never in an id
+            record = entry.record.evolve(
+                state=State.CREATING, failure="", resets=entry.record.resets + 1
+            )
+            self._stop(entry, discard=True)
+            withdraw(self.ctx, old_volume)
+            try:
+                entry.path = clone_or_clean_up(driver, source, new_volume, record.to_meta())
+                entry.volume = new_volume
+                postgres.prepare_clone(entry.pgdata)
+                self._start(entry, allow_new_port=False)
+            except CowbranchError as exc:
+                if entry.volume == new_volume:
+                    with contextlib.suppress(CowbranchError):
+                        dismantle(self.ctx, entry, release=False)
+                entry.volume, entry.path = old_volume, old_path
+                try:  # the branch as it was, rather than a FAILED one
+                    self._start(entry, allow_new_port=False)
+                except CowbranchError:
+                    self._mark_failed(entry, f"reset failed: {exc.message}")
+                raise
+            entry.record = record.evolve(state=State.READY)
+            driver.set_meta(Kind.BRANCHES, new_volume, {"state": "ready"})
+            try:
+                # Marked first: should the destroy fail, the next start removes
+                # the old volume instead of bringing the branch back from it
+                # (after a delete, say).
+                driver.set_meta(Kind.BRANCHES, old_volume, {SUPERSEDED_META: "1"})
+                driver.destroy(Kind.BRANCHES, old_volume)
+            except CowbranchError as exc:  # the next start's reconcile removes it
+                log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
+            self._usage_cache.pop(branch_id, None)
+        log.info("branch_reset", branch=branch_id)
+        return entry
+
+    def _mark_failed(self, entry: BranchEntry, why: str) -> None:
+        entry.record = entry.record.evolve(state=State.FAILED, failure=why)
+        try:
+            self.ctx.driver.set_meta(
+                Kind.BRANCHES, entry.volume, {"state": "failed", "failure": why[:500]}
+            )
+        except CowbranchError as exc:
+            log.error("mark_failed_failed", branch=entry.branch_id, error=exc.message)
+
+    def update(
+        self,
+        branch_id: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ttl: timedelta | None = None,
+        set_ttl: bool = False,
+        protected: bool | None = None,
+    ) -> BranchEntry:
+        entry = self.get(branch_id)
+        changes: dict[str, object] = {}
+        if labels is not None:
+            changes["labels"] = validate_labels("branch.labels", labels)
+        if set_ttl:
+            valid = validate_ttl("ttl", ttl)
+            changes["expire_time"] = now() + valid if valid else None
+        if protected is not None:
+            changes["protected"] = protected
+        with deadline.holding(entry.lock, f"branches/{branch_id}"):
+            record = entry.record.evolve(**changes)
+            meta = record.to_meta()
+            self.ctx.driver.set_meta(
+                Kind.BRANCHES,
+                entry.volume,  # not branch_id: after a reset or a warm hand-over they differ
+                {k: meta[k] for k in ("labels", "expires", "protected")},
+            )
+            entry.record = record
+        return entry
+
+    def mark_unclaimed(self, entry: BranchEntry) -> None:
+        """The caller of this finished create is gone: keep the branch for a
+        retry with its request_id, for `daemon.unclaimed_grace`, then reap it."""
+        entry.unclaimed_since = time.monotonic()
+        log.warning("branch_unclaimed", branch=entry.branch_id, request_id=entry.record.request_id)
+
+    def reap_expired(self) -> list[str]:
+        """Delete unprotected branches whose expire_time has passed, and
+        branches nobody received once their grace is over."""
+        moment = now()
+        grace = self.ctx.config.daemon.unclaimed_grace.total_seconds()
+        unclaimed_before = time.monotonic() - grace
+        with self.ctx.inventory.lock:
+            expired = [
+                e
+                for e in self.ctx.inventory.branches.values()
+                if (
+                    (
+                        e.record.expire_time is not None
+                        and e.record.expire_time <= moment
+                        and not e.record.protected
+                    )
+                    or (e.unclaimed_since is not None and e.unclaimed_since < unclaimed_before)
+                )
+                and e.settled.is_set()
+                and not e.deleting
+            ]
+        reaped = []
+        for entry in expired:
+
+            def kept(record: BranchRecord, entry: BranchEntry = entry) -> bool:
+                # Claimed, protected or given more time since the decision above.
+                if entry.unclaimed_since is not None and entry.unclaimed_since < unclaimed_before:
+                    return False
+                return record.protected or record.expire_time is None or record.expire_time > now()
+
+            try:
+                if self.delete_entry(entry, unless=kept):
+                    reaped.append(entry.branch_id)
+            except CowbranchError as exc:
+                log.error("reap_failed", branch=entry.branch_id, error=exc.message)
+        if reaped:
+            log.info("branches_expired", branches=reaped)
+        return reaped

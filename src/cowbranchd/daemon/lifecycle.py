@@ -1,0 +1,279 @@
+"""A branch's runtime: its connection facts, and starting and stopping its
+postgres. Shared by branches.py (create, reset, restart, delete) and warm.py
+(warm clones); no locks here: callers hold the branch's own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pwd
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from cowbranchd import deadline, postgres
+from cowbranchd.errors import (
+    AlreadyExists,
+    CowbranchError,
+    InvalidArgument,
+    PostgresError,
+    StorageError,
+)
+from cowbranchd.storage import idmap
+from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
+
+from .inventory import BranchEntry, Context
+
+__all__ = [
+    "Connection",
+    "claim",
+    "clone_or_clean_up",
+    "connection",
+    "dismantle",
+    "present",
+    "remove_runtime_files",
+    "start_postmaster",
+    "stop_postmaster",
+    "withdraw",
+]
+
+log = structlog.get_logger("cowbranchd.branches")
+
+# How often start is retried on another port when postgres finds its port
+# taken (by something that bound it after our bind check).
+PORT_ATTEMPTS = 5
+CLONE_VISIBLE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Connection:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    socket_dir: str
+    dsn: str
+
+
+def _credentials(ctx: Context, entry: BranchEntry) -> tuple[str, str, str]:
+    """(user, password, database) of the branch: its base's superuser and
+    database, and a password of the branch's own, derived from its identity
+    (so it survives resets and restarts and is never stored)."""
+    with ctx.inventory.lock:
+        base_entry = ctx.inventory.bases.get(entry.record.base_id)
+    base = base_entry.record if base_entry else None
+    password = ctx.secrets.branch_password(entry.branch_id, entry.record.create_time)
+    if base is None:
+        return "postgres", password, "postgres"
+    return base.user, password, base.database
+
+
+def connection(ctx: Context, entry: BranchEntry) -> Connection:
+    """Where and how to reach the branch: its own password, its port."""
+    pg = ctx.config.postgres
+    user, password, database = _credentials(ctx, entry)
+    return Connection(
+        host=pg.host,
+        port=entry.record.port,
+        user=user,
+        password=password,
+        database=database,
+        socket_dir=str(ctx.socket_dir(entry.branch_id)),
+        dsn=postgres.dsn(pg.host, entry.record.port, user, password, database),
+    )
+
+
+def _socket_dsn(ctx: Context, entry: BranchEntry) -> str:
+    """The daemon's own way in: the branch's socket (trusted, no password)."""
+    user, _, database = _credentials(ctx, entry)
+    return postgres.dsn(str(ctx.socket_dir(entry.branch_id)), entry.record.port, user, "", database)
+
+
+def _give_password(ctx: Context, entry: BranchEntry) -> postgres.OnReady:
+    """Set the branch's own password on its role, over the daemon's socket
+    connection: a clone comes with its parent's (a base's or another
+    branch's), which must open only the parent."""
+    user, password, _ = _credentials(ctx, entry)
+    verifier = postgres.scram_verifier(password)
+
+    def apply(conn: psycopg.Connection[Any]) -> None:
+        # Not in the branch's log, whatever its log_statement says.
+        conn.execute("SET log_statement = 'none'")
+        conn.execute("SET log_min_duration_statement = -1")
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(user), sql.Literal(verifier))
+        )
+
+    return apply
+
+
+def present(ctx: Context, entry: BranchEntry) -> Path:
+    """The directory the branch's postmaster runs on. With a uid of its own,
+    the clone's pgdata is mounted there idmapped: files owned on disk by
+    os_user appear as the branch's, and what it writes lands as os_user, so no
+    chown ever, and no other branch (another uid) can reach it."""
+    run_dir = ctx.run_dir(entry)
+    uid = entry.record.uid
+    if uid and not (run_dir.exists() and idmap.is_idmapped_mount(run_dir)):
+        disk = pwd.getpwnam(ctx.config.postgres.os_user)
+        ctx.mount_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        idmap.idmapped_mount(
+            entry.pgdata, run_dir, disk_uid=disk.pw_uid, disk_gid=disk.pw_gid, uid=uid, gid=uid
+        )
+    return run_dir
+
+
+def withdraw(ctx: Context, volume: str) -> None:
+    """Unmount what `present` mounted for `volume` (nothing there is fine);
+    before its volume is destroyed, and after its postmaster stopped."""
+    target = ctx.mount_root / volume
+    if not target.exists():
+        return
+    idmap.unmount(target)
+    with contextlib.suppress(OSError):
+        target.rmdir()
+
+
+def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) -> None:
+    """Start the branch's postgres on its port (another one if that port
+    turns out taken and `allow_new_port`), as its own uid where it has one,
+    and wait for SELECT 1 (its own password set on that connection)."""
+    pg = ctx.config.postgres
+    binaries = postgres.find_binaries(postgres.pg_version(entry.pgdata), pg.bin_dirs)
+    settings = {**pg.settings, **entry.record.settings}
+    ctx.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir = present(ctx, entry)
+    uid = entry.record.uid
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            entry.postmaster = postgres.start(
+                str(run_dir),
+                binaries=binaries,
+                os_user=(uid, uid) if uid else pg.os_user,
+                port=entry.record.port,
+                socket_dir=str(ctx.socket_dir(entry.branch_id)),
+                listen_addresses=pg.listen_addresses,
+                settings=settings,
+                log_path=str(ctx.log_path(entry.branch_id)),
+                ready_dsn=_socket_dsn(ctx, entry),
+                on_ready=_give_password(ctx, entry),
+                ready_timeout=deadline.bounded(
+                    pg.start_timeout.total_seconds(), "postgres to answer"
+                )
+                or 0.0,
+            )
+            return
+        except postgres.PortInUse:
+            if not allow_new_port or attempt == PORT_ATTEMPTS - 1:
+                raise
+        except PostgresError as exc:
+            raise _client_setting_error(entry.record.settings, exc) or exc from None
+        old = entry.record.port
+        new = ctx.ports.allocate(exclude=(old,))
+        entry.record = entry.record.evolve(port=new)
+        ctx.ports.release(old)
+        log.info("port_taken_retrying", branch=entry.branch_id, port=old, new_port=new)
+
+
+def stop_postmaster(ctx: Context, entry: BranchEntry, *, discard: bool = False) -> None:
+    """Stop the branch's postgres. With `discard` the data is about to be
+    destroyed, so skip the shutdown checkpoint (immediate shutdown)."""
+    master = entry.postmaster or postgres.find_postmaster(str(ctx.run_dir(entry)))
+    if master is not None:
+        postgres.stop(master, fast_timeout=0 if discard else 10.0)
+    entry.postmaster = None
+
+
+def dismantle(ctx: Context, entry: BranchEntry, *, release: bool = True) -> None:
+    """The one teardown of a branch, a warm clone or a leftover volume: stop
+    its postgres (immediate: the data goes), unmount, destroy its volume, and
+    with `release` give back its port and uid and remove its socket directory
+    and log (not for a volume a reset superseded: those are still the
+    branch's). Idempotent."""
+    stop_postmaster(ctx, entry, discard=True)
+    withdraw(ctx, entry.volume)
+    ctx.driver.destroy(Kind.BRANCHES, entry.volume)
+    if not release:
+        return
+    ctx.ports.release(entry.record.port)
+    if ctx.uids is not None and entry.record.uid:
+        ctx.uids.release(entry.record.uid)
+    remove_runtime_files(ctx, entry.branch_id)
+
+
+def clone_or_clean_up(
+    driver: StorageDriver, source: SnapshotRef, branch_id: str, meta: Mapping[str, str]
+) -> Path:
+    """driver.clone, destroying whatever a failed clone may have left under
+    the branch's name (a clone made but not mounted, say). AlreadyExists means
+    the name was someone else's: that is left alone."""
+    try:
+        path = driver.clone(source, Kind.BRANCHES, branch_id, meta)
+        _wait_for_pgdata(path)
+    except AlreadyExists:
+        raise
+    except BaseException:
+        with contextlib.suppress(CowbranchError):
+            driver.destroy(Kind.BRANCHES, branch_id)
+        raise
+    return path
+
+
+def _wait_for_pgdata(path: Path) -> None:
+    """Every clone of a base holds pgdata/. zfs-fuse has been seen to report a
+    fresh clone mounted a moment before its files show through FUSE: give it
+    that moment (one stat when all is well), bounded."""
+    started = time.monotonic()
+    waited = False
+    while not (path / "pgdata" / "PG_VERSION").exists():
+        if time.monotonic() - started > CLONE_VISIBLE_S:
+            raise StorageError(f"clone at {path} shows no pgdata/ after {CLONE_VISIBLE_S}s")
+        waited = True
+        time.sleep(0.005)
+    if waited:
+        log.warning(
+            "clone_slow_to_show", path=str(path), ms=round((time.monotonic() - started) * 1000, 1)
+        )
+
+
+def _client_setting_error(
+    settings: Mapping[str, str], exc: PostgresError
+) -> InvalidArgument | None:
+    """postgres alone knows which values it accepts: a start failure that
+    names one of the client's own settings is the client's bad input."""
+    rejected = [name for name in settings if f'parameter "{name}"' in exc.log_tail]
+    if not rejected:
+        return None
+    error = InvalidArgument(
+        "postgres_settings", f"postgres rejected {', '.join(rejected)}: {exc.message}"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def remove_runtime_files(ctx: Context, branch_id: str) -> None:
+    """The branch's socket directory and postgres log, once it is gone (after
+    a warm hand-over they were renamed away, and this is a no-op)."""
+    shutil.rmtree(ctx.socket_dir(branch_id), ignore_errors=True)
+    ctx.log_path(branch_id).unlink(missing_ok=True)
+
+
+def claim(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:
+    """Make a running clone the branch it was handed to: its own password set,
+    `SELECT 1` answered (as CreateBranch promises), over one socket connection."""
+    try:
+        with psycopg.connect(
+            _socket_dsn(ctx, entry), connect_timeout=max(1, int(timeout)), autocommit=True
+        ) as conn:
+            conn.execute("SELECT 1")
+            _give_password(ctx, entry)(conn)
+    except psycopg.Error as exc:
+        raise PostgresError(f"branches/{entry.branch_id} does not answer SELECT 1: {exc}") from exc

@@ -1,0 +1,414 @@
+"""The `cowbranchd` daemon: wires config, storage, ports and the servicers into
+one gRPC server on a Unix socket (and optionally TCP), runs start-up
+reconcile before reporting SERVING, expires branches in the background, and
+on SIGTERM drains in-flight calls and exits, leaving branches running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import hmac
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cowbranchd import __version__
+from cowbranchd.config import Config, load_config
+from cowbranchd.errors import CowbranchError, InvalidArgument
+from cowbranchd.model import now
+from cowbranchd.ports import PortAllocator, UidAllocator
+from cowbranchd.run import run, stuck_commands
+from cowbranchd.storage import idmap, open_driver
+from cowbranchd.storage.base import StorageDriver
+from cowbranchd.v1 import (
+    bases_pb2,
+    bases_pb2_grpc,
+    branches_pb2,
+    branches_pb2_grpc,
+    daemon_pb2,
+    daemon_pb2_grpc,
+)
+
+from .bases import Bases, InitdbSpec
+from .branches import Branches
+from .inventory import Context, Inventory
+from .logs import configure_logging
+from .reconcile import reconcile
+from .service import BaseServicer, BranchServicer, DaemonServicer, Gate, admissions
+from .warm import WarmPool
+
+__all__ = ["Daemon", "main"]
+
+log = structlog.get_logger("cowbranchd.server")
+
+SIGNAL_POLL_S = 0.1
+STORAGE_WATCH_S = 1.0
+READ_WORKERS = 16  # worker threads no write can occupy (reads, health, status)
+SERVICE_NAMES = (
+    bases_pb2.DESCRIPTOR.services_by_name["BaseService"].full_name,
+    branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
+    daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
+)
+
+DEMO_SQL = """
+CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
+"""
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """With `daemon.token_file` set, requires `authorization: Bearer <token>`
+    on every call but health checks (the interceptor cannot tell the Unix
+    socket from TCP, so local clients send it too: COWBRANCHD_TOKEN)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request: object, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        offered = metadata.get("authorization", "")
+        if isinstance(offered, str):
+            offered = offered.encode()
+        # Constant time, so response timing does not reveal how much of a
+        # guessed token was right (on bytes: compare_digest refuses non-ASCII str).
+        if hmac.compare_digest(offered, self._expected):
+            return continuation(handler_call_details)
+        # Health checks stay open for load balancers and probes.
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        return self._deny
+
+
+def read_token(path: str) -> str:
+    """The bearer token in `path` (surrounding whitespace dropped); an
+    unreadable or empty file is refused rather than served without a token."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidArgument("daemon.token_file", f"cannot read {path}: {reason}") from exc
+    if not token:
+        raise InvalidArgument("daemon.token_file", f"{path} holds no token")
+    return token
+
+
+SHARED_UID_WARNING = (
+    "isolation is shared-uid: every branch's postgres runs as the same OS user, so a "
+    "tenant's superuser can read and signal other branches ({why})"
+)
+
+
+def _pool_directory(driver: StorageDriver) -> Path:
+    """A directory on the pool's filesystem, to probe what it can do."""
+    if driver.kind == "btrfs":
+        return Path(driver.location)
+    out = run(["zfs", "get", "-H", "-o", "value", "mountpoint", driver.location], timeout=60)
+    return Path(out.stdout.strip())
+
+
+def _branch_uids(config: Config, driver: StorageDriver) -> UidAllocator | None:
+    """One OS user per branch where configured and the pool can idmap;
+    otherwise the shared os_user, said loudly (log, GetStatus, ctl status)."""
+    uids = config.postgres.branch_uids
+    if uids is None:
+        log.warning(
+            "isolation",
+            mode="shared",
+            message=SHARED_UID_WARNING.format(why="postgres.branch_uids is empty"),
+        )
+        return None
+    try:
+        supported = idmap.supports_idmap(_pool_directory(driver))
+    except CowbranchError as exc:
+        supported = False
+        log.warning("idmap_probe_failed", error=exc.message)
+    if not supported:
+        log.warning(
+            "isolation",
+            mode="shared",
+            message=SHARED_UID_WARNING.format(
+                why=f"the {driver.kind} pool cannot do idmapped mounts"
+            ),
+        )
+        return None
+    log.info("isolation", mode="uid", branch_uids=f"{uids[0]}-{uids[1]}")
+    return UidAllocator(*uids)
+
+
+def notify_systemd(message: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), path)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gate = Gate()
+        self.health = health.HealthServicer()
+        self.stopping = threading.Event()
+        # Read before anything is touched: a bad token file must not leave a
+        # half-prepared runtime directory or pool behind.
+        self._token = read_token(config.daemon.token_file) if config.daemon.token_file else None
+        self._prepare_runtime_dir()
+        driver = open_driver(config.storage, config.daemon.state_dir)
+        pg = config.postgres
+        self.ctx = Context(
+            config=config,
+            driver=driver,
+            ports=PortAllocator(pg.port_range[0], pg.port_range[1], pg.listen_addresses),
+            inventory=Inventory(),
+            uids=_branch_uids(config, driver),
+        )
+        self.bases = Bases(self.ctx)
+        self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
+        self.branches = Branches(self.ctx, self.bases, self.warm)
+        self.admission = admissions(
+            config.daemon.max_concurrent_writes, config.daemon.max_queued_writes
+        )
+        self.server = self._build_server()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _prepare_runtime_dir(self) -> None:
+        runtime = self.config.runtime_dir
+        runtime.mkdir(parents=True, exist_ok=True)
+        gid = (
+            grp.getgrnam(self.config.daemon.socket_group).gr_gid
+            if self.config.daemon.socket_group
+            else 0
+        )
+        os.chown(runtime, 0, gid)
+        os.chmod(runtime, 0o750)
+        self.config.postgres.socket_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.config.postgres.socket_root, 0o755)
+        sock = self.config.daemon.socket
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()  # a stale socket from a previous run
+
+    def _build_server(self) -> grpc.Server:
+        daemon = self.config.daemon
+        options = [
+            ("grpc.max_receive_message_length", daemon.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
+        if self._token is not None:
+            interceptors.append(_TokenInterceptor(self._token))
+        # Enough workers for every admitted or queued write at once, plus a
+        # reserve that only reads and health checks can reach.
+        writers = sum(a.running + a.queued for a in self.admission.values())
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=writers + READ_WORKERS, thread_name_prefix="rpc"
+            ),
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=256,
+        )
+        bases_pb2_grpc.add_BaseServiceServicer_to_server(
+            BaseServicer(self.bases, self.branches, self.gate, self.admission), server
+        )
+        branches_pb2_grpc.add_BranchServiceServicer_to_server(
+            BranchServicer(self.branches, self.gate, self.admission), server
+        )
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
+            DaemonServicer(self.branches, self.gate, now()), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        server.add_insecure_port(f"unix:{daemon.socket}")
+        if daemon.tcp_address:
+            self._warn_if_tcp_insecure()
+            if daemon.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(daemon.tls_key).read_bytes(), Path(daemon.tls_cert).read_bytes())]
+                )
+                server.add_secure_port(daemon.tcp_address, creds)
+            else:
+                server.add_insecure_port(daemon.tcp_address)
+        return server
+
+    def _warn_if_tcp_insecure(self) -> None:
+        """config refuses TCP without TLS or a token unless the operator set
+        `daemon.insecure_tcp`; then say so at every start, at warning level."""
+        daemon = self.config.daemon
+        risks = []
+        if not daemon.tls_cert:
+            risks.append("without TLS, tokens and branch passwords cross the network in clear")
+        if not daemon.token_file:
+            risks.append("without a token, anyone who can reach the port can use every branch")
+        if risks:
+            log.warning(
+                "insecure_tcp",
+                tcp=daemon.tcp_address,
+                message=f"INSECURE TCP (daemon.insecure_tcp = true): {'; '.join(risks)}",
+            )
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Serve (UNAVAILABLE until reconciled), reconcile, then open up."""
+        started = time.perf_counter()
+        self.server.start()
+        os.chmod(self.config.daemon.socket, 0o660)
+        counts = reconcile(self.ctx, self.branches)
+        self._ensure_demo_base()
+        self.gate.open()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        notify_systemd("READY=1\nSTATUS=serving")
+        threading.Thread(target=self._reaper, name="reaper", daemon=True).start()
+        threading.Thread(target=self._watch_storage, name="storage-watch", daemon=True).start()
+        self.warm.start()
+        log.info(
+            "serving",
+            version=__version__,
+            socket=str(self.config.daemon.socket),
+            tcp=self.config.daemon.tcp_address or None,
+            driver=self.ctx.driver.kind,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+            **counts,
+        )
+
+    def _ensure_demo_base(self) -> None:
+        demo = self.config.demo
+        if not demo.enabled or self.ctx.inventory.bases:
+            return
+        self.bases.create(demo.base_id, initdb=InitdbSpec(database="", init_sql=DEMO_SQL))
+
+    def _reaper(self) -> None:
+        interval = self.config.daemon.reap_interval.total_seconds()
+        while not self.stopping.wait(interval):
+            try:
+                self.branches.reap_expired()
+                if self.ctx.driver.clones_pin_snapshots:
+                    self.ctx.driver.gc()
+            except Exception:
+                log.exception("reaper_failed")
+
+    def _watch_storage(self) -> None:
+        """Health follows the storage backend: NOT_SERVING, with the reason in
+        the log and in every refused write, while a command it ran cannot be
+        killed (a hung zfs-fuse); SERVING again once it is gone."""
+        hung = False
+        while not self.stopping.wait(STORAGE_WATCH_S):
+            stuck = stuck_commands()
+            if stuck and not hung:
+                argv, age = stuck[0]
+                reason = f"storage backend hung: {' '.join(argv)} stuck for {age:.0f}s"
+                log.error("storage_hung", reason=reason, commands=len(stuck))
+                self.gate.hold_writes(reason)
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif not stuck and hung:
+                log.info("storage_recovered")
+                self.gate.hold_writes(None)
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            hung = bool(stuck)
+
+    def drain_and_stop(self, *, stop_branches: bool = False) -> None:
+        """Refuse new calls, let in-flight ones finish, exit. Branches keep
+        running (they are adopted at the next start) unless `stop_branches`."""
+        log.info("draining", timeout_s=self.config.daemon.drain_timeout.total_seconds())
+        notify_systemd("STOPPING=1")
+        self.stopping.set()
+        self.gate.close("cowbranchd is shutting down; retry against the restarted daemon")
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace=self.config.daemon.drain_timeout.total_seconds()).wait()
+        self.warm.stop()
+        if stop_branches:
+            stopped = self.branches.stop_all()
+            log.info("branches_stopped", count=stopped)
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cowbranchd", description="Copy-on-write PostgreSQL branches over gRPC."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config file (default: /etc/cowbranchd/config.toml if it exists, "
+        "else built-in defaults)",
+    )
+    parser.add_argument(
+        "--stop-branches",
+        action="store_true",
+        help="stop every branch's postgres on exit (default: leave them running)",
+    )
+    parser.add_argument("--version", action="version", version=f"cowbranchd {__version__}")
+    args = parser.parse_args(argv)
+    config_path = args.config
+    if config_path is None and Path("/etc/cowbranchd/config.toml").exists():
+        config_path = Path("/etc/cowbranchd/config.toml")
+    try:
+        config = load_config(config_path)
+    except InvalidArgument as exc:
+        print(f"cowbranchd: bad configuration: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(config.daemon.log_format, config.daemon.log_level)
+    if os.geteuid() != 0:
+        print(
+            "cowbranchd: must run as root (it mounts, snapshots and starts postgres as "
+            f"{config.postgres.os_user!r})",
+            file=sys.stderr,
+        )
+        return 2
+    # The handler only appends: Event.set() from a handler can deadlock when
+    # the signal lands while the main thread holds that Event's lock (seen
+    # with a SIGTERM right after start-up). The main thread polls instead.
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon = Daemon(config)
+        daemon.start()
+    except CowbranchError as exc:
+        log.error("start_failed", error=exc.message)
+        return 1
+    ctl = Path(sys.executable).parent / "cowbranchctl"
+    address = f"unix://{config.daemon.socket}"
+    address_flag = "" if address == "unix:///run/cowbranchd/api.sock" else f" --address {address}"
+    print(
+        f"cowbranchd is serving on {address}\n"
+        f"  create a branch:  {ctl if ctl.exists() else 'cowbranchctl'}{address_flag} "
+        f"create bases/{config.demo.base_id}\n"
+        "  stop with Ctrl-C (branches keep running; they are adopted at the next start)",
+        file=sys.stderr,
+        flush=True,
+    )
+    while not received:
+        time.sleep(SIGNAL_POLL_S)
+    log.info("signal", signal=signal.Signals(received[0]).name)
+    daemon.drain_and_stop(stop_branches=args.stop_branches)
+    return 0

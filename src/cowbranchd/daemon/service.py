@@ -1,0 +1,483 @@
+"""The gRPC servicers: proto <-> model, errors -> status codes, one log line
+per RPC. Nothing else: every decision lives in bases.py and branches.py.
+
+Errors from the tree in errors.py become their status code; anything else is
+INTERNAL and logged with its traceback. While the daemon starts up or drains,
+every RPC answers UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from cowbranchd import __version__, deadline
+from cowbranchd.errors import CowbranchError, InvalidArgument, Unavailable
+from cowbranchd.model import Selector, parse_name
+from cowbranchd.v1 import (
+    bases_pb2,
+    bases_pb2_grpc,
+    branches_pb2,
+    branches_pb2_grpc,
+    daemon_pb2,
+    daemon_pb2_grpc,
+)
+
+from .bases import Bases, InitdbSpec
+from .branches import Branches, CreateSpec
+from .inventory import BaseEntry, BranchEntry
+
+__all__ = ["Admission", "BaseServicer", "BranchServicer", "DaemonServicer", "Gate", "admissions"]
+
+log = structlog.get_logger("cowbranchd.rpc")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+class Gate:
+    """Whether RPCs are served: closed while starting up and while draining;
+    writes alone are held while the storage backend hangs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reason: str | None = "cowbranchd is starting up (reconciling storage); retry shortly"
+        self._writes_held: str | None = None
+
+    def hold_writes(self, reason: str | None) -> None:
+        with self._lock:
+            self._writes_held = reason
+
+    def check_write(self) -> None:
+        with self._lock:
+            reason = self._writes_held
+        if reason is not None:
+            raise Unavailable(f"{reason}; retry later")
+
+    def open(self) -> None:
+        with self._lock:
+            self._reason = None
+
+    def close(self, reason: str) -> None:
+        with self._lock:
+            self._reason = reason
+
+    def check(self) -> None:
+        with self._lock:
+            reason = self._reason
+        if reason is not None:
+            raise Unavailable(reason)
+
+
+class Admission:
+    """Bounded work of one kind: at most `running` calls at once and `queued`
+    more waiting for a turn; beyond that UNAVAILABLE at once (the client
+    library retries it with backoff), so slow work never takes every worker
+    thread and reads, health included, keep answering."""
+
+    def __init__(self, kind: str, running: int, queued: int) -> None:
+        self.kind = kind
+        self.running = running
+        self.queued = queued
+        self._turns = threading.BoundedSemaphore(running)
+        self._lock = threading.Lock()
+        self._inside = 0
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside >= self.running + self.queued:
+                raise Unavailable(
+                    f"too many {self.kind} calls in flight ({self.running} running, "
+                    f"{self.queued} queued): retry with backoff"
+                )
+            self._inside += 1
+        try:
+            deadline.acquire(self._turns, f"a turn among {self.kind} calls")
+            try:
+                yield
+            finally:
+                self._turns.release()
+        finally:
+            with self._lock:
+                self._inside -= 1
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._inside
+
+
+def admissions(running: int, queued: int) -> dict[str, Admission]:
+    """One Admission per kind of slow work (reads are never queued)."""
+    return {
+        "branch writes": Admission("branch writes", running, queued),
+        "base writes": Admission("base writes", max(1, running // 4), queued),
+    }
+
+
+# Which calls are slow work of which kind.
+_KIND = {
+    "CreateBranch": "branch writes",
+    "DeleteBranch": "branch writes",
+    "ResetBranch": "branch writes",
+    "UpdateBranch": "branch writes",
+    "CreateBase": "base writes",
+    "CreateBaseVersion": "base writes",
+    "DeleteBase": "base writes",
+}
+
+
+def rpc(
+    method: Callable[[Any, Req, grpc.ServicerContext], Resp],
+) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
+    """Gate, admit, bound by the caller's deadline, time, log and translate
+    errors for one servicer method."""
+    name = method.__name__
+    kind = _KIND.get(name)
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+        started = time.perf_counter()
+        fields = _log_fields(request)
+        try:
+            self.gate.check()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(deadline.scope(context.time_remaining()))
+                if kind is not None:
+                    self.gate.check_write()
+                    stack.enter_context(self.admission[kind].turn())
+                response = method(self, request, context)
+        except CowbranchError as exc:
+            log.info(
+                "rpc",
+                method=name,
+                code=exc.code.name,
+                error=exc.message,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            )
+            context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception(
+                "rpc",
+                method=name,
+                code="INTERNAL",
+                ms=round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            )
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        log.info(
+            "rpc",
+            method=name,
+            code="OK",
+            ms=round((time.perf_counter() - started) * 1000, 2),
+            **fields,
+        )
+        return response
+
+    return wrapper
+
+
+def _log_fields(request: object) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for attr in ("request_id", "branch_id", "base_id", "parent", "name"):
+        value = getattr(request, attr, "")
+        if isinstance(value, str) and value:
+            fields[attr] = value[:128]
+    return fields
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def _duration(field_name: str, message: duration_pb2.Duration) -> timedelta:
+    if message.seconds < 0 or message.nanos < 0:
+        raise InvalidArgument(field_name, "must not be negative")
+    if message.seconds > 10 * 365 * 86400:
+        raise InvalidArgument(field_name, "is too long")
+    return timedelta(seconds=message.seconds, microseconds=message.nanos // 1000)
+
+
+class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
+    def __init__(
+        self, branches: Branches, gate: Gate, admission: dict[str, Admission]
+    ) -> None:
+        self.branches = branches
+        self.gate = gate
+        self.admission = admission
+
+    def to_proto(self, entry: BranchEntry, *, with_usage: bool = True) -> branches_pb2.Branch:
+        record = entry.record
+        conn = self.branches.connection(entry)
+        state = self.branches.state(entry)
+        return branches_pb2.Branch(
+            name=f"branches/{record.branch_id}",
+            parent=record.parent,
+            state=branches_pb2.Branch.State.Value(state.name),
+            connection=branches_pb2.Connection(**dataclasses.asdict(conn)),
+            labels=record.labels,
+            create_time=_timestamp(record.create_time),
+            expire_time=_timestamp(record.expire_time),
+            protected=record.protected,
+            written_bytes=self.branches.written_bytes(entry) if with_usage else 0,
+            request_id=record.request_id,
+            failure=record.failure,
+        )
+
+    @rpc
+    def CreateBranch(
+        self, request: branches_pb2.CreateBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.Branch:
+        if not request.parent:
+            raise InvalidArgument("parent", "is required (bases/{base}, ... or branches/{branch})")
+        spec = CreateSpec(
+            parent=request.parent,
+            branch_id=request.branch_id,
+            request_id=request.request_id,
+            labels=dict(request.labels),
+            ttl=_duration("ttl", request.ttl) if request.HasField("ttl") else None,
+            postgres_settings=dict(request.postgres_settings),
+            protected=request.protected,
+        )
+        entry = self.branches.create(spec)
+        if not context.is_active():  # cancelled, timed out or gone while we built it
+            self.branches.mark_unclaimed(entry)
+        return self.to_proto(entry, with_usage=False)
+
+    @rpc
+    def GetBranch(
+        self, request: branches_pb2.GetBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.Branch:
+        return self.to_proto(self.branches.get(parse_name("name", request.name, "branches")))
+
+    @rpc
+    def ListBranches(
+        self, request: branches_pb2.ListBranchesRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.ListBranchesResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        after = _decode_token(request.page_token)
+        selector = Selector.parse(request.label_selector)
+        entries = [e for e in self.branches.matching(selector) if e.branch_id > after]
+        page = entries[:size]
+        token = _encode_token(page[-1].branch_id) if len(entries) > size else ""
+        return branches_pb2.ListBranchesResponse(
+            branches=[self.to_proto(e) for e in page], next_page_token=token
+        )
+
+    @rpc
+    def DeleteBranch(
+        self, request: branches_pb2.DeleteBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.DeleteBranchResponse:
+        self.branches.delete(
+            parse_name("name", request.name, "branches"),
+            allow_missing=request.allow_missing,
+            force=request.force,
+        )
+        return branches_pb2.DeleteBranchResponse()
+
+    @rpc
+    def ResetBranch(
+        self, request: branches_pb2.ResetBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.Branch:
+        entry = self.branches.reset(parse_name("name", request.name, "branches"))
+        return self.to_proto(entry, with_usage=False)
+
+    @rpc
+    def UpdateBranch(
+        self, request: branches_pb2.UpdateBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.Branch:
+        branch = request.branch
+        paths = set(request.update_mask.paths)
+        known = {"labels", "protected", "ttl", "expire_time"}
+        if unknown := paths - known:
+            raise InvalidArgument(
+                "update_mask", f"unknown path(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        if not paths:
+            paths = {"labels", "protected"} | ({"ttl"} if request.HasField("ttl") else set())
+        ttl: timedelta | None = None
+        if "ttl" in paths:
+            ttl = _duration("ttl", request.ttl)
+        elif "expire_time" in paths and branch.HasField("expire_time"):
+            ttl = branch.expire_time.ToDatetime(UTC) - datetime.now(UTC)
+            if ttl <= timedelta(0):
+                raise InvalidArgument("branch.expire_time", "is in the past")
+        entry = self.branches.update(
+            parse_name("branch.name", branch.name, "branches"),
+            labels=dict(branch.labels) if "labels" in paths else None,
+            ttl=ttl,
+            set_ttl=bool({"ttl", "expire_time"} & paths),
+            protected=branch.protected if "protected" in paths else None,
+        )
+        return self.to_proto(entry)
+
+
+def _encode_token(after: str) -> str:
+    return base64.urlsafe_b64encode(f"after:{after}".encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument("page_token", "is not a token this server handed out") from exc
+    if not text.startswith("after:"):
+        raise InvalidArgument("page_token", "is not a token this server handed out")
+    return text.removeprefix("after:")
+
+
+class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
+    def __init__(
+        self, bases: Bases, branches: Branches, gate: Gate, admission: dict[str, Admission]
+    ) -> None:
+        self.bases = bases
+        self.branches = branches
+        self.gate = gate
+        self.admission = admission
+
+    def to_proto(self, entry: BaseEntry) -> bases_pb2.Base:
+        record = entry.record
+        counts = self.bases.branch_counts(record.base_id)
+        return bases_pb2.Base(
+            name=f"bases/{record.base_id}",
+            pg_version=record.pg_version,
+            versions=[
+                bases_pb2.BaseVersion(
+                    name=f"bases/{record.base_id}/versions/{n}",
+                    version=n,
+                    create_time=_timestamp(t),
+                    branch_count=counts.get(n, 0),
+                )
+                for n, t in sorted(record.versions.items())
+            ],
+            create_time=_timestamp(record.create_time),
+            labels=record.labels,
+            size_bytes=record.size_bytes,
+            user=record.user,
+            database=record.database,
+        )
+
+    @rpc
+    def CreateBase(
+        self, request: bases_pb2.CreateBaseRequest, context: grpc.ServicerContext
+    ) -> bases_pb2.Base:
+        which = request.WhichOneof("source")
+        initdb = None
+        if which == "initdb" or which is None:
+            initdb = InitdbSpec(
+                database=request.initdb.database,
+                pg_version=request.initdb.pg_version,
+                init_sql=request.initdb.init_sql,
+            )
+        elif not request.data_directory:
+            raise InvalidArgument("data_directory", "must not be empty")
+        self.bases.create(
+            request.base_id,
+            initdb=initdb,
+            data_directory=request.data_directory if which == "data_directory" else "",
+            labels=dict(request.labels),
+        )
+        return self.to_proto(self.bases.get(request.base_id))
+
+    @rpc
+    def GetBase(
+        self, request: bases_pb2.GetBaseRequest, context: grpc.ServicerContext
+    ) -> bases_pb2.Base:
+        return self.to_proto(self.bases.get(parse_name("name", request.name, "bases")))
+
+    @rpc
+    def ListBases(
+        self, request: bases_pb2.ListBasesRequest, context: grpc.ServicerContext
+    ) -> bases_pb2.ListBasesResponse:
+        return bases_pb2.ListBasesResponse(bases=[self.to_proto(e) for e in self.bases.all()])
+
+    @rpc
+    def DeleteBase(
+        self, request: bases_pb2.DeleteBaseRequest, context: grpc.ServicerContext
+    ) -> bases_pb2.DeleteBaseResponse:
+        self.bases.delete(
+            parse_name("name", request.name, "bases"),
+            force=request.force,
+            allow_missing=request.allow_missing,
+            delete_branch=self.branches.delete_entry,
+            drop_warm=self.branches.warm.drop_base if self.branches.warm else lambda _: None,
+        )
+        return bases_pb2.DeleteBaseResponse()
+
+    @rpc
+    def CreateBaseVersion(
+        self, request: bases_pb2.CreateBaseVersionRequest, context: grpc.ServicerContext
+    ) -> bases_pb2.BaseVersion:
+        base_id = parse_name("parent", request.parent, "bases")
+        record, version = self.bases.create_version(base_id, request.data_directory)
+        return bases_pb2.BaseVersion(
+            name=f"bases/{base_id}/versions/{version}",
+            version=version,
+            create_time=_timestamp(record.versions[version]),
+            branch_count=0,
+        )
+
+
+class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
+    def __init__(self, branches: Branches, gate: Gate, start_time: datetime) -> None:
+        self.branches = branches
+        self.gate = gate
+        self.start_time = start_time
+
+    @rpc
+    def GetStatus(
+        self, request: daemon_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> daemon_pb2.DaemonStatus:
+        ctx = self.branches.ctx
+        usage = ctx.driver.pool_usage()
+        with ctx.inventory.lock:
+            base_count = len(ctx.inventory.bases)
+            branch_count = len(ctx.inventory.branches)
+            warnings = [
+                f"bases/{name} is quarantined (kept, not served): {why}"
+                for name, why in sorted(ctx.inventory.quarantined.items())
+            ]
+        if ctx.isolation == "shared":
+            warnings.append(
+                "isolation is shared-uid: every branch's postgres runs as the same OS user, "
+                "so a tenant's superuser can read and signal other branches"
+            )
+        first, last = ctx.config.postgres.port_range
+        return daemon_pb2.DaemonStatus(
+            version=__version__,
+            driver=ctx.driver.kind,
+            pool=ctx.driver.location,
+            pool_used_bytes=usage.used_bytes,
+            pool_total_bytes=usage.total_bytes,
+            base_count=base_count,
+            branch_count=branch_count,
+            max_branches=ctx.config.daemon.max_branches,
+            port_range_first=first,
+            port_range_last=last,
+            start_time=_timestamp(self.start_time),
+            warnings=warnings,
+            isolation=ctx.isolation,
+        )

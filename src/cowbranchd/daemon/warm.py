@@ -1,0 +1,200 @@
+"""Warm branches: clones of each base's latest version whose postgres is
+already running, handed out by CreateBranch under the requested id.
+
+PostgreSQL's own start is about half of a cold create. With
+`daemon.warm_branches = N`, a background thread keeps N such clones per base;
+a create from that base version with no per-branch settings takes one: the
+branch keeps the clone's volume (`branches/warm_<hex>`; postgres holds its
+data directory's absolute path, so a live clone is never renamed), its socket
+directory and log take the branch's name, `SELECT 1` is checked through the
+DSN and the branch's metadata (with its id) is written over the clone's: no
+clone and no postgres start on the request's path. Warm clones are not
+branches: they are not listed, hold no branch slot, and are destroyed at
+start-up (meta `warm=1`) and shutdown.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from pathlib import Path
+
+import structlog
+
+from cowbranchd import postgres
+from cowbranchd.errors import CowbranchError
+from cowbranchd.model import BranchRecord, State, now
+from cowbranchd.storage.base import Kind, SnapshotRef
+
+from .inventory import BranchEntry, Context
+from .lifecycle import (
+    clone_or_clean_up,
+    dismantle,
+    remove_runtime_files,
+    start_postmaster,
+)
+from .revert import Revert
+
+__all__ = ["WARM_META", "WarmPool"]
+
+log = structlog.get_logger("cowbranchd.warm")
+
+WARM_META = "warm"
+# Seconds between checks when nothing wakes the refill thread.
+REFILL_INTERVAL = 5.0
+# After a failed warm start, wait this long before trying that base again.
+FAILURE_BACKOFF = 30.0
+
+
+class WarmPool:
+    def __init__(self, ctx: Context, size: int) -> None:
+        self.ctx = ctx
+        self.size = size
+        self._lock = threading.Lock()
+        self._ready: dict[SnapshotRef, list[BranchEntry]] = {}
+        self._failed_at: dict[SnapshotRef, float] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def start(self) -> None:
+        if not self.enabled or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="warm", daemon=True)
+        self._thread.start()
+
+    def take(self, source: SnapshotRef) -> BranchEntry | None:
+        """A warm clone of `source`, now the caller's, or None."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            entries = self._ready.get(source)
+            taken = entries.pop() if entries else None
+        self._wake.set()
+        return taken
+
+    def drop_base(self, base_id: str) -> None:
+        """Destroy the warm clones of a base (before the base goes)."""
+        with self._lock:
+            doomed = [k for k in self._ready if k.name == base_id]
+            entries = [e for k in doomed for e in self._ready.pop(k)]
+        for entry in entries:
+            self.discard(entry)
+
+    def stop(self) -> None:
+        """Stop refilling and destroy every warm clone (they are cheap to
+        make again, and a restart would not adopt them)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        with self._lock:
+            entries = [e for group in self._ready.values() for e in group]
+            self._ready.clear()
+        for entry in entries:
+            self.discard(entry)
+
+    def discard(self, entry: BranchEntry) -> None:
+        try:
+            dismantle(self.ctx, entry)
+        except CowbranchError as exc:
+            log.error("warm_discard_failed", branch=entry.branch_id, error=exc.message)
+
+    # -- refill ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._refill()
+            except Exception:
+                log.exception("warm_refill_failed")
+            self._wake.wait(REFILL_INTERVAL)
+            self._wake.clear()
+
+    def _wanted(self) -> dict[SnapshotRef, str]:
+        """The latest version of every ready base -> its base id."""
+        with self.ctx.inventory.lock:
+            bases = list(self.ctx.inventory.bases.values())
+        wanted: dict[SnapshotRef, str] = {}
+        for base in bases:
+            latest = base.record.latest_version
+            if base.record.state is State.READY and latest is not None:
+                wanted[SnapshotRef(Kind.BASES, base.record.base_id, f"v{latest}")] = (
+                    base.record.base_id
+                )
+        return wanted
+
+    def _refill(self) -> None:
+        wanted = self._wanted()
+        with self._lock:
+            stale = [k for k in self._ready if k not in wanted]
+            old = [e for k in stale for e in self._ready.pop(k)]
+        for entry in old:
+            self.discard(entry)
+        for source in wanted:
+            while not self._stopping.is_set():
+                with self._lock:
+                    have = len(self._ready.get(source, []))
+                failed_at = self._failed_at.get(source)
+                if have >= self.size or (
+                    failed_at is not None and now().timestamp() - failed_at < FAILURE_BACKOFF
+                ):
+                    break
+                made = self._make(source)
+                if made is None:
+                    self._failed_at[source] = now().timestamp()
+                    break
+                with self._lock:
+                    self._ready.setdefault(source, []).append(made)
+
+    def _make(self, source: SnapshotRef) -> BranchEntry | None:
+        """Clone `source` and start its postgres; None (logged) on failure."""
+        ctx = self.ctx
+        # Not a valid branch id ('_'), so it can never collide with one.
+        warm_id = "warm_" + secrets.token_hex(4)
+        try:
+            port = ctx.ports.allocate()
+        except CowbranchError as exc:
+            log.warning("warm_no_port", base=source.name, error=exc.message)
+            return None
+        try:
+            uid = ctx.uids.allocate() if ctx.uids is not None else 0
+        except CowbranchError as exc:
+            ctx.ports.release(port)
+            log.warning("warm_no_uid", base=source.name, error=exc.message)
+            return None
+        record = BranchRecord(
+            uid=uid,
+            branch_id=warm_id,
+            base_id=source.name,
+            parent=f"bases/{source.name}/versions/{source.snap[1:]}",
+            source_snapshot=str(source),
+            state=State.READY,
+            create_time=now(),
+            port=port,
+        )
+        entry = BranchEntry(record=record, path=Path())
+        entry.settled.set()
+        try:
+            with Revert() as undo:
+                undo.add("release port", lambda: ctx.ports.release(entry.record.port))
+                if uid and ctx.uids is not None:
+                    undo.add("release uid", lambda: ctx.uids.release(uid) if ctx.uids else None)
+                meta = {**record.to_meta(), WARM_META: "1"}
+                entry.path = clone_or_clean_up(ctx.driver, source, warm_id, meta)
+                undo.add("dismantle", lambda: dismantle(ctx, entry))
+                postgres.prepare_clone(entry.pgdata)
+                start_postmaster(ctx, entry, allow_new_port=True)
+                if entry.record.port != port:
+                    ctx.driver.set_meta(Kind.BRANCHES, warm_id, {"port": str(entry.record.port)})
+                undo.success()
+        except CowbranchError as exc:
+            log.warning("warm_start_failed", base=source.name, error=exc.message)
+            remove_runtime_files(ctx, warm_id)
+            return None
+        log.debug("warm_ready", base=source.name, version=source.snap, branch=warm_id)
+        return entry
