@@ -18,11 +18,14 @@ from datetime import UTC, datetime, timedelta
 from .errors import InvalidArgument
 
 __all__ = [
+    "META_SUPERSEDED",
+    "META_WARM",
     "BaseRecord",
     "BranchRecord",
     "Parent",
     "Selector",
     "State",
+    "meta_patch",
     "parse_parent",
     "validate_id",
     "validate_labels",
@@ -326,6 +329,18 @@ class BaseRecord:
 
     def evolve(self, **changes: object) -> BaseRecord:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+# Flags of a branch volume that are not facts of a branch record.
+META_WARM = "warm"  # "1": a started clone waiting to be handed out, not a branch yet
+META_SUPERSEDED = "superseded"  # "1": a reset replaced this volume; it is never the branch
+
+
+def meta_patch(before: BranchRecord, after: BranchRecord) -> dict[str, str]:
+    """The metadata to write to turn a volume holding `before` into one holding
+    `after`: only keys that differ (on ZFS each key is a command; "" removes)."""
+    old = before.to_meta()
+    return {k: v for k, v in after.to_meta().items() if old.get(k, "") != v}
 
 
 def now() -> datetime:

@@ -19,7 +19,7 @@ from collections.abc import Collection
 
 from .errors import ResourceExhausted
 
-__all__ = ["PortAllocator", "UidAllocator"]
+__all__ = ["PortAllocator", "UidAllocator", "port_free"]
 
 _Address = tuple[socket.AddressFamily, str]
 
@@ -60,6 +60,13 @@ def _can_bind(addresses: list[_Address], port: int) -> bool:
                     continue  # IPv6 disabled on this host: postgres skips it too
                 return False
     return True
+
+
+def port_free(listen_addresses: str, port: int) -> bool:
+    """Whether postgres could listen on `port` at `listen_addresses` now: the
+    one bind probe, used before handing a port out and to tell why a start
+    failed (language-independent, unlike postgres's log)."""
+    return _can_bind(_addresses(listen_addresses), port)
 
 
 class PortAllocator:

@@ -31,10 +31,13 @@ from cowbranchd.errors import (
     ResourceExhausted,
 )
 from cowbranchd.model import (
+    META_SUPERSEDED,
+    META_WARM,
     BaseRecord,
     BranchRecord,
     Selector,
     State,
+    meta_patch,
     now,
     parse_parent,
     validate_id,
@@ -58,15 +61,13 @@ from .lifecycle import (
     withdraw,
 )
 from .revert import Revert
-from .warm import WARM_META, WarmPool
+from .warm import WarmPool
 
-__all__ = ["SUPERSEDED_META", "Branches", "Connection", "CreateSpec"]
+__all__ = ["Branches", "Connection", "CreateSpec"]
 
 log = structlog.get_logger("cowbranchd.branches")
 
 FREE_SPACE_CHECK_INTERVAL = 2.0
-# On a branch's old volume once a reset has replaced it: never the branch.
-SUPERSEDED_META = "superseded"
 USAGE_CACHE_S = 10.0
 
 
@@ -242,12 +243,14 @@ class Branches:
             if warm is not None and self._hand_over(warm, entry):
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = t_start = time.perf_counter()
-                entry.record = entry.record.evolve(state=State.READY)
-                # Over the warm clone's metadata, only what differs (on ZFS
-                # each key is a command): the id, times, labels, request_id.
-                before = warm.record.to_meta()
-                changed = {k: v for k, v in entry.record.to_meta().items() if before.get(k) != v}
-                driver.set_meta(Kind.BRANCHES, entry.volume, {**changed, WARM_META: ""})
+                # Over the warm clone's metadata, only what differs: the id,
+                # times, labels, request_id; and it is no longer warm.
+                self._store(
+                    entry,
+                    entry.record.evolve(state=State.READY),
+                    before=warm.record,
+                    flags={META_WARM: ""},
+                )
             else:
                 warm = None
                 port = self.ctx.ports.allocate()
@@ -256,18 +259,15 @@ class Branches:
                 if uid:
                     undo.add("release uid", lambda: self._release_uid(uid))
                 entry.record = entry.record.evolve(port=port, uid=uid)
-                entry.path = clone_or_clean_up(driver, source, entry.volume, entry.record.to_meta())
+                cloned = entry.record
+                entry.path = clone_or_clean_up(driver, source, entry.volume, cloned.to_meta())
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = time.perf_counter()
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=True)
                 t_start = time.perf_counter()
-                ready: dict[str, str] = {"state": "ready"}
-                if entry.record.port != port:  # moved to another port on a retry
-                    ready["port"] = str(entry.record.port)
-                entry.record = entry.record.evolve(state=State.READY)
-                # One key: on ZFS each property is its own command.
-                driver.set_meta(Kind.BRANCHES, entry.volume, ready)
+                # Usually one key (state; port too if a retry moved it).
+                self._store(entry, entry.record.evolve(state=State.READY), before=cloned)
             undo.success()
         log.info(
             "branch_created",
@@ -441,13 +441,12 @@ class Branches:
                 except CowbranchError:
                     self._mark_failed(entry, f"reset failed: {exc.message}")
                 raise
-            entry.record = record.evolve(state=State.READY)
-            driver.set_meta(Kind.BRANCHES, new_volume, {"state": "ready"})
+            self._store(entry, record.evolve(state=State.READY), before=record)
             try:
                 # Marked first: should the destroy fail, the next start removes
                 # the old volume instead of bringing the branch back from it
                 # (after a delete, say).
-                driver.set_meta(Kind.BRANCHES, old_volume, {SUPERSEDED_META: "1"})
+                driver.set_meta(Kind.BRANCHES, old_volume, {META_SUPERSEDED: "1"})
                 driver.destroy(Kind.BRANCHES, old_volume)
             except CowbranchError as exc:  # the next start's reconcile removes it
                 log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
@@ -455,13 +454,29 @@ class Branches:
         log.info("branch_reset", branch=branch_id)
         return entry
 
+    def _store(
+        self,
+        entry: BranchEntry,
+        after: BranchRecord,
+        *,
+        before: BranchRecord | None = None,
+        flags: Mapping[str, str] | None = None,
+    ) -> None:
+        """The one way a branch's metadata changes: `after` becomes its record,
+        and what differs from `before` (default: its record now) is written to
+        its own volume (never to a volume named by its id: after a reset or a
+        warm hand-over they differ), with any volume `flags`."""
+        patch = {**meta_patch(before or entry.record, after), **(flags or {})}
+        if patch:
+            self.ctx.driver.set_meta(Kind.BRANCHES, entry.volume, patch)
+        entry.record = after
+
     def _mark_failed(self, entry: BranchEntry, why: str) -> None:
-        entry.record = entry.record.evolve(state=State.FAILED, failure=why)
+        failed = entry.record.evolve(state=State.FAILED, failure=why[:500])
         try:
-            self.ctx.driver.set_meta(
-                Kind.BRANCHES, entry.volume, {"state": "failed", "failure": why[:500]}
-            )
+            self._store(entry, failed)
         except CowbranchError as exc:
+            entry.record = failed
             log.error("mark_failed_failed", branch=entry.branch_id, error=exc.message)
 
     def update(
@@ -483,14 +498,7 @@ class Branches:
         if protected is not None:
             changes["protected"] = protected
         with deadline.holding(entry.lock, f"branches/{branch_id}"):
-            record = entry.record.evolve(**changes)
-            meta = record.to_meta()
-            self.ctx.driver.set_meta(
-                Kind.BRANCHES,
-                entry.volume,  # not branch_id: after a reset or a warm hand-over they differ
-                {k: meta[k] for k in ("labels", "expires", "protected")},
-            )
-            entry.record = record
+            self._store(entry, entry.record.evolve(**changes))
         return entry
 
     def mark_unclaimed(self, entry: BranchEntry) -> None:

@@ -65,16 +65,7 @@ class BranchEntry:
 
     @property
     def source(self) -> SnapshotRef | None:
-        return parse_snapshot_ref(self.record.source_snapshot)
-
-
-def parse_snapshot_ref(text: str) -> SnapshotRef | None:
-    """`bases/shop@v3` -> SnapshotRef; None when empty or malformed."""
-    volume, sep, snap = text.partition("@")
-    kind_name, slash, name = volume.partition("/")
-    if not (sep and slash and snap and name) or kind_name not in ("bases", "branches"):
-        return None
-    return SnapshotRef(Kind(kind_name), name, snap)
+        return SnapshotRef.parse(self.record.source_snapshot)
 
 
 class Inventory:

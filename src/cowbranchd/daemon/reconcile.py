@@ -15,13 +15,12 @@ import structlog
 
 from cowbranchd import postgres
 from cowbranchd.errors import CowbranchError
-from cowbranchd.model import BaseRecord, BranchRecord, State
-from cowbranchd.storage.base import Kind, Volume
+from cowbranchd.model import META_SUPERSEDED, META_WARM, BaseRecord, BranchRecord, State
+from cowbranchd.storage.base import Kind, SnapshotRef, Volume
 
-from .branches import SUPERSEDED_META, Branches
-from .inventory import BaseEntry, BranchEntry, Context, parse_snapshot_ref
+from .branches import Branches
+from .inventory import BaseEntry, BranchEntry, Context
 from .lifecycle import dismantle, withdraw
-from .warm import WARM_META
 
 __all__ = ["reconcile"]
 
@@ -74,7 +73,7 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
         ):
             for snap in volume.snapshots:
                 if snap.startswith("c-") and snap[2:] not in branch_ids:
-                    ref = parse_snapshot_ref(f"branches/{volume.name}@{snap}")
+                    ref = SnapshotRef.parse(f"branches/{volume.name}@{snap}")
                     if ref is not None and driver.destroy_snapshot(ref):
                         counts["removed"] += 1
     counts["removed"] += len(driver.gc())
@@ -92,9 +91,9 @@ def _one_volume_per_branch(volumes: list[Volume]) -> tuple[list[Volume], list[Vo
     marked: list[Volume] = []
     for volume in volumes:
         record = BranchRecord.from_meta(volume.name, volume.meta)
-        if volume.meta.get(SUPERSEDED_META) == "1":
+        if volume.meta.get(META_SUPERSEDED) == "1":
             marked.append(volume)  # a reset finished with it; its destroy failed
-        elif record.state is State.CREATING or volume.meta.get(WARM_META) == "1":
+        elif record.state is State.CREATING or volume.meta.get(META_WARM) == "1":
             others.append(volume)
         else:
             finished.setdefault(record.branch_id, []).append(volume)
@@ -194,7 +193,7 @@ def _entry(volume: Volume) -> BranchEntry:
 def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
     entry = _entry(volume)
     record = entry.record
-    if volume.meta.get(WARM_META) == "1":
+    if volume.meta.get(META_WARM) == "1":
         # A warm clone of the previous run (or one caught mid-hand-over, whose
         # client never got an answer): cheaper to make anew than to track.
         dismantle(ctx, entry, release=False)  # nothing is reserved yet

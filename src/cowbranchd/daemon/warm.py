@@ -23,7 +23,7 @@ import structlog
 
 from cowbranchd import postgres
 from cowbranchd.errors import CowbranchError
-from cowbranchd.model import BranchRecord, State, now
+from cowbranchd.model import META_WARM, BranchRecord, State, meta_patch, now
 from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .inventory import BranchEntry, Context
@@ -35,11 +35,10 @@ from .lifecycle import (
 )
 from .revert import Revert
 
-__all__ = ["WARM_META", "WarmPool"]
+__all__ = ["WarmPool"]
 
 log = structlog.get_logger("cowbranchd.warm")
 
-WARM_META = "warm"
 # Seconds between checks when nothing wakes the refill thread.
 REFILL_INTERVAL = 5.0
 # After a failed warm start, wait this long before trying that base again.
@@ -184,13 +183,14 @@ class WarmPool:
                 undo.add("release port", lambda: ctx.ports.release(entry.record.port))
                 if uid and ctx.uids is not None:
                     undo.add("release uid", lambda: ctx.uids.release(uid) if ctx.uids else None)
-                meta = {**record.to_meta(), WARM_META: "1"}
+                meta = {**record.to_meta(), META_WARM: "1"}
                 entry.path = clone_or_clean_up(ctx.driver, source, warm_id, meta)
                 undo.add("dismantle", lambda: dismantle(ctx, entry))
                 postgres.prepare_clone(entry.pgdata)
                 start_postmaster(ctx, entry, allow_new_port=True)
-                if entry.record.port != port:
-                    ctx.driver.set_meta(Kind.BRANCHES, warm_id, {"port": str(entry.record.port)})
+                moved = meta_patch(record, entry.record)  # a retry may have moved its port
+                if moved:
+                    ctx.driver.set_meta(Kind.BRANCHES, warm_id, moved)
                 undo.success()
         except CowbranchError as exc:
             log.warning("warm_start_failed", base=source.name, error=exc.message)

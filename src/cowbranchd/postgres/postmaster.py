@@ -15,11 +15,9 @@ The public names are re-exported by `cowbranchd.postgres`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -32,6 +30,7 @@ import psycopg
 import structlog
 
 from cowbranchd.errors import PostgresError
+from cowbranchd.ports import port_free
 from cowbranchd.run import RunAs, as_user, clean_env, ids_of
 from cowbranchd.safefs import UnsafePath, open_dir
 
@@ -138,19 +137,8 @@ def _tail(text: str) -> str:
 
 
 def _port_bound_elsewhere(listen_addresses: str, port: int) -> bool:
-    # Language-independent check (log messages may be translated): can we bind
-    # the port the way postgres does (SO_REUSEADDR on)?
-    hosts = [h.strip() for h in listen_addresses.split(",") if h.strip()]
-    for host in hosts:
-        addr = "" if host in ("*", "0.0.0.0") else host
-        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((addr, port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-    return False
+    # No TCP at all (a private start on a socket) cannot be a port clash.
+    return bool(listen_addresses.strip()) and not port_free(listen_addresses, port)
 
 
 OnReady = Callable[["psycopg.Connection[Any]"], None]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import builtins
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ class Kind(enum.Enum):
     BRANCHES = "branches"
 
 
+_REF = re.compile(r"(bases|branches)/([^@/]+)@([^@/]+)")
+
+
 @dataclass(frozen=True, order=True)
 class SnapshotRef:
     """A read-only snapshot `snap` of the volume `kind/name`."""
@@ -39,6 +43,15 @@ class SnapshotRef:
 
     def __str__(self) -> str:
         return f"{self.kind.value}/{self.name}@{self.snap}"
+
+    @classmethod
+    def parse(cls, text: object) -> SnapshotRef | None:
+        """`bases/shop@v3` -> SnapshotRef (the one reading of `str()`); None
+        when empty or malformed."""
+        if not isinstance(text, str):
+            return None
+        match = _REF.fullmatch(text)
+        return cls(Kind(match[1]), match[2], match[3]) if match else None
 
 
 @dataclass(frozen=True)

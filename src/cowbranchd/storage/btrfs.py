@@ -467,7 +467,7 @@ class BtrfsDriver(StorageDriver):
                         path=path,
                         meta=dict(data.get("meta", {})),
                         snapshots=tuple(sorted(snaps.get(entry, []), key=_natural)),
-                        origin=_parse_ref(data.get("origin")),
+                        origin=SnapshotRef.parse(data.get("origin")),
                         meta_error=meta_error,
                     )
                 )
@@ -527,10 +527,3 @@ class BtrfsDriver(StorageDriver):
         if removed:
             log.debug("gc", removed=removed)
         return removed
-
-
-def _parse_ref(text: object) -> SnapshotRef | None:
-    if not isinstance(text, str):
-        return None
-    match = re.fullmatch(r"(bases|branches)/([^@/]+)@([^@/]+)", text)
-    return SnapshotRef(Kind(match[1]), match[2], match[3]) if match else None
