@@ -31,6 +31,17 @@ from cowbranchd.storage import idmap
 from cowbranchd.v1 import bases_pb2_grpc, branches_pb2_grpc
 
 _counter = itertools.count()
+# Every daemon the session made, so a pool's fixture can stop the daemons on
+# it before it goes (fixtures tear down in reverse order of set-up, and a
+# zfs-fuse pool set up after the factory would otherwise go first: "busy").
+_HANDLES: list[DaemonHandle] = []
+
+
+def stop_daemons_on(pool_name: str) -> None:
+    """Stop every daemon (and its postmasters and mounts) using `pool_name`."""
+    for handle in _HANDLES:
+        if handle.driver == "zfs" and handle.pool_root.split("/")[0] == pool_name:
+            handle.cleanup()
 PORT_BLOCK = 200
 # Concurrent test runs on one machine pick apart blocks with COWBRANCHD_TEST_FIRST_PORT.
 FIRST_PORT = int(os.environ.get("COWBRANCHD_TEST_FIRST_PORT", "56000"))
@@ -267,6 +278,7 @@ def daemon_factory(btrfs_pool: Path) -> Iterator[DaemonFactory]:
         handle = _new_handle(btrfs_pool, pool_root, driver)
         handle.extra_config = extra_config
         made.append(handle)
+        _HANDLES.append(handle)
         if start:
             handle.start()
         return handle

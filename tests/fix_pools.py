@@ -96,6 +96,9 @@ def zfs_pool(zfs_fuse: ZfsFuse) -> Iterator[str]:
         try:
             yield pool.name
         finally:
+            from tests.fix_daemon import stop_daemons_on  # noqa: PLC0415 (plugins import each other)
+
+            stop_daemons_on(pool.name)
             pool.destroy()
 
 

@@ -89,7 +89,12 @@ def test_a_create_whose_caller_left_is_kept_for_a_retry_then_reaped(
     a retry with its request_id gets it. Another one nobody comes back for is
     gone after `unclaimed_grace`, volume and all."""
     d = daemon_factory(start=False)
-    d.sections = {"daemon": 'unclaimed_grace = "2s"'}
+    # Every new connection waits a second before authenticating (an operator
+    # setting), so each create is still running when its caller cancels.
+    d.sections = {
+        "daemon": 'unclaimed_grace = "2s"',
+        "postgres": 'settings = { pre_auth_delay = "1s" }',
+    }
     d.start()
 
     def cancelled_create(request_id: str) -> None:
@@ -100,7 +105,7 @@ def test_a_create_whose_caller_left_is_kept_for_a_retry_then_reaped(
                 ),
                 timeout=120,
             )
-            time.sleep(0.02)
+            time.sleep(0.3)
             assert call.cancel()  # type: ignore[no-untyped-call]
 
     def volumes() -> set[str]:

@@ -46,7 +46,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "cowbranchd.client": ("cowbranchd.client", *SHARED),
     "cowbranchd.ctl": ("cowbranchd.ctl", "cowbranchd.client", *SHARED),
     "cowbranchd.pytest_plugin": ("cowbranchd.pytest_plugin", "cowbranchd.client", *SHARED),
-    "cowbranchd.postgres": ("cowbranchd.postgres", *BOTTOM),
+    # ports is a leaf beside postgres (DESIGN.md's layer picture): the one bind
+    # probe that tells a postmaster's port clash from other start failures.
+    "cowbranchd.postgres": ("cowbranchd.postgres", "cowbranchd.ports", *BOTTOM),
     "cowbranchd.storage": ("cowbranchd.storage", *BOTTOM),
     "cowbranchd.ports": BOTTOM,
     "cowbranchd.config": BOTTOM,

@@ -1,8 +1,20 @@
-"""`AsyncClient`: the asyncio twin of `cowbranchd.client.Client`, on grpc.aio.
+"""`AsyncClient`, the asyncio client on grpc.aio, and the one definition of
+both clients: `.ci/gen-sync-client` derives `sync.py` (`Client`) from this
+file by dropping async/await and renaming the few asyncio names (its rules
+are listed at its top). Edit here, run `.ci/gen-sync-client`, never edit
+`sync.py`; tests/test_client_generated.py fails while it is stale.
 
-Same methods, same arguments, same errors and retry rules (the requests come
-from `ops`, the addresses and errors from `transport`); only
-the sending is awaited. Imported and re-exported by `cowbranchd.client`.
+So write docstrings and messages for both clients: `AsyncClient` reads
+`Client` there, and code in them (`async with`, `await close()`) loses its
+async keyword. Comments are not carried over.
+
+The requests come from `ops`, the addresses, retries and errors from
+`transport`; only the sending is awaited. The channel opens on the first
+call, inside the running event loop, so an `AsyncClient` may be built
+outside one.
+
+Re-exported by `cowbranchd.client`. Speaks gRPC only; it may not import
+daemon code.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from . import ops
 from .transport import (
     Endpoint,
     RetryPolicy,
+    close_aio_channel,
     deadline_error,
     open_aio_channel,
     resolve_endpoint,
@@ -38,10 +51,15 @@ T = TypeVar("T")
 
 
 class AsyncClient:
-    """An asyncio connection to one cowbranchd daemon; arguments as for `Client`.
+    """A connection to one cowbranchd daemon.
 
-    The channel opens on the first call, inside the running event loop, so the
-    client may be built outside one. Use `async with` or `await close()`.
+    `address`: `unix:///path.sock`, a bare socket path or `host:port`; default
+    `COWBRANCHD_ADDRESS`, else `unix:///run/cowbranchd/api.sock`. `token` is
+    sent as `authorization: Bearer <token>` (default `COWBRANCHD_TOKEN`);
+    `tls_root_cert` (PEM path or bytes, default `COWBRANCHD_TLS_ROOT_CERT`)
+    turns on TLS for TCP. `timeout` is each call's overall deadline in seconds,
+    retries included. Nothing connects until the first call. Use `async with`,
+    or `await close()` when done.
     """
 
     def __init__(
@@ -87,7 +105,7 @@ class AsyncClient:
         channel, self._channel = self._channel, None
         self._stubs.clear()
         if channel is not None:
-            await channel.close(None)
+            await close_aio_channel(channel)
 
     def _stub(self, service: ops.Service) -> Any:
         if self._closed:
@@ -99,7 +117,7 @@ class AsyncClient:
         return self._stubs[service]
 
     async def _call(self, op: ops.Op[T], timeout: float | None = None) -> T:
-        """Send `op`, retrying UNAVAILABLE like `Client._call`."""
+        """Send `op`, retrying UNAVAILABLE within the retry policy and the call's deadline."""
         method = getattr(self._stub(op.service), op.method)
         budget = self.timeout if timeout is None else timeout
         started = time.monotonic()
@@ -141,7 +159,11 @@ class AsyncClient:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Branch:
-        """Create a branch of `parent`; see `Client.create_branch`."""
+        """Create a branch of `parent` and return it once it answers queries.
+
+        `request_id` (default: a new uuid4) makes the call idempotent: the same
+        id again returns the same branch.
+        """
         op = ops.create_branch(
             parent,
             branch_id=branch_id,
@@ -160,7 +182,7 @@ class AsyncClient:
     async def list_branches(
         self, selector: SelectorLike = None, *, page_size: int = 0, timeout: float | None = None
     ) -> AsyncIterator[Branch]:
-        """Every branch matching the label `selector` (`async for`), page by page."""
+        """Every branch matching the label `selector`, fetching pages as it goes (`async for`)."""
         token = ""
         while True:
             op = ops.list_branches_page(selector, page_size, token)
@@ -178,12 +200,12 @@ class AsyncClient:
         force: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Delete a branch; see `Client.delete_branch`."""
+        """Delete a branch; NotFound unless `allow_missing`; `force` deletes a protected one too."""
         op = ops.delete_branch(name, allow_missing=allow_missing, force=force)
         await self._call(op, timeout)
 
     async def reset_branch(self, name: str, *, timeout: float | None = None) -> Branch:
-        """Throw away the branch's writes."""
+        """Throw away the branch's writes; same port and credentials afterwards."""
         return await self._call(ops.reset_branch(name), timeout)
 
     async def update_branch(
@@ -195,7 +217,10 @@ class AsyncClient:
         protected: bool | None = None,
         timeout: float | None = None,
     ) -> Branch:
-        """Change labels, ttl or protected; see `Client.update_branch`."""
+        """Change the fields given.
+
+        `labels` replaces all labels; `ttl` counts from now (0: never expire).
+        """
         op = ops.update_branch(name, labels=labels, ttl=ttl, protected=protected)
         return await self._call(op, timeout)
 
@@ -210,7 +235,11 @@ class AsyncClient:
         postgres_settings: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[Branch]:
-        """A branch for the `async with` block, deleted when it ends."""
+        """A branch for the `async with` block, deleted when the block ends (also on error).
+
+        Give it a `ttl` too when the process may be killed: the daemon then
+        removes the branch even if the exit code never runs.
+        """
         created = await self.create_branch(
             parent,
             branch_id=branch_id,
@@ -237,7 +266,7 @@ class AsyncClient:
         labels: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Base:
-        """Create a base; see `Client.create_base`."""
+        """Create a base from `data_directory` (copied), or by initdb when it is None."""
         op = ops.create_base(
             base_id,
             data_directory=data_directory,
@@ -249,7 +278,7 @@ class AsyncClient:
         return await self._call(op, timeout)
 
     async def get_base(self, name: str, *, timeout: float | None = None) -> Base:
-        """The base `name`."""
+        """The base `name` (`bases/{id}` or just the id)."""
         return await self._call(ops.get_base(name), timeout)
 
     async def list_bases(self, *, timeout: float | None = None) -> list[Base]:
@@ -264,23 +293,28 @@ class AsyncClient:
         allow_missing: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Delete a base; see `Client.delete_base`."""
+        """Delete a base; FailedPrecondition while branches depend on it, unless `force`."""
         await self._call(ops.delete_base(name, force=force, allow_missing=allow_missing), timeout)
 
     async def create_base_version(
         self, name: str, *, data_directory: str = "", timeout: float | None = None
     ) -> BaseVersion:
-        """Snapshot the base as its next version; see `Client.create_base_version`."""
+        """Snapshot the base's current data as its next version; with
+        `data_directory` (a cleanly shut down PGDATA on the daemon's host), a
+        copy of it replaces the base's data first."""
         return await self._call(ops.create_base_version(name, data_directory), timeout)
 
     # -- daemon -------------------------------------------------------------------
 
     async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """The daemon's version, storage driver and pool usage; see `Client.status`."""
+        """The daemon's version, storage driver and pool usage, and capacity."""
         return await self._call(ops.status(), timeout)
 
     async def health(
         self, service: str = ops.HEALTH_SERVICE, *, timeout: float | None = None
     ) -> str:
-        """The daemon's grpc health status for `service`; see `Client.health`."""
+        """The daemon's grpc health status for `service` ("" is the whole daemon): `SERVING`, ...
+
+        Unavailable (with what to do) when nothing answers at the address.
+        """
         return await self._call(ops.health(service), timeout)

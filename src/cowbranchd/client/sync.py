@@ -1,6 +1,7 @@
+# generated from aio.py by .ci/gen-sync-client — do not edit
 """`Client`: the synchronous client, method for method the twin of
-`aio.AsyncClient`. The requests come from `ops`, the addresses, retries and
-error translation from `transport`; only the sending blocks.
+`aio.AsyncClient` and generated from it (see the top of `.ci/gen-sync-client`
+for the rules): edit aio.py, then run `.ci/gen-sync-client`.
 
 Re-exported by `cowbranchd.client`. Speaks gRPC only; it may not import
 daemon code.
@@ -23,6 +24,7 @@ from . import ops
 from .transport import (
     Endpoint,
     RetryPolicy,
+    close_channel,
     deadline_error,
     open_channel,
     resolve_endpoint,
@@ -32,19 +34,19 @@ from .transport import (
 from .types import Base, BaseVersion, Branch, DurationLike, SelectorLike
 
 __all__ = ["Client"]
-
 T = TypeVar("T")
 
 
 class Client:
-    """A synchronous connection to one cowbranchd daemon.
+    """A connection to one cowbranchd daemon.
 
     `address`: `unix:///path.sock`, a bare socket path or `host:port`; default
     `COWBRANCHD_ADDRESS`, else `unix:///run/cowbranchd/api.sock`. `token` is
     sent as `authorization: Bearer <token>` (default `COWBRANCHD_TOKEN`);
     `tls_root_cert` (PEM path or bytes, default `COWBRANCHD_TLS_ROOT_CERT`)
     turns on TLS for TCP. `timeout` is each call's overall deadline in seconds,
-    retries included. Nothing connects until the first call.
+    retries included. Nothing connects until the first call. Use `with`,
+    or `close()` when done.
     """
 
     def __init__(
@@ -87,10 +89,10 @@ class Client:
     def close(self) -> None:
         """Close the channel; calling it again does nothing."""
         self._closed = True
-        channel, self._channel = self._channel, None
+        channel, self._channel = (self._channel, None)
         self._stubs.clear()
         if channel is not None:
-            channel.close()
+            close_channel(channel)
 
     def _stub(self, service: ops.Service) -> Any:
         if self._closed:
@@ -128,8 +130,6 @@ class Client:
             else:
                 return op.convert(response)
 
-    # -- branches -----------------------------------------------------------------
-
     def create_branch(
         self,
         parent: str,
@@ -165,10 +165,11 @@ class Client:
     def list_branches(
         self, selector: SelectorLike = None, *, page_size: int = 0, timeout: float | None = None
     ) -> Iterator[Branch]:
-        """Every branch matching the label `selector`, fetching pages as it goes."""
+        """Every branch matching the label `selector`, fetching pages as it goes (`for`)."""
         token = ""
         while True:
-            page, token = self._call(ops.list_branches_page(selector, page_size, token), timeout)
+            op = ops.list_branches_page(selector, page_size, token)
+            page, token = self._call(op, timeout)
             yield from page
             if not token:
                 return
@@ -182,7 +183,8 @@ class Client:
         timeout: float | None = None,
     ) -> None:
         """Delete a branch; NotFound unless `allow_missing`; `force` deletes a protected one too."""
-        self._call(ops.delete_branch(name, allow_missing=allow_missing, force=force), timeout)
+        op = ops.delete_branch(name, allow_missing=allow_missing, force=force)
+        self._call(op, timeout)
 
     def reset_branch(self, name: str, *, timeout: float | None = None) -> Branch:
         """Throw away the branch's writes; same port and credentials afterwards."""
@@ -233,8 +235,6 @@ class Client:
         finally:
             self.delete_branch(created.name, allow_missing=True, force=True, timeout=timeout)
 
-    # -- bases --------------------------------------------------------------------
-
     def create_base(
         self,
         base_id: str,
@@ -283,8 +283,6 @@ class Client:
         `data_directory` (a cleanly shut down PGDATA on the daemon's host), a
         copy of it replaces the base's data first."""
         return self._call(ops.create_base_version(name, data_directory), timeout)
-
-    # -- daemon -------------------------------------------------------------------
 
     def status(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The daemon's version, storage driver and pool usage, and capacity."""

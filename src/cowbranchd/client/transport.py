@@ -34,6 +34,8 @@ __all__ = [
     "TOKEN_ENV",
     "Endpoint",
     "RetryPolicy",
+    "close_aio_channel",
+    "close_channel",
     "deadline_error",
     "open_aio_channel",
     "open_channel",
@@ -167,6 +169,16 @@ def open_aio_channel(endpoint: Endpoint) -> grpc.aio.Channel:
         creds = grpc.ssl_channel_credentials(root_certificates=endpoint.tls_root_cert)
         return grpc.aio.secure_channel(endpoint.target, creds, options=_CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
+
+
+def close_channel(channel: grpc.Channel) -> None:
+    """Close a sync channel; in-flight calls are cancelled."""
+    channel.close()
+
+
+async def close_aio_channel(channel: grpc.aio.Channel) -> None:
+    """Close an asyncio channel at once (no grace period), like `close_channel`."""
+    await channel.close(None)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,13 +31,11 @@ from cowbranchd.errors import (
     ResourceExhausted,
 )
 from cowbranchd.model import (
-    META_SUPERSEDED,
     META_WARM,
     BaseRecord,
     BranchRecord,
     Selector,
     State,
-    meta_patch,
     now,
     parse_parent,
     validate_id,
@@ -49,6 +47,7 @@ from cowbranchd.postgres.settings import validate_client_settings
 from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .bases import Bases
+from .changes import BranchChanges
 from .inventory import BranchEntry, Context
 from .lifecycle import (
     Connection,
@@ -58,7 +57,6 @@ from .lifecycle import (
     dismantle,
     start_postmaster,
     stop_postmaster,
-    withdraw,
 )
 from .revert import Revert
 from .warm import WarmPool
@@ -82,7 +80,7 @@ class CreateSpec:
     protected: bool = False
 
 
-class Branches:
+class Branches(BranchChanges):
     def __init__(self, ctx: Context, bases: Bases, warm: WarmPool | None = None) -> None:
         self.ctx = ctx
         self.bases = bases
@@ -356,192 +354,3 @@ class Branches:
         with entry.lock:
             postgres.prepare_clone(entry.pgdata)
             self._start(entry, allow_new_port=False)
-
-    # -- delete / reset / update ------------------------------------------------
-
-    def delete(self, branch_id: str, *, allow_missing: bool = False, force: bool = False) -> None:
-        try:
-            entry = self.get(branch_id)
-        except NotFound:
-            if allow_missing:
-                return
-            raise
-        if entry.record.protected and not force:
-            raise FailedPrecondition(
-                f"branches/{branch_id} is protected: unprotect it first or pass force"
-            )
-        self.delete_entry(entry)
-
-    def delete_entry(
-        self, entry: BranchEntry, *, unless: Callable[[BranchRecord], bool] | None = None
-    ) -> bool:
-        """Delete the branch; False if it was gone already, or if `unless` holds
-        for its record once its lock is held (a decision taken before the lock,
-        such as the reaper's, is checked again against what changed since)."""
-        started = time.perf_counter()
-        inv = self.ctx.inventory
-        with deadline.holding(entry.lock, f"branches/{entry.branch_id}"):
-            with inv.lock:
-                if inv.branches.get(entry.branch_id) is not entry:
-                    return False  # deleted meanwhile
-                if unless is not None and unless(entry.record):
-                    return False
-                entry.deleting = True
-            try:
-                dismantle(self.ctx, entry)
-            except BaseException:
-                entry.deleting = False
-                raise
-            source = entry.source
-            if source is not None and source.kind is Kind.BRANCHES:
-                # The `c-<child>` snapshot of the parent exists for this branch only.
-                self.ctx.driver.destroy_snapshot(source)
-            with inv.lock:
-                inv.branches.pop(entry.branch_id, None)
-            self._usage_cache.pop(entry.branch_id, None)
-        log.info(
-            "branch_deleted",
-            branch=entry.branch_id,
-            ms_total=round((time.perf_counter() - started) * 1000, 1),
-        )
-        return True
-
-    def reset(self, branch_id: str) -> BranchEntry:
-        entry = self.get(branch_id)
-        driver = self.ctx.driver
-        with deadline.holding(entry.lock, f"branches/{branch_id}"):
-            source = entry.source
-            if source is None or entry.deleting:
-                raise FailedPrecondition(
-                    f"branches/{branch_id} cannot be reset while it is deleting"
-                )
-            # A new volume first, the old one destroyed last: a crash midway
-            # leaves the old volume (restarted at the next start) or both,
-            # and then the higher `resets` count wins (reconcile.py). It also
-            # never re-clones a name just destroyed, which zfs-fuse can trip on.
-            old_volume, old_path = entry.volume, entry.path
-            new_volume = f"{branch_id}_{secrets.token_hex(3)}"  # '_' is never in an id
-            record = entry.record.evolve(
-                state=State.CREATING, failure="", resets=entry.record.resets + 1
-            )
-            self._stop(entry, discard=True)
-            withdraw(self.ctx, old_volume)
-            try:
-                entry.path = clone_or_clean_up(driver, source, new_volume, record.to_meta())
-                entry.volume = new_volume
-                postgres.prepare_clone(entry.pgdata)
-                self._start(entry, allow_new_port=False)
-            except CowbranchError as exc:
-                if entry.volume == new_volume:
-                    with contextlib.suppress(CowbranchError):
-                        dismantle(self.ctx, entry, release=False)
-                entry.volume, entry.path = old_volume, old_path
-                try:  # the branch as it was, rather than a FAILED one
-                    self._start(entry, allow_new_port=False)
-                except CowbranchError:
-                    self._mark_failed(entry, f"reset failed: {exc.message}")
-                raise
-            self._store(entry, record.evolve(state=State.READY), before=record)
-            try:
-                # Marked first: should the destroy fail, the next start removes
-                # the old volume instead of bringing the branch back from it
-                # (after a delete, say).
-                driver.set_meta(Kind.BRANCHES, old_volume, {META_SUPERSEDED: "1"})
-                driver.destroy(Kind.BRANCHES, old_volume)
-            except CowbranchError as exc:  # the next start's reconcile removes it
-                log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
-            self._usage_cache.pop(branch_id, None)
-        log.info("branch_reset", branch=branch_id)
-        return entry
-
-    def _store(
-        self,
-        entry: BranchEntry,
-        after: BranchRecord,
-        *,
-        before: BranchRecord | None = None,
-        flags: Mapping[str, str] | None = None,
-    ) -> None:
-        """The one way a branch's metadata changes: `after` becomes its record,
-        and what differs from `before` (default: its record now) is written to
-        its own volume (never to a volume named by its id: after a reset or a
-        warm hand-over they differ), with any volume `flags`."""
-        patch = {**meta_patch(before or entry.record, after), **(flags or {})}
-        if patch:
-            self.ctx.driver.set_meta(Kind.BRANCHES, entry.volume, patch)
-        entry.record = after
-
-    def _mark_failed(self, entry: BranchEntry, why: str) -> None:
-        failed = entry.record.evolve(state=State.FAILED, failure=why[:500])
-        try:
-            self._store(entry, failed)
-        except CowbranchError as exc:
-            entry.record = failed
-            log.error("mark_failed_failed", branch=entry.branch_id, error=exc.message)
-
-    def update(
-        self,
-        branch_id: str,
-        *,
-        labels: Mapping[str, str] | None = None,
-        ttl: timedelta | None = None,
-        set_ttl: bool = False,
-        protected: bool | None = None,
-    ) -> BranchEntry:
-        entry = self.get(branch_id)
-        changes: dict[str, object] = {}
-        if labels is not None:
-            changes["labels"] = validate_labels("branch.labels", labels)
-        if set_ttl:
-            valid = validate_ttl("ttl", ttl)
-            changes["expire_time"] = now() + valid if valid else None
-        if protected is not None:
-            changes["protected"] = protected
-        with deadline.holding(entry.lock, f"branches/{branch_id}"):
-            self._store(entry, entry.record.evolve(**changes))
-        return entry
-
-    def mark_unclaimed(self, entry: BranchEntry) -> None:
-        """The caller of this finished create is gone: keep the branch for a
-        retry with its request_id, for `daemon.unclaimed_grace`, then reap it."""
-        entry.unclaimed_since = time.monotonic()
-        log.warning("branch_unclaimed", branch=entry.branch_id, request_id=entry.record.request_id)
-
-    def reap_expired(self) -> list[str]:
-        """Delete unprotected branches whose expire_time has passed, and
-        branches nobody received once their grace is over."""
-        moment = now()
-        grace = self.ctx.config.daemon.unclaimed_grace.total_seconds()
-        unclaimed_before = time.monotonic() - grace
-        with self.ctx.inventory.lock:
-            expired = [
-                e
-                for e in self.ctx.inventory.branches.values()
-                if (
-                    (
-                        e.record.expire_time is not None
-                        and e.record.expire_time <= moment
-                        and not e.record.protected
-                    )
-                    or (e.unclaimed_since is not None and e.unclaimed_since < unclaimed_before)
-                )
-                and e.settled.is_set()
-                and not e.deleting
-            ]
-        reaped = []
-        for entry in expired:
-
-            def kept(record: BranchRecord, entry: BranchEntry = entry) -> bool:
-                # Claimed, protected or given more time since the decision above.
-                if entry.unclaimed_since is not None and entry.unclaimed_since < unclaimed_before:
-                    return False
-                return record.protected or record.expire_time is None or record.expire_time > now()
-
-            try:
-                if self.delete_entry(entry, unless=kept):
-                    reaped.append(entry.branch_id)
-            except CowbranchError as exc:
-                log.error("reap_failed", branch=entry.branch_id, error=exc.message)
-        if reaped:
-            log.info("branches_expired", branches=reaped)
-        return reaped

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import grp
-import hmac
 import os
 import signal
 import socket
@@ -28,10 +27,9 @@ from cowbranchd import __version__
 from cowbranchd.config import Config, load_config
 from cowbranchd.errors import CowbranchError, InvalidArgument
 from cowbranchd.model import now
-from cowbranchd.ports import PortAllocator, UidAllocator
-from cowbranchd.run import run, stuck_commands
-from cowbranchd.storage import idmap, open_driver
-from cowbranchd.storage.base import StorageDriver
+from cowbranchd.ports import PortAllocator
+from cowbranchd.run import stuck_commands
+from cowbranchd.storage import open_driver
 from cowbranchd.v1 import (
     bases_pb2,
     bases_pb2_grpc,
@@ -41,12 +39,15 @@ from cowbranchd.v1 import (
     daemon_pb2_grpc,
 )
 
+from .auth import TokenInterceptor, read_token
 from .bases import Bases, InitdbSpec
 from .branches import Branches
 from .inventory import Context, Inventory
+from .isolation import branch_uids
 from .logs import configure_logging
 from .reconcile import reconcile
-from .service import BaseServicer, BranchServicer, DaemonServicer, Gate, admissions
+from .rpc import Gate, admissions
+from .service import BaseServicer, BranchServicer, DaemonServicer
 from .warm import WarmPool
 
 __all__ = ["Daemon", "main"]
@@ -66,90 +67,6 @@ DEMO_SQL = """
 CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);
 INSERT INTO items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
 """
-
-
-class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """With `daemon.token_file` set, requires `authorization: Bearer <token>`
-    on every call but health checks (the interceptor cannot tell the Unix
-    socket from TCP, so local clients send it too: COWBRANCHD_TOKEN)."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request: object, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        offered = metadata.get("authorization", "")
-        if isinstance(offered, str):
-            offered = offered.encode()
-        # Constant time, so response timing does not reveal how much of a
-        # guessed token was right (on bytes: compare_digest refuses non-ASCII str).
-        if hmac.compare_digest(offered, self._expected):
-            return continuation(handler_call_details)
-        # Health checks stay open for load balancers and probes.
-        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
-        return self._deny
-
-
-def read_token(path: str) -> str:
-    """The bearer token in `path` (surrounding whitespace dropped); an
-    unreadable or empty file is refused rather than served without a token."""
-    try:
-        token = Path(path).read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise InvalidArgument("daemon.token_file", f"cannot read {path}: {reason}") from exc
-    if not token:
-        raise InvalidArgument("daemon.token_file", f"{path} holds no token")
-    return token
-
-
-SHARED_UID_WARNING = (
-    "isolation is shared-uid: every branch's postgres runs as the same OS user, so a "
-    "tenant's superuser can read and signal other branches ({why})"
-)
-
-
-def _pool_directory(driver: StorageDriver) -> Path:
-    """A directory on the pool's filesystem, to probe what it can do."""
-    if driver.kind == "btrfs":
-        return Path(driver.location)
-    out = run(["zfs", "get", "-H", "-o", "value", "mountpoint", driver.location], timeout=60)
-    return Path(out.stdout.strip())
-
-
-def _branch_uids(config: Config, driver: StorageDriver) -> UidAllocator | None:
-    """One OS user per branch where configured and the pool can idmap;
-    otherwise the shared os_user, said loudly (log, GetStatus, ctl status)."""
-    uids = config.postgres.branch_uids
-    if uids is None:
-        log.warning(
-            "isolation",
-            mode="shared",
-            message=SHARED_UID_WARNING.format(why="postgres.branch_uids is empty"),
-        )
-        return None
-    try:
-        supported = idmap.supports_idmap(_pool_directory(driver))
-    except CowbranchError as exc:
-        supported = False
-        log.warning("idmap_probe_failed", error=exc.message)
-    if not supported:
-        log.warning(
-            "isolation",
-            mode="shared",
-            message=SHARED_UID_WARNING.format(
-                why=f"the {driver.kind} pool cannot do idmapped mounts"
-            ),
-        )
-        return None
-    log.info("isolation", mode="uid", branch_uids=f"{uids[0]}-{uids[1]}")
-    return UidAllocator(*uids)
 
 
 def notify_systemd(message: str) -> None:
@@ -179,7 +96,7 @@ class Daemon:
             driver=driver,
             ports=PortAllocator(pg.port_range[0], pg.port_range[1], pg.listen_addresses),
             inventory=Inventory(),
-            uids=_branch_uids(config, driver),
+            uids=branch_uids(config, driver),
         )
         self.bases = Bases(self.ctx)
         self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
@@ -215,7 +132,7 @@ class Daemon:
         ]
         interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
         if self._token is not None:
-            interceptors.append(_TokenInterceptor(self._token))
+            interceptors.append(TokenInterceptor(self._token))
         # Enough workers for every admitted or queued write at once, plus a
         # reserve that only reads and health checks can reach.
         writers = sum(a.running + a.queued for a in self.admission.values())

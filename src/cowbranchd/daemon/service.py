@@ -1,29 +1,18 @@
-"""The gRPC servicers: proto <-> model, errors -> status codes, one log line
-per RPC. Nothing else: every decision lives in bases.py and branches.py.
-
-Errors from the tree in errors.py become their status code; anything else is
-INTERNAL and logged with its traceback. While the daemon starts up or drains,
-every RPC answers UNAVAILABLE.
+"""The gRPC servicers: proto <-> model for each method, served through
+`rpc` (gate, admission, deadline, log line, status codes). Nothing else:
+every decision lives in bases.py and branches.py.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
-import functools
-import threading
-import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
 
 import grpc
-import structlog
-from google.protobuf import duration_pb2, timestamp_pb2
 
-from cowbranchd import __version__, deadline
-from cowbranchd.errors import CowbranchError, InvalidArgument, Unavailable
+from cowbranchd import __version__
+from cowbranchd.errors import InvalidArgument
 from cowbranchd.model import Selector, parse_name
 from cowbranchd.v1 import (
     bases_pb2,
@@ -37,184 +26,12 @@ from cowbranchd.v1 import (
 from .bases import Bases, InitdbSpec
 from .branches import Branches, CreateSpec
 from .inventory import BaseEntry, BranchEntry
+from .isolation import SHARED_UID_WARNING
+from .rpc import Admission, Gate, duration, rpc, timestamp
 
-__all__ = ["Admission", "BaseServicer", "BranchServicer", "DaemonServicer", "Gate", "admissions"]
-
-log = structlog.get_logger("cowbranchd.rpc")
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
+__all__ = ["BaseServicer", "BranchServicer", "DaemonServicer"]
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
-
-
-class Gate:
-    """Whether RPCs are served: closed while starting up and while draining;
-    writes alone are held while the storage backend hangs."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._reason: str | None = "cowbranchd is starting up (reconciling storage); retry shortly"
-        self._writes_held: str | None = None
-
-    def hold_writes(self, reason: str | None) -> None:
-        with self._lock:
-            self._writes_held = reason
-
-    def check_write(self) -> None:
-        with self._lock:
-            reason = self._writes_held
-        if reason is not None:
-            raise Unavailable(f"{reason}; retry later")
-
-    def open(self) -> None:
-        with self._lock:
-            self._reason = None
-
-    def close(self, reason: str) -> None:
-        with self._lock:
-            self._reason = reason
-
-    def check(self) -> None:
-        with self._lock:
-            reason = self._reason
-        if reason is not None:
-            raise Unavailable(reason)
-
-
-class Admission:
-    """Bounded work of one kind: at most `running` calls at once and `queued`
-    more waiting for a turn; beyond that UNAVAILABLE at once (the client
-    library retries it with backoff), so slow work never takes every worker
-    thread and reads, health included, keep answering."""
-
-    def __init__(self, kind: str, running: int, queued: int) -> None:
-        self.kind = kind
-        self.running = running
-        self.queued = queued
-        self._turns = threading.BoundedSemaphore(running)
-        self._lock = threading.Lock()
-        self._inside = 0
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        with self._lock:
-            if self._inside >= self.running + self.queued:
-                raise Unavailable(
-                    f"too many {self.kind} calls in flight ({self.running} running, "
-                    f"{self.queued} queued): retry with backoff"
-                )
-            self._inside += 1
-        try:
-            deadline.acquire(self._turns, f"a turn among {self.kind} calls")
-            try:
-                yield
-            finally:
-                self._turns.release()
-        finally:
-            with self._lock:
-                self._inside -= 1
-
-    @property
-    def in_flight(self) -> int:
-        with self._lock:
-            return self._inside
-
-
-def admissions(running: int, queued: int) -> dict[str, Admission]:
-    """One Admission per kind of slow work (reads are never queued)."""
-    return {
-        "branch writes": Admission("branch writes", running, queued),
-        "base writes": Admission("base writes", max(1, running // 4), queued),
-    }
-
-
-# Which calls are slow work of which kind.
-_KIND = {
-    "CreateBranch": "branch writes",
-    "DeleteBranch": "branch writes",
-    "ResetBranch": "branch writes",
-    "UpdateBranch": "branch writes",
-    "CreateBase": "base writes",
-    "CreateBaseVersion": "base writes",
-    "DeleteBase": "base writes",
-}
-
-
-def rpc(
-    method: Callable[[Any, Req, grpc.ServicerContext], Resp],
-) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
-    """Gate, admit, bound by the caller's deadline, time, log and translate
-    errors for one servicer method."""
-    name = method.__name__
-    kind = _KIND.get(name)
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
-        started = time.perf_counter()
-        fields = _log_fields(request)
-        try:
-            self.gate.check()
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(deadline.scope(context.time_remaining()))
-                if kind is not None:
-                    self.gate.check_write()
-                    stack.enter_context(self.admission[kind].turn())
-                response = method(self, request, context)
-        except CowbranchError as exc:
-            log.info(
-                "rpc",
-                method=name,
-                code=exc.code.name,
-                error=exc.message,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-                **fields,
-            )
-            context.abort(exc.code, exc.message)
-        except Exception as exc:
-            log.exception(
-                "rpc",
-                method=name,
-                code="INTERNAL",
-                ms=round((time.perf_counter() - started) * 1000, 2),
-                **fields,
-            )
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-        log.info(
-            "rpc",
-            method=name,
-            code="OK",
-            ms=round((time.perf_counter() - started) * 1000, 2),
-            **fields,
-        )
-        return response
-
-    return wrapper
-
-
-def _log_fields(request: object) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for attr in ("request_id", "branch_id", "base_id", "parent", "name"):
-        value = getattr(request, attr, "")
-        if isinstance(value, str) and value:
-            fields[attr] = value[:128]
-    return fields
-
-
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
-
-
-def _duration(field_name: str, message: duration_pb2.Duration) -> timedelta:
-    if message.seconds < 0 or message.nanos < 0:
-        raise InvalidArgument(field_name, "must not be negative")
-    if message.seconds > 10 * 365 * 86400:
-        raise InvalidArgument(field_name, "is too long")
-    return timedelta(seconds=message.seconds, microseconds=message.nanos // 1000)
 
 
 class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
@@ -235,8 +52,8 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             state=branches_pb2.Branch.State.Value(state.name),
             connection=branches_pb2.Connection(**dataclasses.asdict(conn)),
             labels=record.labels,
-            create_time=_timestamp(record.create_time),
-            expire_time=_timestamp(record.expire_time),
+            create_time=timestamp(record.create_time),
+            expire_time=timestamp(record.expire_time),
             protected=record.protected,
             written_bytes=self.branches.written_bytes(entry) if with_usage else 0,
             request_id=record.request_id,
@@ -254,7 +71,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             branch_id=request.branch_id,
             request_id=request.request_id,
             labels=dict(request.labels),
-            ttl=_duration("ttl", request.ttl) if request.HasField("ttl") else None,
+            ttl=duration("ttl", request.ttl) if request.HasField("ttl") else None,
             postgres_settings=dict(request.postgres_settings),
             protected=request.protected,
         )
@@ -318,7 +135,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             paths = {"labels", "protected"} | ({"ttl"} if request.HasField("ttl") else set())
         ttl: timedelta | None = None
         if "ttl" in paths:
-            ttl = _duration("ttl", request.ttl)
+            ttl = duration("ttl", request.ttl)
         elif "expire_time" in paths and branch.HasField("expire_time"):
             ttl = branch.expire_time.ToDatetime(UTC) - datetime.now(UTC)
             if ttl <= timedelta(0):
@@ -368,12 +185,12 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
                 bases_pb2.BaseVersion(
                     name=f"bases/{record.base_id}/versions/{n}",
                     version=n,
-                    create_time=_timestamp(t),
+                    create_time=timestamp(t),
                     branch_count=counts.get(n, 0),
                 )
                 for n, t in sorted(record.versions.items())
             ],
-            create_time=_timestamp(record.create_time),
+            create_time=timestamp(record.create_time),
             labels=record.labels,
             size_bytes=record.size_bytes,
             user=record.user,
@@ -436,7 +253,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
         return bases_pb2.BaseVersion(
             name=f"bases/{base_id}/versions/{version}",
             version=version,
-            create_time=_timestamp(record.versions[version]),
+            create_time=timestamp(record.versions[version]),
             branch_count=0,
         )
 
@@ -461,10 +278,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
                 for name, why in sorted(ctx.inventory.quarantined.items())
             ]
         if ctx.isolation == "shared":
-            warnings.append(
-                "isolation is shared-uid: every branch's postgres runs as the same OS user, "
-                "so a tenant's superuser can read and signal other branches"
-            )
+            warnings.append(SHARED_UID_WARNING.format(why="see docs/security.md"))
         first, last = ctx.config.postgres.port_range
         return daemon_pb2.DaemonStatus(
             version=__version__,
@@ -477,7 +291,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             max_branches=ctx.config.daemon.max_branches,
             port_range_first=first,
             port_range_last=last,
-            start_time=_timestamp(self.start_time),
+            start_time=timestamp(self.start_time),
             warnings=warnings,
             isolation=ctx.isolation,
         )
