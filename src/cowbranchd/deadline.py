@@ -77,7 +77,10 @@ def bounded(timeout: float | None, what: str) -> float | None:
 def acquire(lock: threading.Lock | threading.RLock | threading.Semaphore, what: str) -> None:
     """Take `lock` within the deadline, or DeadlineExceeded naming `what`."""
     timeout = bounded(None, what)
-    if not lock.acquire(timeout=-1 if timeout is None else timeout):
+    if timeout is None:
+        lock.acquire()  # no deadline: wait (Semaphore reads timeout=-1 as "none left")
+        return
+    if not lock.acquire(timeout=timeout):
         raise DeadlineExceeded(f"gave up waiting for {what} after {timeout:.1f}s")
 
 

@@ -26,7 +26,8 @@ from .datadir import (
     prepare_clone,
     validate_settings,
 )
-from .postmaster import OnReady, PortInUse, Postmaster, find_postmaster, start, stop
+from .postmaster import OnReady, PortInUse, start
+from .process import Postmaster, find_postmaster, stop
 
 __all__ = [
     "DAEMON_OWNED_SETTINGS",

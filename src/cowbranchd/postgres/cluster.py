@@ -28,7 +28,8 @@ from cowbranchd.run import run
 from cowbranchd.safefs import append_regular, open_dir, replace_file
 
 from .datadir import Binaries, check_clean_shutdown
-from .postmaster import start, stop
+from .postmaster import start
+from .process import stop
 
 __all__ = ["PG_HBA", "checkpoint", "dsn", "initdb", "scram_verifier", "write_hba"]
 

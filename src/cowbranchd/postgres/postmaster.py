@@ -1,28 +1,21 @@
-"""Postmaster processes: spawn one on a data directory, wait until it answers, adopt, stop.
+"""Starting a postmaster: spawn `postgres` on a data directory as the branch's
+OS user and wait until it answers.
 
 Nothing here knows about storage or gRPC. `postgres` is started directly (not
 pg_ctl, whose wait loop sleeps 100 ms) and watched without coarse sleeps: the
 postmaster's own status line in postmaster.pid says when it is ready, a waiter
-thread per child says at once when it died, and `SELECT 1` confirms.
-
-Children are reaped by that waiter thread, so a postmaster that dies on its
-own never lingers as a zombie in the long-lived daemon. Postmasters adopted
-after a daemon restart are not our children: they are signalled and watched
-through a pidfd, which also rules out signalling a recycled pid.
-The public names are re-exported by `cowbranchd.postgres`.
+thread per child (process.py) says at once when it died, and `SELECT 1`
+confirms. The public names are re-exported by `cowbranchd.postgres`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -32,11 +25,12 @@ import structlog
 from cowbranchd.errors import PostgresError
 from cowbranchd.ports import port_free
 from cowbranchd.run import RunAs, as_user, clean_env, ids_of
-from cowbranchd.safefs import UnsafePath, open_dir
+from cowbranchd.safefs import open_dir
 
 from .datadir import Binaries, read_pid_file, validate_settings
+from .process import Postmaster, register_child, stop
 
-__all__ = ["OnReady", "PortInUse", "Postmaster", "find_postmaster", "start", "stop"]
+__all__ = ["OnReady", "PortInUse", "start"]
 
 log = structlog.get_logger("cowbranchd.postgres")
 
@@ -55,53 +49,6 @@ _NO_TCP_SOCKETS = "could not create any TCP/IP sockets"
 
 class PortInUse(PostgresError):
     """The postmaster could not listen on its port; retry on another one."""
-
-
-@dataclass(frozen=True)
-class _Child:
-    proc: subprocess.Popen[bytes]
-    exited: threading.Event
-
-
-# Postmasters this process spawned and has not reaped yet, by pid.
-_children: dict[int, _Child] = {}
-_children_lock = threading.Lock()
-
-
-def _reap(child: _Child) -> None:
-    child.proc.wait()
-    with _children_lock:
-        if _children.get(child.proc.pid) is child:
-            del _children[child.proc.pid]
-    child.exited.set()
-
-
-@dataclass(frozen=True)
-class Postmaster:
-    """A running postmaster: ours (spawned here) or adopted from postmaster.pid."""
-
-    pid: int
-    create_time: float  # psutil's, to tell this process from a later one with its pid
-    port: int
-    socket_dir: str
-    pgdata: str
-    # Set by the reaper thread once our child is gone and reaped; None if adopted.
-    _exited: threading.Event | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def is_child(self) -> bool:
-        return self._exited is not None
-
-    def alive(self) -> bool:
-        """Still this very process, running: our child until the reaper saw it
-        exit; an adopted one while its pid is no zombie with our start time."""
-        if self._exited is not None:
-            return not self._exited.is_set()
-        try:
-            proc = psutil.Process(self.pid)
-            return proc.status() != psutil.STATUS_ZOMBIE and _same_process(self)
-        except psutil.Error:
-            return False
 
 
 def _child_env() -> dict[str, str]:
@@ -283,17 +230,14 @@ def start(
             )
         except OSError as exc:
             raise PostgresError(f"could not run {binaries.postgres}: {exc}") from exc
-    child = _Child(proc, threading.Event())
-    with _children_lock:
-        _children[proc.pid] = child
-    threading.Thread(target=_reap, args=(child,), name=f"reap-{proc.pid}", daemon=True).start()
+    exited = register_child(proc)
     spawned = time.perf_counter()
 
     try:
         ctime = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         ctime = time.time()  # already gone; the wait reports the exit
-    pm = Postmaster(proc.pid, ctime, port, socket_dir, pgdata, child.exited)
+    pm = Postmaster(proc.pid, ctime, port, socket_dir, pgdata, exited)
     starting = _Starting(pm, proc, log_path, offset, listen_addresses)
     try:
         pid_ready = starting.wait_ready(ready_dsn, ready_timeout, on_ready)
@@ -314,171 +258,3 @@ def start(
     return pm
 
 
-def find_postmaster(pgdata: str) -> Postmaster | None:
-    """The live postmaster that postmaster.pid in `pgdata` names, or None if stale.
-
-    Live means: the pid exists and is not a zombie, the process is postgres,
-    its working directory is `pgdata` and it started when the pid file says.
-    """
-    try:
-        status = read_pid_file(pgdata)
-    except UnsafePath:
-        # A tenant replaced the pid file; its postmaster may still run, and
-        # must not be missed (a volume is never destroyed under one).
-        return _find_by_cwd(pgdata)
-    except OSError:
-        return None
-    if status is None:
-        return None
-    try:
-        proc = psutil.Process(status.pid)
-        with proc.oneshot():
-            name = proc.name()
-            state = proc.status()
-            ctime = proc.create_time()
-            cwd = proc.cwd()
-    except psutil.Error:
-        return None
-    if (
-        state == psutil.STATUS_ZOMBIE
-        or name not in ("postgres", "postmaster")
-        or abs(ctime - status.start_time) > _CREATE_TIME_SLACK
-        or os.path.realpath(cwd) != os.path.realpath(pgdata)
-    ):
-        return None
-    with _children_lock:
-        child = _children.get(status.pid)
-    exited = child.exited if child is not None else None
-    return Postmaster(status.pid, ctime, status.port, status.socket_dir, pgdata, exited)
-
-
-def _find_by_cwd(pgdata: str) -> Postmaster | None:
-    """The postmaster running on `pgdata`, found without its pid file: the
-    postgres process whose working directory it is and whose parent is not."""
-    target = os.path.realpath(pgdata)
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["name", "cwd", "ppid"]):
-        info = proc.info
-        if info["name"] in ("postgres", "postmaster") and info["cwd"] == target:
-            found[proc.pid] = proc
-    for pid, proc in found.items():
-        if proc.info["ppid"] not in found:
-            with _children_lock:
-                child = _children.get(pid)
-            try:
-                ctime = proc.create_time()
-            except psutil.Error:
-                continue
-            exited = child.exited if child is not None else None
-            return Postmaster(pid, ctime, 0, "", pgdata, exited)
-    return None
-
-
-def _postmaster_for_pid(pid: int) -> Postmaster | None:
-    with _children_lock:
-        child = _children.get(pid)
-    try:
-        proc = psutil.Process(pid)
-        ctime = proc.create_time()
-        if child is None and proc.name() not in ("postgres", "postmaster"):
-            return None
-    except psutil.Error:
-        ctime = 0.0  # gone (or a zombie child: its reaper finishes it)
-        if child is None:
-            return None
-    exited = child.exited if child is not None else None
-    return Postmaster(pid, ctime, 0, "", "", exited)
-
-
-def _wait_gone(pm: Postmaster, pidfd: int, timeout: float) -> bool:
-    if pm._exited is not None:
-        return pm._exited.wait(timeout)
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000))))
-
-
-def stop(
-    postmaster: Postmaster | int,
-    *,
-    fast_timeout: float = 10.0,
-    immediate_timeout: float = 10.0,
-    kill_timeout: float = 10.0,
-) -> None:
-    """Stop a postmaster and return once it is gone (and reaped, if ours).
-
-    Fast shutdown (SIGINT, a shutdown checkpoint, clean state) for up to
-    `fast_timeout` (0 skips it), then immediate (SIGQUIT), then SIGKILL of its
-    whole process group. A postmaster that is already gone is success.
-    """
-    pm = postmaster if isinstance(postmaster, Postmaster) else _postmaster_for_pid(postmaster)
-    if pm is None:
-        return
-    if pm._exited is not None and pm._exited.is_set():
-        # Ours and reaped. If something else killed it (OOM killer, SIGKILL),
-        # its backends may linger in its process group: end them, or a restart
-        # on this data directory would run beside them.
-        _drain_group(pm.pid, kill_timeout)
-        return
-    try:
-        pidfd = os.pidfd_open(pm.pid)
-    except ProcessLookupError:
-        if pm._exited is not None:
-            pm._exited.wait()
-        return
-    try:
-        # The pidfd pins whatever process has this pid now; make sure it is ours.
-        if pm._exited is not None:
-            if pm._exited.is_set():
-                return  # reaped before the pidfd was opened: the pid may be recycled
-        elif not _same_process(pm):
-            return
-        try:
-            own_group = os.getpgid(pm.pid) == pm.pid
-        except ProcessLookupError:
-            own_group = False
-        steps = [(signal.SIGINT, fast_timeout)] if fast_timeout > 0 else []
-        steps += [(signal.SIGQUIT, immediate_timeout), (signal.SIGKILL, kill_timeout)]
-        for sig, timeout in steps:
-            if _wait_gone(pm, pidfd, 0):
-                return
-            with contextlib.suppress(ProcessLookupError):
-                if sig == signal.SIGKILL and own_group:
-                    # Backends outlive a SIGKILLed postmaster for a moment; they
-                    # share its process group (started with a new session).
-                    os.killpg(pm.pid, signal.SIGKILL)
-                else:
-                    signal.pidfd_send_signal(pidfd, sig)
-            if _wait_gone(pm, pidfd, timeout):
-                if sig == signal.SIGKILL and own_group:
-                    _drain_group(pm.pid, kill_timeout)
-                log.debug("postgres stopped", pid=pm.pid, signal=sig.name)
-                return
-        raise PostgresError(f"postgres pid {pm.pid} survived SIGKILL for {kill_timeout}s")
-    finally:
-        os.close(pidfd)
-
-
-def _same_process(pm: Postmaster) -> bool:
-    try:
-        ctime = psutil.Process(pm.pid).create_time()
-    except psutil.Error:
-        return False
-    return not pm.create_time or abs(ctime - pm.create_time) < 1.0
-
-
-def _drain_group(pgid: int, timeout: float) -> None:
-    """SIGKILL what is left of a dead postmaster's process group and wait for it."""
-    # Safe from pid reuse: a pid is not handed out again while it names a group.
-    deadline = time.monotonic() + timeout
-    sig: int = signal.SIGKILL
-    while True:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        sig = 0  # then only probe; zombies count until their new parent reaps them
-        if time.monotonic() > deadline:
-            log.warning("postgres backends linger", pgid=pgid)
-            return
-        time.sleep(_POLL_INTERVAL)
