@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class UnsafePath(FailedPrecondition):
@@ -96,27 +95,42 @@ def open_dir(
         os.close(fd)
 
 
+def _open_regular(dir_fd: int, name: str, flags: int, shown: str) -> int | None:
+    """`name` in `dir_fd` opened with `flags` plus O_NOFOLLOW | O_NONBLOCK and
+    checked to be a regular file; None if absent; UnsafePath otherwise."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENODEV):
+            raise UnsafePath(shown, f"is {_why(dir_fd, name)}") from exc
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafePath(shown, f"is {_kind(mode)}")
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def read_regular(dir_fd: int, name: str, *, limit: int, shown: str) -> bytes | None:
     """The content of regular file `name` in `dir_fd`, None if absent.
 
     Never blocks (a FIFO is refused before it is read), never follows a link,
     and refuses a file larger than `limit` bytes instead of reading it."""
-    try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
+    fd = _open_regular(dir_fd, name, os.O_RDONLY, shown)
+    if fd is None:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafePath(shown, "is a symbolic link") from exc
-        if exc.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
-            raise UnsafePath(shown, f"is {_why(dir_fd, name)}") from exc
-        raise
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePath(shown, f"is {_kind(st.st_mode)}")
-        if st.st_size > limit:
-            raise UnsafePath(shown, f"is {st.st_size} bytes, more than the {limit} expected")
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UnsafePath(shown, f"is {size} bytes, more than the {limit} expected")
         data = os.read(fd, limit + 1)
         if len(data) > limit:
             raise UnsafePath(shown, f"is more than the {limit} bytes expected")
@@ -172,9 +186,7 @@ def replace_file(
         try:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -186,22 +198,10 @@ def replace_file(
 
 def append_regular(dir_fd: int, name: str, data: bytes, *, shown: str) -> None:
     """Append `data` to the existing regular file `name` (no link, no FIFO)."""
+    fd = _open_regular(dir_fd, name, os.O_WRONLY | os.O_APPEND, shown)
+    if fd is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), shown)
     try:
-        fd = os.open(
-            name,
-            os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            dir_fd=dir_fd,
-        )
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            raise UnsafePath(shown, f"is {_why(dir_fd, name)}") from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePath(shown, f"is {_kind(st.st_mode)}")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
     finally:
         os.close(fd)
