@@ -10,17 +10,25 @@ Every loop is bounded; nothing here asserts on time.
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 import psycopg
 from _daemon import BenchDaemon
+from _probe import PROBE_KINDS, PROBE_TIMEOUT
 
 from cowbranchd.v1 import branches_pb2
 
@@ -33,6 +41,7 @@ __all__ = [
     "from_branch_series",
     "parallel_creates",
     "reset_series",
+    "storm",
 ]
 
 RPC_TIMEOUT = 300.0
@@ -103,36 +112,213 @@ def create_delete_series(daemon: BenchDaemon, parent: str, runs: int, warmup: in
     return out
 
 
+def delete_retrying(daemon: BenchDaemon, branch_id: str, attempts: int = 20) -> float:
+    """DeleteBranch, retried with backoff while the daemon refuses it for load
+    (UNAVAILABLE: its write queue is full); seconds of the last attempt."""
+    for attempt in range(attempts):
+        try:
+            return delete(daemon, branch_id)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _code(exc: grpc.RpcError) -> str:
+    code = exc.code()
+    return code.name if code is not None else "UNKNOWN"
+
+
 @dataclass
 class ParallelRound:
-    wall_s: float  # first request sent until the last branch answered SELECT 1
-    each: list[BranchTiming]
+    wall_s: float  # first request sent until the last create answered (and SELECT 1)
+    each: list[BranchTiming]  # the creates that ended READY and answered SELECT 1
     delete_wall_s: float
+    failed: dict[str, int] = field(default_factory=dict)  # status code -> count
 
 
 def parallel_creates(daemon: BenchDaemon, parent: str, width: int, rounds: int
                      ) -> list[ParallelRound]:
     """`width` creates issued at once (one thread each, released by a barrier),
-    `rounds` times; the branches are then deleted in parallel too."""
+    `rounds` times; the branches are then deleted in parallel too. A create
+    that fails is counted by status code (the round goes on)."""
     results: list[ParallelRound] = []
     with ThreadPoolExecutor(max_workers=width) as pool:
         for _ in range(rounds):
             barrier = threading.Barrier(width + 1)
             ids = [new_branch_id("par") for _ in range(width)]
 
-            def one(branch_id: str, barrier: threading.Barrier = barrier) -> BranchTiming:
+            def one(branch_id: str, barrier: threading.Barrier = barrier
+                    ) -> BranchTiming | str:
                 barrier.wait(timeout=60)
-                return create(daemon, parent, branch_id)
+                try:
+                    return create(daemon, parent, branch_id)
+                except grpc.RpcError as exc:
+                    return _code(exc)
+                except psycopg.Error as exc:
+                    return f"SELECT 1: {type(exc).__name__}"
 
             futures = [pool.submit(one, b) for b in ids]
             barrier.wait(timeout=60)
             t0 = time.perf_counter()
-            timings = [f.result(timeout=RPC_TIMEOUT) for f in futures]
+            outcomes = [f.result(timeout=RPC_TIMEOUT + 60) for f in futures]
             wall = time.perf_counter() - t0
+            timings = [o for o in outcomes if isinstance(o, BranchTiming)]
+            failed = Counter(o for o in outcomes if isinstance(o, str))
             t1 = time.perf_counter()
-            list(pool.map(lambda b: delete(daemon, b), ids, timeout=RPC_TIMEOUT))
-            results.append(ParallelRound(wall, timings, time.perf_counter() - t1))
+            list(pool.map(lambda b: delete_retrying(daemon, b.branch_id), timings,
+                          timeout=RPC_TIMEOUT))
+            results.append(ParallelRound(wall, timings, time.perf_counter() - t1,
+                                         dict(failed)))
     return results
+
+
+@dataclass
+class ProbeTimes:
+    """Latencies (s) of the reads the other client issued, per kind
+    (PROBE_KINDS), failed ones included; failures counted by "kind CODE"."""
+
+    times: dict[str, list[float]] = field(
+        default_factory=lambda: {k: [] for k in PROBE_KINDS})
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _start_probe(daemon: BenchDaemon, branch_name: str, idle_cycles: int
+                 ) -> subprocess.Popen[str]:
+    """bench/_probe.py in its own process, after its idle cycles (it said `ready`)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_probe.py")), str(daemon.socket_path),
+         branch_name, str(idle_cycles)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()  # each of its calls has a deadline
+    if line != "ready":
+        proc.kill()
+        proc.wait(timeout=30)
+        raise RuntimeError(f"bench/_probe.py did not start (said {line!r})")
+    return proc
+
+
+def _tell(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
+
+
+@dataclass
+class StormCreate:
+    outcome: str  # "READY", another Branch state, or the gRPC status code name
+    started: float  # perf_counter when the call was issued (just after the release)
+    answered: float  # perf_counter when it returned
+    message: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.answered - self.started
+
+
+@dataclass
+class StormResult:
+    width: int
+    wall_s: float  # the release until the last of the `width` creates answered
+    creates: list[StormCreate]
+    during: ProbeTimes  # reads while the creates were in flight
+    idle: ProbeTimes  # the same reads just before, with nothing else running
+    delete_wall_s: float  # deleting what the storm made, 8 at a time
+    deleted: int
+    delete_failures: dict[str, int]
+
+    def outcomes(self) -> dict[str, int]:
+        return dict(Counter(c.outcome for c in self.creates))
+
+    def seconds(self, outcome: str) -> list[float]:
+        return [c.seconds for c in self.creates if c.outcome == outcome]
+
+    def messages(self) -> dict[str, str]:
+        """One status message per outcome that is not READY."""
+        return {c.outcome: c.message for c in self.creates if c.message}
+
+
+def _storm_branches(daemon: BenchDaemon, prefix: str) -> list[str]:
+    listed = daemon.branches.ListBranches(
+        branches_pb2.ListBranchesRequest(page_size=1000), timeout=60).branches
+    ids = [b.name.removeprefix("branches/") for b in listed]
+    return [i for i in ids if i.startswith(prefix)]
+
+
+def storm(daemon: BenchDaemon, parent: str, width: int, *, idle_cycles: int = 20,
+          timeout: float = RPC_TIMEOUT) -> StormResult:
+    """`width` CreateBranch calls released at once by a barrier (raw stubs, one
+    thread and one request_id each, no retries), while another client, in its
+    own process (bench/_probe.py, so these threads cannot delay it), loops over
+    GetBranch, ListBranches(page_size=5) and health Check. The daemon runs at
+    most `max_concurrent_writes` writes and queues `max_queued_writes`; the rest
+    are refused UNAVAILABLE at once. Afterwards every branch the storm made is
+    deleted (8 at a time)."""
+    tag = f"storm-{time.time_ns() % 10**9:09d}"
+    creates: list[StormCreate] = []
+    idle = ProbeTimes()
+    during = ProbeTimes()
+    released = 0.0
+    probe: subprocess.Popen[str] | None = None
+    try:
+        probe_branch = create(daemon, parent, f"{tag}-probe")
+        probe = _start_probe(daemon, f"branches/{probe_branch.branch_id}", idle_cycles)
+
+        barrier = threading.Barrier(width + 1)
+
+        def one(i: int) -> StormCreate:
+            request = branches_pb2.CreateBranchRequest(
+                branch_id=f"{tag}-{i}", parent=parent, request_id=uuid.uuid4().hex)
+            barrier.wait(timeout=60)
+            t0 = time.perf_counter()
+            try:
+                branch = daemon.branches.CreateBranch(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                return StormCreate(_code(exc), t0, time.perf_counter(),
+                                   str(exc.details() or ""))
+            state = branches_pb2.Branch.State.Name(branch.state)
+            return StormCreate(state, t0, time.perf_counter(),
+                               "" if state == "READY" else branch.failure)
+
+        with ThreadPoolExecutor(max_workers=width) as pool:
+            futures = [pool.submit(one, i) for i in range(width)]
+            barrier.wait(timeout=60)
+            released = time.perf_counter()
+            _tell(probe, "go")
+            creates = [f.result(timeout=timeout + 60) for f in futures]
+        _tell(probe, "stop")
+        text, _ = probe.communicate(timeout=3 * PROBE_TIMEOUT + 30)
+        got = json.loads(text)
+        idle = ProbeTimes(got["idle"], got["idle_errors"])
+        during = ProbeTimes(got["during"], got["during_errors"])
+    finally:
+        if probe is not None and probe.poll() is None:
+            probe.kill()
+            probe.wait(timeout=30)
+        t0 = time.perf_counter()
+        deleted = 0
+        failures: Counter[str] = Counter()
+
+        def drop(branch_id: str) -> bool:
+            try:
+                delete_retrying(daemon, branch_id)
+            except grpc.RpcError as exc:
+                failures[_code(exc)] += 1
+                return False
+            return True
+
+        # A create that gave up on its deadline may still finish: look twice.
+        for _ in range(2):
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                deleted += sum(pool.map(drop, _storm_branches(daemon, tag),
+                                        timeout=RPC_TIMEOUT))
+        delete_wall = time.perf_counter() - t0
+    wall = max(c.answered for c in creates) - released
+    return StormResult(width, wall, creates, during, idle, delete_wall, deleted,
+                       dict(failures))
 
 
 def from_branch_series(daemon: BenchDaemon, base: str, runs: int) -> Series:

@@ -10,11 +10,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from _measure import StormResult
+
 __all__ = [
     "breakdown",
     "plot_breakdown",
     "plot_latency",
     "render_table",
+    "storm_figures",
     "summary",
     "write_json",
 ]
@@ -40,6 +43,25 @@ def summary(seconds: Iterable[float]) -> dict[str, Any]:
         "min_ms": round(ordered[0], 2),
         "max_ms": round(ordered[-1], 2),
         "samples_ms": [round(x, 2) for x in ms],
+    }
+
+
+def storm_figures(result: StormResult) -> dict[str, Any]:
+    """The JSON figures of one storm: outcomes, latencies of the accepted and
+    the refused creates, and of each read during the storm and just before."""
+    return {
+        "wall_ms": round(result.wall_s * 1000, 1),
+        "outcomes": result.outcomes(),
+        "messages": result.messages(),
+        "accepted": summary(result.seconds("READY")),
+        "refused": summary(result.seconds("UNAVAILABLE")),
+        "during": {k: summary(v) for k, v in result.during.times.items()},
+        "during_errors": dict(result.during.errors),
+        "idle": {k: summary(v) for k, v in result.idle.times.items()},
+        "idle_errors": dict(result.idle.errors),
+        "delete_wall_ms": round(result.delete_wall_s * 1000, 1),
+        "deleted": result.deleted,
+        "delete_failures": result.delete_failures,
     }
 
 
@@ -124,6 +146,8 @@ def render_table(results: Mapping[str, Any]) -> str:
                 f" | {f(ratios.get('template_wal_log'), '9.0f')}x"
                 f" {f(ratios.get('copy_and_start'), '9.0f')}x"
             )
+    lines += _parallel_lines(results)
+    lines += _storm_lines(results)
     lines.append("")
     lines.append("baselines (host ext4, median ms):")
     for scale, s in sizes.items():
@@ -147,6 +171,56 @@ def render_table(results: Mapping[str, Any]) -> str:
             lines.append(f"  {driver} scale {scale}: " + ", ".join(
                 f"{k}={v}" for k, v in bd.items() if v is not None))
     return "\n".join(lines)
+
+
+def _parallel_lines(results: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for driver, per_scale in results.get("drivers", {}).items():
+        for scale, r in per_scale.items():
+            par = r.get("parallel", {})
+            if not par.get("rounds"):
+                continue
+            rounds = ", ".join(
+                f"{x['wall_ms']:.0f} ms ({x['ready']}/{par['width']} ready"
+                + (f", failed {x['failed']}" if x["failed"] else "") + ")"
+                for x in par["rounds"])
+            lines.append(f"  {driver} scale {scale}: {rounds}")
+    if lines:
+        lines.insert(0, "\nparallel creates released at once, per round (wall until all answered):")
+    return lines
+
+
+def _storm_lines(results: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for driver, per_scale in results.get("drivers", {}).items():
+        st = per_scale.get("storm")
+        if not st or not st.get("rounds"):
+            continue
+        lines.append(
+            f"\nstorm, {driver} scale {st['scale']}: {st['width']} CreateBranch at once (daemon: "
+            f"{st['max_concurrent_writes']} running + {st['max_queued_writes']} queued), one "
+            f"client (own process) looping GetBranch, ListBranches(page_size=5), health Check:")
+        for n, x in enumerate(st["rounds"], 1):
+            outcomes = ", ".join(f"{v} {k}" for k, v in sorted(x["outcomes"].items()))
+            acc, ref = x["accepted"], x["refused"]
+            line = f"  #{n}: {outcomes}; all answered in {x['wall_ms']:.0f} ms"
+            if acc.get("n"):
+                line += f"; accepted p50 {acc['median_ms']:.0f} p99 {acc['p99_ms']:.0f} ms"
+            if ref.get("n"):
+                line += f"; refused p50 {ref['median_ms']:.1f} max {ref['max_ms']:.0f} ms"
+            lines.append(line)
+            for kind, label in (("get", "GetBranch"), ("list", "ListBranches"),
+                                ("health", "health")):
+                d, i = x["during"][kind], x["idle"][kind]
+                if not d.get("n"):
+                    continue
+                lines.append(
+                    f"      {label:12} during p50 {d['median_ms']:6.1f}  p99 {d['p99_ms']:6.1f}"
+                    f"  max {d['max_ms']:6.1f} ms (n={d['n']}); idle p50 "
+                    f"{i.get('median_ms', '-')} ms")
+            if x["during_errors"]:
+                lines.append(f"      read errors during the storm: {x['during_errors']}")
+    return lines
 
 
 def write_json(results: Mapping[str, Any], *paths: Path) -> None:

@@ -38,10 +38,21 @@ from _measure import (
     from_branch_series,
     parallel_creates,
     reset_series,
+    storm,
 )
 from _pg import stop_postmasters_under
 from _pools import open_pool
-from _report import breakdown, plot_breakdown, plot_latency, render_table, summary, write_json
+from _report import (
+    breakdown,
+    plot_breakdown,
+    plot_latency,
+    render_table,
+    storm_figures,
+    summary,
+    write_json,
+)
+
+from cowbranchd.config import DaemonConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE_PORT = 47900
@@ -62,6 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--baseline-runs", type=int, default=5)
     p.add_argument("--density-max", type=int, default=100,
                    help="at most this many idle branches in the density test (0 skips it)")
+    p.add_argument("--storm", type=int, default=200, metavar="N",
+                   help="CreateBranch calls released at once while another client reads "
+                        "(smallest scale, once per driver; 0 skips it)")
+    p.add_argument("--storm-rounds", type=int, default=2)
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--warm", type=int, default=0, metavar="N",
                    help="daemon.warm_branches: started clones kept per base (btrfs only)")
@@ -151,9 +166,14 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
                 "wall": summary(x.wall_s for x in rounds),
                 "each": summary(t.ready_s for x in rounds for t in x.each),
                 "delete_wall": summary(x.delete_wall_s for x in rounds),
+                "rounds": [{"wall_ms": round(x.wall_s * 1000, 1), "ready": len(x.each),
+                            "failed": x.failed} for x in rounds],
+                "all_ready": all(len(x.each) == args.parallel for x in rounds),
             }
-            _say(f"{driver} s{scale}: {args.parallel} parallel, wall median "
-                 f"{r['parallel']['wall']['median_ms']} ms")
+            _say(f"{driver} s{scale}: {args.parallel} parallel, wall per round "
+                 + ", ".join(f"{x.wall_s * 1000:.0f} ms ({len(x.each)} ready"
+                             + (f", failed {x.failed}" if x.failed else "") + ")"
+                             for x in rounds))
             bfb = from_branch_series(daemon, parent, args.aux_runs)
             r["from_branch"] = {"create": summary(bfb.ready()), "delete": summary(bfb.deletes)}
             resets = reset_series(daemon, parent, args.aux_runs)
@@ -164,6 +184,8 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
                  f"{r['reset']['ready']['median_ms']} ms")
             r["load_after"] = os.getloadavg()
             save()
+        if args.storm > 0:
+            bench_storm(args, daemon, out, save)
         if args.density_max > 0:
             scale = min(args.scales)
 
@@ -200,6 +222,32 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
         if not args.keep:
             pool.release()
             _say(f"{driver}: pool released (images kept in {args.data_dir})")
+
+
+def bench_storm(args: argparse.Namespace, daemon: BenchDaemon, out: dict[str, Any],
+                save: Any) -> None:
+    """`--storm` creates at once, `--storm-rounds` times, on the smallest scale."""
+    scale = min(args.scales)
+    defaults = DaemonConfig()
+    s: dict[str, Any] = out.setdefault("storm", {
+        "scale": scale,
+        "width": args.storm,
+        "max_concurrent_writes": defaults.max_concurrent_writes,
+        "max_queued_writes": defaults.max_queued_writes,
+        "rounds": [],
+    })
+    for n in range(args.storm_rounds):
+        load = os.getloadavg()
+        result = storm(daemon, f"bases/{base_id(scale)}", args.storm)
+        figures = storm_figures(result)
+        figures["load_before"] = load
+        s["rounds"].append(figures)
+        save()
+        d = figures["during"]
+        _say(f"{daemon.driver}: storm {n + 1}/{args.storm_rounds}: {figures['outcomes']} "
+             f"in {figures['wall_ms']:.0f} ms; GetBranch p50/p99/max "
+             f"{d['get']['median_ms']}/{d['get']['p99_ms']}/{d['get']['max_ms']} ms, "
+             f"health max {d['health']['max_ms']} ms, list max {d['list']['max_ms']} ms")
 
 
 def bench_baselines(args: argparse.Namespace, scale: int, source: Path,
@@ -240,8 +288,12 @@ def add_ratios(results: dict[str, Any]) -> None:
 
 def replot(args: argparse.Namespace) -> int:
     results = json.loads(args.replot.read_text())
-    plot_latency(results, args.docs / "bench-latency.png")
-    plot_breakdown(results, args.docs / "bench-breakdown.png")
+    try:
+        plot_latency(results, args.docs / "bench-latency.png")
+        plot_breakdown(results, args.docs / "bench-breakdown.png")
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)",
+              file=sys.stderr)
     print(render_table(results))
     return 0
 
