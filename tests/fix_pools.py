@@ -2,38 +2,37 @@
 files. Nothing is mocked; everything made here is torn down here.
 
 Fixtures: `btrfs_pool` (a directory on a session-wide loop btrfs), `zfs_pool`
-(a dataset on a session-wide zfs-fuse pool `cbt<pid>`), `driver` (a fresh
-driver in its own subdirectory/dataset, once per driver flavour) and
-`tiny_driver` (the same on a pool small enough to fill). A zfs-fuse daemon
-that was already running is used and left running; one we start is stopped
-by pid. Skips, with the reason, when not root or the tools are missing.
+(a dataset on a session-wide zfs-fuse pool `cbt<pid>`), `kernel_zfs_pool`
+(the same on kernel OpenZFS, where /dev/zfs exists), `flavour` (each storage
+flavour of tests/fix_storage.py in turn), `driver` (a fresh driver of that
+flavour in its own subdirectory/dataset) and `tiny_driver` (the same on a pool
+small enough to fill); `pool_daemon_factory` makes daemons on btrfs, then on
+zfs-fuse. A zfs-fuse daemon that was already running is used and left
+running; one we start is stopped by pid. Skips, with the reason, when not
+root, the tools are missing or a flavour cannot run on this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from cowbranchd.errors import CowbranchError
 from cowbranchd.run import run
-from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
-from cowbranchd.storage.btrfs import BtrfsDriver
+from cowbranchd.storage.base import StorageDriver
 from cowbranchd.storage.loop import make_btrfs_loop_pool
-from cowbranchd.storage.zfs import ZfsDriver
+from tests.fix_storage import FLAVOURS, Flavour
 from tests.zfs_fuse import ZfsFuse, make_zfs_file_pool, start_zfs_fuse
 
-__all__ = ["leave_leftovers", "misplaced_like", "reopen"]
-
-FLAVOURS = ["btrfs-library", "btrfs-command", "zfs-command"]
-_counter = itertools.count()
+if TYPE_CHECKING:
+    from tests.fix_daemon import DaemonFactory, DaemonHandle
 
 
 def _require(*tools: str) -> None:
@@ -102,103 +101,83 @@ def zfs_pool(zfs_fuse: ZfsFuse) -> Iterator[str]:
             pool.destroy()
 
 
-def _teardown(driver: StorageDriver) -> None:
-    """Destroy what a test left, clones before what they pin."""
-    for _ in range(3):
-        volumes = driver.list()
-        for volume in sorted(volumes, key=lambda v: v.origin is None):
-            with contextlib.suppress(CowbranchError):
-                driver.destroy(volume.kind, volume.name)
-        with contextlib.suppress(CowbranchError):
-            driver.gc()
-        if not volumes:
-            break
+def _flavour_pool(flavour: Flavour, request: pytest.FixtureRequest) -> str:
+    """The pool `flavour` makes roots on, or a skip saying why it cannot run here."""
+    reason = flavour.unavailable()
+    if reason is not None:
+        pytest.skip(f"{flavour.id}: {reason}")
+    return str(request.getfixturevalue(flavour.pool_fixture))
 
 
-def _driver_for(flavour: str, request: pytest.FixtureRequest) -> StorageDriver:
-    unique = f"t{next(_counter)}"
-    if flavour.startswith("btrfs"):
-        root = request.getfixturevalue("btrfs_pool") / unique
-        root.mkdir()
-        return BtrfsDriver(root, use_library=flavour == "btrfs-library")
-    dataset = f"{request.getfixturevalue('zfs_pool')}/{unique}"
-    run(["zfs", "create", dataset])
-    return ZfsDriver(dataset, use_library=False)
+@pytest.fixture(scope="session")
+def kernel_zfs_pool() -> Iterator[str]:
+    """A dataset on a fresh 1 GiB file-backed pool of kernel OpenZFS (needs /dev/zfs)."""
+    _require("zfs", "zpool")
+    if not os.path.exists("/dev/zfs"):
+        pytest.skip("kernel OpenZFS is not loaded: no /dev/zfs")
+    with _workdir("kzfs") as work:
+        pool = make_zfs_file_pool(f"cbk{os.getpid()}", work / "pool.img", 1 << 30, work / "mnt")
+        try:
+            yield pool.name
+        finally:
+            pool.destroy()
 
 
-@pytest.fixture(params=FLAVOURS)
-def driver(request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
-    """A fresh, checked driver with its layout, alone in its subdirectory/dataset."""
-    flavour: str = request.param
-    made = _driver_for(flavour, request)
-    made.check()
-    made.ensure_layout()
+@pytest.fixture(params=FLAVOURS, ids=lambda f: f.id)
+def flavour(request: pytest.FixtureRequest) -> Flavour:
+    """Each storage flavour in turn (see tests/fix_storage.py)."""
+    chosen: Flavour = request.param
+    return chosen
+
+
+@pytest.fixture
+def driver(flavour: Flavour, request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
+    """A fresh, checked driver of `flavour` with its layout, alone in its own
+    subdirectory/dataset; whatever the test left is destroyed afterwards."""
+    made = flavour.open(flavour.new_root(_flavour_pool(flavour, request)))
     try:
+        made.check()
+        made.ensure_layout()
         yield made
     finally:
-        _teardown(made)
-        if isinstance(made, ZfsDriver):
-            run(["zfs", "destroy", "-r", made.dataset], check=False)
+        flavour.tear_down(made)
 
 
-@pytest.fixture(params=FLAVOURS)
-def tiny_driver(request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
-    """A driver on its own pool small enough to fill (btrfs 114 MiB, zfs 64 MiB)."""
-    flavour: str = request.param
-    if flavour.startswith("btrfs"):
-        _require("losetup", "mkfs.btrfs", "btrfs", "blkid", "mount", "umount")
-        with _workdir("tiny") as work:
-            pool = make_btrfs_loop_pool(work / "pool.img", work / "mnt", 114 << 20)
-            try:
-                yield BtrfsDriver(pool.mountpoint, use_library=flavour == "btrfs-library")
-            finally:
-                pool.release()
-        return
-    request.getfixturevalue("zfs_fuse")
-    with _workdir("tiny") as work:
-        name = f"cbt{os.getpid()}tiny{next(_counter)}"
-        zpool = make_zfs_file_pool(name, work / "pool.img", 64 << 20, work / "mnt")
-        try:
-            yield ZfsDriver(name, use_library=False)
-        finally:
-            zpool.destroy()
+@pytest.fixture
+def tiny_driver(flavour: Flavour, request: pytest.FixtureRequest) -> Iterator[StorageDriver]:
+    """A driver of `flavour` on its own pool small enough to fill (btrfs 114 MiB, zfs 64 MiB)."""
+    _flavour_pool(flavour, request)
+    with _workdir("tiny") as work, flavour.tiny_pool(request, work) as location:
+        yield flavour.open(location)
 
 
-def leave_leftovers(driver: StorageDriver, source: SnapshotRef) -> None:
-    """Do what a crash mid-clone leaves behind: a staged copy of `source` and
-    a volume under branches/ that never got its metadata."""
-    token = uuid.uuid4().hex
-    if isinstance(driver, BtrfsDriver):
-        snap = driver.root / source.kind.value / f"{source.name}@{source.snap}"
-        run(["btrfs", "subvolume", "snapshot", str(snap), str(driver.root / ".staging" / token)])
-        run(["btrfs", "subvolume", "create", str(driver.root / Kind.BRANCHES.value / "half")])
-        # A clone whose (not yet durable) sidecar a crash left empty.
-        torn = driver.root / Kind.BRANCHES.value / "torn"
-        run(["btrfs", "subvolume", "snapshot", str(snap), str(torn)])
-        (torn / "cowbranch.json").write_text("")
-    elif isinstance(driver, ZfsDriver):
-        origin = f"{driver.dataset}/{source}"
-        run(["zfs", "clone", origin, f"{driver.dataset}/.staging/{token}"])
-        run(["zfs", "create", f"{driver.dataset}/{Kind.BRANCHES.value}/half"])
-    else:  # pragma: no cover - a new driver must teach this helper
-        raise NotImplementedError(type(driver).__name__)
+@pytest.fixture(params=["btrfs", "zfs"])
+def pool_daemon_factory(
+    request: pytest.FixtureRequest, daemon_factory: DaemonFactory
+) -> Iterator[Callable[..., DaemonHandle]]:
+    """Makes daemons (each with the demo base) on btrfs or on zfs-fuse, one
+    driver per test; stops each with its postmasters when the test ends (a
+    zfs-fuse pool cannot go from under a running daemon) and frees its dataset.
 
+    `make(start=False)` returns it unstarted, to set `sections`/`env` first."""
+    made: list[DaemonHandle] = []
 
-def misplaced_like(driver: StorageDriver) -> tuple[StorageDriver, str]:
-    """A driver of the same kind pointed at storage it cannot use, and a word
-    its check() error must contain (what it found there)."""
-    if isinstance(driver, BtrfsDriver):
-        # /dev/shm is tmpfs on every Linux: copy-on-write it is not.
-        return BtrfsDriver(Path("/dev/shm"), use_library=driver.use_library), "tmpfs"
-    if isinstance(driver, ZfsDriver):
-        return ZfsDriver(f"cbtnopool{os.getpid()}/x", use_library=False), "not imported"
-    raise NotImplementedError(type(driver).__name__)  # pragma: no cover
+    def make(*, start: bool = True) -> DaemonHandle:
+        if request.param == "btrfs":
+            handle = daemon_factory(start=False)
+        else:
+            zfs_pool: str = request.getfixturevalue("zfs_pool")
+            root = f"{zfs_pool}/d{uuid.uuid4().hex[:8]}"
+            handle = daemon_factory(driver="zfs", pool_root=root, start=False)
+        made.append(handle)
+        if start:
+            handle.start()
+        return handle
 
-
-def reopen(driver: StorageDriver) -> StorageDriver:
-    """A fresh instance of the same driver on the same pool (as after a restart)."""
-    if isinstance(driver, BtrfsDriver):
-        return BtrfsDriver(driver.root, use_library=driver.use_library)
-    if isinstance(driver, ZfsDriver):
-        return ZfsDriver(driver.dataset, use_library=driver.use_library)
-    raise NotImplementedError(type(driver).__name__)  # pragma: no cover
+    try:
+        yield make
+    finally:
+        for handle in reversed(made):
+            handle.cleanup()
+            if handle.driver == "zfs":
+                run(["zfs", "destroy", "-r", handle.pool_root], check=False)

@@ -1,5 +1,6 @@
 """Faults made for real: the daemon SIGKILLed with live and half-built
-branches, a postmaster killed, a broken postgres setting, SIGTERM draining."""
+branches, a postmaster killed, a broken postgres setting, SIGTERM draining;
+each on btrfs and on zfs-fuse."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import psutil
@@ -18,13 +20,21 @@ import pytest
 
 from cowbranchd import postgres
 from cowbranchd.v1 import branches_pb2
-from tests.fix_daemon import DaemonFactory, DaemonHandle
+from tests.fix_daemon import DaemonHandle
+from tests.fix_storage import branch_volumes
+
+DaemonMaker = Callable[..., DaemonHandle]
 
 Branch = branches_pb2.Branch
 
 
-def branch_volumes(d: DaemonHandle) -> set[str]:
-    return {p.name for p in (Path(d.pool_root) / "branches").iterdir()}
+def running_in(d: DaemonHandle, volume: str) -> postgres.Postmaster | None:
+    """The live postmaster of branch volume `volume`, None while it has none
+    (or the volume does not exist yet)."""
+    try:
+        return postgres.find_postmaster(str(d.run_dir(volume)))
+    except subprocess.CalledProcessError:  # `zfs get`: no such dataset yet
+        return None
 
 
 def process_lives(pid: int, create_time: float) -> bool:
@@ -44,12 +54,12 @@ def select_one(dsn: str) -> object:
 
 
 def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
-    daemon_factory: DaemonFactory,
+    pool_daemon_factory: DaemonMaker,
 ) -> None:
     """After SIGKILL and restart, live branches are READY and still answer on the
     same DSN, keep their request_id idempotency, and a branch half-built at the
     kill is gone with its postmaster."""
-    d = daemon_factory()
+    d = pool_daemon_factory()
     with d.channel() as ch:
         stub = d.branches(ch)
         live = stub.CreateBranch(
@@ -81,11 +91,10 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
         worker = threading.Thread(target=slow_create)
         worker.start()
         for _ in range(600):
-            pid_file = d.run_dir("halfway") / "postmaster.pid"
-            if pid_file.exists() and postgres.find_postmaster(str(pid_file.parent)) is not None:
+            if running_in(d, "halfway") is not None:
                 break
             time.sleep(0.05)
-        half_master = postgres.find_postmaster(str(d.run_dir("halfway")))
+        half_master = running_in(d, "halfway")
         assert half_master is not None
         d.kill(signal.SIGKILL)
         worker.join(60)
@@ -109,10 +118,10 @@ def test_sigkilled_daemon_adopts_branches_and_cleans_half_built(
     d.stop()
 
 
-def test_dead_postmaster_is_restarted_at_daemon_start(daemon_factory: DaemonFactory) -> None:
+def test_dead_postmaster_is_restarted_at_daemon_start(pool_daemon_factory: DaemonMaker) -> None:
     """A branch whose postmaster died while the daemon was down is restarted on
     its own port when the daemon comes back."""
-    d = daemon_factory()
+    d = pool_daemon_factory()
     with d.channel() as ch:
         branch = d.branches(ch).CreateBranch(
             branches_pb2.CreateBranchRequest(parent="bases/demo"), timeout=120
@@ -132,9 +141,12 @@ def test_dead_postmaster_is_restarted_at_daemon_start(daemon_factory: DaemonFact
     d.stop()
 
 
-def test_broken_setting_fails_with_log_tail_and_leaks_nothing(daemon: DaemonHandle) -> None:
+def test_broken_setting_fails_with_log_tail_and_leaks_nothing(
+    pool_daemon_factory: DaemonMaker,
+) -> None:
     """A setting postgres rejects fails the create with the log tail, naming the
     field, and leaves no clone, process or port behind."""
+    daemon = pool_daemon_factory()
     before_volumes = branch_volumes(daemon)
     before_masters = {p.pid for p in daemon.postmasters()}
     with daemon.channel() as ch:
@@ -164,10 +176,10 @@ def test_broken_setting_fails_with_log_tail_and_leaks_nothing(daemon: DaemonHand
         stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=ok.name), timeout=120)
 
 
-def test_sigterm_drains_and_leaves_branches_running(daemon_factory: DaemonFactory) -> None:
+def test_sigterm_drains_and_leaves_branches_running(pool_daemon_factory: DaemonMaker) -> None:
     """SIGTERM lets the daemon exit cleanly with its branches still answering,
     and logs one JSON line per RPC with its duration."""
-    d = daemon_factory()
+    d = pool_daemon_factory()
     with d.channel() as ch:
         branch = d.branches(ch).CreateBranch(
             branches_pb2.CreateBranchRequest(parent="bases/demo", request_id="r-drain"), timeout=120
@@ -185,10 +197,10 @@ def test_sigterm_drains_and_leaves_branches_running(daemon_factory: DaemonFactor
     assert any(e.get("event") == "draining" for e in events)
 
 
-def test_systemd_ready_only_after_reconcile(daemon_factory: DaemonFactory) -> None:
+def test_systemd_ready_only_after_reconcile(pool_daemon_factory: DaemonMaker) -> None:
     """Under Type=notify the daemon sends READY=1 only once it is SERVING, and
     STOPPING=1 when it drains."""
-    d = daemon_factory(start=False)
+    d = pool_daemon_factory(start=False)
     path = d.workdir / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(path))
@@ -202,10 +214,10 @@ def test_systemd_ready_only_after_reconcile(daemon_factory: DaemonFactory) -> No
         assert notify.recv(4096).decode() == "STOPPING=1"
 
 
-def test_reset_interrupted_by_sigkill_keeps_the_branch(daemon_factory: DaemonFactory) -> None:
+def test_reset_interrupted_by_sigkill_keeps_the_branch(pool_daemon_factory: DaemonMaker) -> None:
     """A daemon SIGKILLed in the middle of a reset comes back with the branch
     READY on its old data, in exactly one volume, and nothing else running."""
-    d = daemon_factory()
+    d = pool_daemon_factory()
     with d.channel() as ch:
         branch = d.branches(ch).CreateBranch(
             branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="keep"), timeout=120

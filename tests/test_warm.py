@@ -1,12 +1,12 @@
 """Warm branches: with `daemon.warm_branches`, creates from a base hand out an
 already started clone under the requested id; everything else about the
-branch is the same as a cold one."""
+branch is the same as a cold one. On btrfs and on zfs-fuse."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import psycopg
@@ -14,7 +14,8 @@ import pytest
 
 from cowbranchd import postgres
 from cowbranchd.v1 import bases_pb2, branches_pb2
-from tests.fix_daemon import DaemonFactory, DaemonHandle
+from tests.fix_daemon import DaemonHandle
+from tests.fix_storage import branch_volumes, volume_meta
 
 Branch = branches_pb2.Branch
 
@@ -39,7 +40,7 @@ def wait_warm(d: DaemonHandle, count: int) -> None:
 
 
 def volumes(d: DaemonHandle) -> set[str]:
-    return {p.name for p in (Path(d.pool_root) / "branches").iterdir()}
+    return branch_volumes(d)
 
 
 def rows(dsn: str) -> list[int]:
@@ -48,8 +49,9 @@ def rows(dsn: str) -> list[int]:
 
 
 @pytest.fixture
-def warm_daemon(daemon_factory: DaemonFactory) -> DaemonHandle:
-    d = daemon_factory(start=False)
+def warm_daemon(pool_daemon_factory: Callable[..., DaemonHandle]) -> DaemonHandle:
+    """A daemon of its own with two warm clones ready, on btrfs, then zfs-fuse."""
+    d = pool_daemon_factory(start=False)
     d.sections = {"daemon": "warm_branches = 2"}
     d.start()
     wait_warm(d, 2)
@@ -99,13 +101,10 @@ def test_create_hands_out_a_warm_branch(warm_daemon: DaemonHandle) -> None:
         assert again.connection == a.connection
         # It lives on in the warm clone's volume (a live data directory is
         # never renamed), whose metadata now names the branch.
-        sidecars = {
-            v: json.loads((Path(d.pool_root) / "branches" / v / "cowbranch.json").read_text())
-            for v in volumes(d)
-        }
-        fast = [v for v, car in sidecars.items() if car["meta"].get("id") == "fast"]
+        metas = {v: volume_meta(d, v) for v in volumes(d)}
+        fast = [v for v, meta in metas.items() if meta.get("id") == "fast"]
         assert len(fast) == 1 and fast[0].startswith("warm_")
-        assert sidecars[fast[0]]["meta"].get("warm", "") == ""
+        assert metas[fast[0]].get("warm", "") == ""
         pgdata = d.run_dir(fast[0])
         assert postgres.find_postmaster(str(pgdata)) is not None
         stub.ResetBranch(branches_pb2.ResetBranchRequest(name=a.name), timeout=120)
