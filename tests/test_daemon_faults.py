@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -203,3 +204,27 @@ def test_deleting_a_base_while_branches_of_it_are_created_orphans_none(
     pool = Path(d.pool_root)
     assert sorted(p.name for p in (pool / "branches").iterdir()) == []
     assert "doomed" not in {p.name.split("@")[0] for p in (pool / "bases").iterdir()}
+
+
+def test_reset_right_after_an_adopted_postmaster_was_killed(daemon_factory: DaemonFactory) -> None:
+    """A branch adopted after a daemon restart loses its postmaster (SIGKILL,
+    no time for init to reap it); a reset at once still brings it back READY:
+    the dead postmaster's socket lock does not block the new one. (Found by
+    the model-based test.)"""
+    d = daemon_factory()
+    with d.channel() as ch:
+        branch = d.branches(ch).CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="adopted"), timeout=120
+        )
+    d.kill(signal.SIGKILL)
+    d.start()
+    master = postgres.find_postmaster(str(d.run_dir("adopted")))
+    assert master is not None
+    os.kill(master.pid, signal.SIGKILL)
+    with d.channel() as ch:
+        reset = d.branches(ch).ResetBranch(
+            branches_pb2.ResetBranchRequest(name=branch.name), timeout=120
+        )
+    assert reset.state == Branch.READY
+    assert rows(reset.connection.dsn, "SELECT count(*) FROM items") == [(3,)]
+    d.cleanup()

@@ -25,7 +25,7 @@ import structlog
 from cowbranchd.errors import PostgresError
 from cowbranchd.ports import port_free
 from cowbranchd.run import RunAs, as_user, clean_env, ids_of
-from cowbranchd.safefs import open_dir
+from cowbranchd.safefs import open_dir, unlink_if_present
 
 from .datadir import Binaries, read_pid_file, validate_settings
 from .process import Postmaster, register_child, stop
@@ -59,7 +59,7 @@ def _child_env() -> dict[str, str]:
     return clean_env()
 
 
-def _ensure_socket_dir(socket_dir: str, uid: int, gid: int) -> None:
+def _ensure_socket_dir(socket_dir: str, uid: int, gid: int, port: int) -> None:
     # Local connections are trusted: this directory's mode is the access gate.
     # Its parent (postgres.socket_root) is the daemon's own, so the last
     # component is the only one a tenant could have swapped for a link.
@@ -67,6 +67,11 @@ def _ensure_socket_dir(socket_dir: str, uid: int, gid: int) -> None:
     with open_dir(socket_dir) as fd:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, 0o750)
+        # The directory is this branch's alone and no postmaster of it runs
+        # now (we are starting one), so a socket lock left by a killed one is
+        # stale; postgres would refuse it while that pid is still a zombie.
+        for name in (f".s.PGSQL.{port}.lock", f".s.PGSQL.{port}"):
+            unlink_if_present(fd, name)
 
 
 def _read_log(log_path: str, offset: int) -> str:
@@ -196,7 +201,7 @@ def start(
     """
     validate_settings(settings)
     uid, gid = ids_of(os_user)
-    _ensure_socket_dir(socket_dir, uid, gid)
+    _ensure_socket_dir(socket_dir, uid, gid, port)
     overrides = {
         **_START_DEFAULTS,
         **settings,

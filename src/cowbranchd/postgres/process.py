@@ -204,6 +204,11 @@ def stop(
     except ProcessLookupError:
         if pm._exited is not None:
             pm._exited.wait()
+        # Killed by someone else: its backends may outlive it for a moment,
+        # still attached to its shared memory, in its process group (which
+        # keeps the group id from being reused). The data must not be
+        # destroyed or restarted under them.
+        _drain_group(pm.pid, kill_timeout)
         return
     try:
         # The pidfd pins whatever process has this pid now; make sure it is ours.
