@@ -18,10 +18,6 @@ from tests.fix_storage import Flavour, tool_shim
 
 BASES, BRANCHES = Kind.BASES, Kind.BRANCHES
 _WRITTEN = 8 << 20
-_BTRFS_USAGE_ZERO = (
-    "BtrfsDriver.usage() returns 0 when `btrfs filesystem du` fails (and lets a "
-    "missing tool's CommandError through); to be fixed in storage/btrfs.py"
-)
 
 
 def _by_name(driver: StorageDriver) -> dict[str, Volume]:
@@ -233,8 +229,6 @@ def test_usage_raises_when_it_cannot_tell(
 ) -> None:
     """usage() raises StorageError when the filesystem cannot say (its tool
     fails, or is gone): never a made-up 0 that reads as "nothing written"."""
-    if driver.kind == "btrfs":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_BTRFS_USAGE_ZERO))
     driver.create_volume(BRANCHES, "b1", {})
     shims = tool_shim(tmp_path / "bin", exit_code)
     if exit_code == 127:  # "command not found": no tool on PATH at all

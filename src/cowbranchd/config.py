@@ -97,6 +97,12 @@ class StorageConfig:
     root: str = ""
     loop_size: int = 8 * 1024**3
     min_free_bytes: int = 256 * 1024**2
+    # Per-branch size limit (only what the branch writes itself counts); 0:
+    # none. Off by default: on btrfs it turns on simple quotas, a change to
+    # the operator's filesystem. See docs/configuration.md.
+    max_branch_bytes: int = 0
+    # The largest max_bytes a CreateBranch may ask for; 0: max_branch_bytes.
+    max_branch_bytes_cap: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,15 +144,19 @@ class Config:
         return self.daemon.socket.parent
 
 
+# Size keys for which 0 means "no limit".
+_ZERO_MEANS_NONE = frozenset({"max_branch_bytes", "max_branch_bytes_cap"})
+
+
 def _convert(section: str, key: str, default: object, value: Any) -> object:
     where = f"{section}.{key}"
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise InvalidArgument(where, "must be true or false")
         return value
-    if isinstance(default, int) and key.endswith(("_size", "_bytes")):
+    if isinstance(default, int) and key.endswith(("_size", "_bytes", "_bytes_cap")):
         size = parse_size(where, value)
-        if size <= 0:
+        if size < 0 or (size == 0 and key not in _ZERO_MEANS_NONE):
             raise InvalidArgument(where, "must be positive")
         return size
     if isinstance(default, int):
@@ -273,6 +283,12 @@ def _check(config: Config) -> None:
     if len(str(config.daemon.socket)) > 100:
         raise InvalidArgument("daemon.socket", "Unix socket paths must be under 100 characters")
     _check_tcp(config.daemon)
+    storage = config.storage
+    if storage.max_branch_bytes_cap and storage.max_branch_bytes_cap < storage.max_branch_bytes:
+        raise InvalidArgument(
+            "storage.max_branch_bytes_cap",
+            "must be at least storage.max_branch_bytes (or 0: the same)",
+        )
 
 
 def _check_tcp(daemon: DaemonConfig) -> None:

@@ -225,6 +225,8 @@ class BranchRecord:
     resets: int = 0
     # The OS user (and group) its postmaster runs as; 0: the shared os_user.
     uid: int = 0
+    # The most its own writes may take on storage (its volume's limit); 0: none.
+    max_bytes: int = 0
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -243,6 +245,7 @@ class BranchRecord:
             "settings": json.dumps(self.settings, sort_keys=True, separators=(",", ":")),
             "failure": self.failure[:500],
             "uid": str(self.uid) if self.uid else "",
+            "max_bytes": str(self.max_bytes) if self.max_bytes else "",
         }
 
     @classmethod
@@ -263,6 +266,7 @@ class BranchRecord:
             failure=meta.get("failure", ""),
             resets=int(meta.get("resets") or 0),
             uid=int(meta.get("uid") or 0),
+            max_bytes=int(meta.get("max_bytes") or 0),
         )
 
     def evolve(self, **changes: object) -> BranchRecord:

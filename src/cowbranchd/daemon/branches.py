@@ -58,6 +58,7 @@ from .lifecycle import (
     start_postmaster,
     stop_postmaster,
 )
+from .limits import size_limit, size_limit_failure
 from .revert import Revert
 from .warm import WarmPool
 
@@ -78,6 +79,7 @@ class CreateSpec:
     ttl: timedelta | None = None
     postgres_settings: Mapping[str, str] = field(default_factory=dict)
     protected: bool = False
+    max_bytes: int = 0  # 0: storage.max_branch_bytes
 
 
 class Branches(BranchChanges):
@@ -155,6 +157,7 @@ class Branches(BranchChanges):
         labels = validate_labels("labels", spec.labels)
         ttl = validate_ttl("ttl", spec.ttl) or self.ctx.config.daemon.default_ttl
         settings = validate_client_settings(spec.postgres_settings)
+        max_bytes = size_limit(self.ctx.config.storage, spec.max_bytes)
         self._check_space()
 
         inv = self.ctx.inventory
@@ -185,6 +188,7 @@ class Branches(BranchChanges):
                         protected=spec.protected,
                         request_id=request_id,
                         settings=settings,
+                        max_bytes=max_bytes,
                     )
                     entry = BranchEntry(record=record, path=Path())
                     entry.lock.acquire()
@@ -237,7 +241,7 @@ class Branches(BranchChanges):
             entry.record = record
             warm = None
             if parent_branch is None and not record.settings and self.warm is not None:
-                warm = self.warm.take(source)
+                warm = self.warm.take(source, record.max_bytes)
             if warm is not None and self._hand_over(warm, entry):
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = t_start = time.perf_counter()
@@ -258,7 +262,9 @@ class Branches(BranchChanges):
                     undo.add("release uid", lambda: self._release_uid(uid))
                 entry.record = entry.record.evolve(port=port, uid=uid)
                 cloned = entry.record
-                entry.path = clone_or_clean_up(driver, source, entry.volume, cloned.to_meta())
+                entry.path = clone_or_clean_up(
+                    driver, source, entry.volume, cloned.to_meta(), max_bytes=cloned.max_bytes
+                )
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = time.perf_counter()
                 postgres.prepare_clone(entry.pgdata)
@@ -348,6 +354,38 @@ class Branches(BranchChanges):
                     stopped += 1
                 self._stop(entry)
         return stopped
+
+    def check_size_limits(self) -> list[str]:
+        """Mark FAILED ("size limit: ...") the READY branches that hit their
+        size limit and cannot go on (limits.py); called by the reaper. A
+        branch whose lock is taken is looked at next time."""
+        with self.ctx.inventory.lock:
+            limited = [
+                e
+                for e in self.ctx.inventory.branches.values()
+                if e.record.max_bytes and e.record.state is State.READY and e.settled.is_set()
+            ]
+        if not limited:
+            return []
+        # Asked only with limited branches about: on btrfs the answer is cached.
+        enforced = self.ctx.driver.limits_bytes
+        failed = []
+        for entry in limited:
+            if not size_limit_failure(self.ctx, entry, enforced=enforced):
+                continue
+            if not entry.lock.acquire(blocking=False):
+                continue
+            try:
+                why = size_limit_failure(self.ctx, entry, enforced=enforced)
+                if entry.deleting or entry.record.state is not State.READY or not why:
+                    continue
+                self._stop(entry)
+                self._mark_failed(entry, why)
+            finally:
+                entry.lock.release()
+            failed.append(entry.branch_id)
+            log.warning("branch_size_limit", branch=entry.branch_id, failure=why)
+        return failed
 
     def restart(self, entry: BranchEntry) -> None:
         """Start a stopped branch on its own port (used at start-up)."""

@@ -120,7 +120,9 @@ class BranchChanges:
             self._stop(entry, discard=True)
             withdraw(self.ctx, old_volume)
             try:
-                entry.path = clone_or_clean_up(driver, source, new_volume, record.to_meta())
+                entry.path = clone_or_clean_up(
+                    driver, source, new_volume, record.to_meta(), max_bytes=record.max_bytes
+                )
                 entry.volume = new_volume
                 postgres.prepare_clone(entry.pgdata)
                 self._start(entry, allow_new_port=False)

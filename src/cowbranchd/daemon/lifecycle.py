@@ -50,6 +50,9 @@ log = structlog.get_logger("cowbranchd.branches")
 # taken (by something that bound it after our bind check).
 PORT_ATTEMPTS = 5
 CLONE_VISIBLE_S = 5.0
+# Waits between tries to unmount a branch's data directory while something
+# still holds it; None: give up (MountBusy).
+UNMOUNT_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, None)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,16 @@ def withdraw(ctx: Context, volume: str) -> None:
     target = ctx.mount_root / volume
     if not target.exists():
         return
-    idmap.unmount(target)
+    # A postmaster killed from outside leaves dying backends (and, adopted,
+    # a zombie init has not reaped yet) holding the mount a moment longer.
+    for delay in UNMOUNT_RETRIES_S:
+        try:
+            idmap.unmount(target)
+            break
+        except idmap.MountBusy:
+            if delay is None:
+                raise
+            time.sleep(delay)
     with contextlib.suppress(OSError):
         target.rmdir()
 
@@ -210,13 +222,21 @@ def dismantle(ctx: Context, entry: BranchEntry, *, release: bool = True) -> None
 
 
 def clone_or_clean_up(
-    driver: StorageDriver, source: SnapshotRef, branch_id: str, meta: Mapping[str, str]
+    driver: StorageDriver,
+    source: SnapshotRef,
+    branch_id: str,
+    meta: Mapping[str, str],
+    *,
+    max_bytes: int = 0,
 ) -> Path:
     """driver.clone, destroying whatever a failed clone may have left under
     the branch's name (a clone made but not mounted, say). AlreadyExists means
-    the name was someone else's: that is left alone."""
+    the name was someone else's: that is left alone. `max_bytes` limits the
+    clone where the driver can; where it cannot (btrfs without simple quotas)
+    the reaper watches the branch instead (Branches.check_size_limits)."""
+    limit = max_bytes if max_bytes and driver.limits_bytes else 0
     try:
-        path = driver.clone(source, Kind.BRANCHES, branch_id, meta)
+        path = driver.clone(source, Kind.BRANCHES, branch_id, meta, max_bytes=limit)
         _wait_for_pgdata(path)
     except AlreadyExists:
         raise

@@ -223,6 +223,7 @@ class Daemon:
         while not self.stopping.wait(interval):
             try:
                 self.branches.reap_expired()
+                self.branches.check_size_limits()
                 if self.ctx.driver.clones_pin_snapshots:
                     self.ctx.driver.gc()
             except Exception:

@@ -74,6 +74,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             ttl=duration("ttl", request.ttl) if request.HasField("ttl") else None,
             postgres_settings=dict(request.postgres_settings),
             protected=request.protected,
+            max_bytes=request.max_bytes,
         )
         entry = self.branches.create(spec)
         if not context.is_active():  # cancelled, timed out or gone while we built it

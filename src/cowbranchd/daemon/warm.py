@@ -11,6 +11,10 @@ DSN and the branch's metadata (with its id) is written over the clone's: no
 clone and no postgres start on the request's path. Warm clones are not
 branches: they are not listed, hold no branch slot, and are destroyed at
 start-up (meta `warm=1`) and shutdown.
+
+Warm clones carry the default size limit (storage.max_branch_bytes), set
+when they are cloned; a create asking for another limit goes cold rather
+than changing a running clone's limit at hand-over.
 """
 
 from __future__ import annotations
@@ -66,9 +70,14 @@ class WarmPool:
         self._thread = threading.Thread(target=self._run, name="warm", daemon=True)
         self._thread.start()
 
-    def take(self, source: SnapshotRef) -> BranchEntry | None:
-        """A warm clone of `source`, now the caller's, or None."""
-        if not self.enabled:
+    @property
+    def max_bytes(self) -> int:
+        """The size limit every warm clone is made with: the default."""
+        return self.ctx.config.storage.max_branch_bytes
+
+    def take(self, source: SnapshotRef, max_bytes: int) -> BranchEntry | None:
+        """A warm clone of `source` limited to `max_bytes`, now the caller's, or None."""
+        if not self.enabled or max_bytes != self.max_bytes:
             return None
         with self._lock:
             entries = self._ready.get(source)
@@ -175,6 +184,7 @@ class WarmPool:
             state=State.READY,
             create_time=now(),
             port=port,
+            max_bytes=self.max_bytes,
         )
         entry = BranchEntry(record=record, path=Path())
         entry.settled.set()
@@ -184,7 +194,9 @@ class WarmPool:
                 if uid and ctx.uids is not None:
                     undo.add("release uid", lambda: ctx.uids.release(uid) if ctx.uids else None)
                 meta = {**record.to_meta(), META_WARM: "1"}
-                entry.path = clone_or_clean_up(ctx.driver, source, warm_id, meta)
+                entry.path = clone_or_clean_up(
+                    ctx.driver, source, warm_id, meta, max_bytes=record.max_bytes
+                )
                 undo.add("dismantle", lambda: dismantle(ctx, entry))
                 postgres.prepare_clone(entry.pgdata)
                 start_postmaster(ctx, entry, allow_new_port=True)

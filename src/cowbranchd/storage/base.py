@@ -92,6 +92,13 @@ class StorageDriver(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def limits_bytes(self) -> bool:
+        """Whether clone(max_bytes=...) can hold a volume to a size: ZFS
+        always (`quota`); btrfs where simple quotas are, or can be turned, on.
+        Asking may turn them on, so only callers with a limit to set ask."""
+
+    @property
+    @abc.abstractmethod
     def location(self) -> str:
         """The pool's root as configured: a directory (btrfs) or dataset (zfs)."""
 
@@ -120,8 +127,19 @@ class StorageDriver(abc.ABC):
         NotFound if the volume is missing, AlreadyExists if `snap` exists."""
 
     @abc.abstractmethod
-    def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
-        """Make a writable clone of `source` as `kind/name` with `meta`.
+    def clone(
+        self,
+        source: SnapshotRef,
+        kind: Kind,
+        name: str,
+        meta: Mapping[str, str],
+        *,
+        max_bytes: int = 0,
+    ) -> Path:
+        """Make a writable clone of `source` as `kind/name` with `meta`,
+        limited (max_bytes > 0, where `limits_bytes`) to that many bytes of
+        its own writes: what it shares with `source` is not counted, and a
+        write beyond the limit fails with EDQUOT (a full clone, not a full pool).
 
         Atomic: on return the clone is in place with its metadata; after a
         crash mid-way it is either absent or only under `.staging/` (which

@@ -22,36 +22,44 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import ctypes
-import errno
 import importlib
-import json
 import os
-import re
 import shutil
 import stat
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import structlog
 
-from cowbranchd.errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
+from cowbranchd.errors import AlreadyExists, CommandError, NotFound, StorageError
 from cowbranchd.run import run
 
 from ._names import check_meta, check_name
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
+from .btrfs_io import (
+    SIDECAR,
+    BadSidecar,
+    enable_simple_quotas,
+    fs_magic,
+    fs_name,
+    natural,
+    quota_mode,
+    read_sidecar,
+    rename_noreplace,
+    set_subvolume_limit,
+    translated,
+    write_sidecar,
+)
 
 __all__ = ["SIDECAR", "BtrfsDriver"]
 
 log = structlog.get_logger("cowbranchd.storage")
 
-SIDECAR = "cowbranch.json"
-_SIDECAR_TMP = ".cowbranch.json.tmp"
-_MAX_SIDECAR = 1 << 20
 _BTRFS_MAGIC = 0x9123683E
 _SUBVOLUME_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: the root inode of every subvolume
 _LAYOUT = ("bases", "branches", ".staging", ".trash")
@@ -68,67 +76,6 @@ def _optional(module: str) -> ModuleType | None:
 
 
 btrfsutil = _optional("btrfsutil")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class BadSidecar(Exception):
-    """A volume's sidecar exists but cannot be understood."""
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """rename(2) that fails with EEXIST instead of replacing an empty `dst`
-    directory, so two clones racing for one name cannot both win."""
-    at_fdcwd, rename_noreplace = -100, 1
-    if _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace):
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(dst))
-
-
-def _fs_magic(path: Path) -> int:
-    # Python has statvfs but no statfs, and only statfs says which filesystem.
-    buf = ctypes.create_string_buffer(256)
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(path))
-    return ctypes.c_long.from_buffer(buf).value
-
-
-def _fs_name(path: Path) -> str:
-    """Filesystem type and source of the mount holding `path`, for messages."""
-    target, best = str(path.resolve()), ("unknown", "?", -1)
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        for line in fh:
-            fields = line.split()
-            mnt, sep = fields[4], fields.index("-")
-            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best[2]:
-                best = (fields[sep + 1], fields[sep + 2], len(mnt))
-    return f"{best[0]} ({best[1]})"
-
-
-def _natural(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-@contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Turn OS, libbtrfsutil and command failures into the error tree."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(f"btrfs pool is full: {what}: {exc.strerror}") from exc
-        if exc.errno == errno.EEXIST:
-            raise AlreadyExists(f"{what}: already exists") from exc
-        if exc.errno == errno.ENOENT:
-            raise NotFound(f"{what}: not found") from exc
-        raise StorageError(f"{what}: {exc}") from exc
-    except CommandError as exc:
-        if "No space left" in exc.stderr or "Disk quota" in exc.stderr:
-            raise ResourceExhausted(f"btrfs pool is full: {what}: {exc.stderr}") from exc
-        if "exists" in exc.stderr:
-            raise AlreadyExists(f"{what}: already exists") from exc
-        raise StorageError(f"{what}: {exc.message}") from exc
 
 
 class BtrfsDriver(StorageDriver):
@@ -150,9 +97,46 @@ class BtrfsDriver(StorageDriver):
         self.use_library = btrfsutil is not None if use_library is None else use_library
         # Staging entries of operations running in this process; gc() spares them.
         self._in_flight: set[str] = set()
+        # None until the first limited clone asks: then whether simple quotas
+        # are on (enabled here if the filesystem had none), see _quotas_on().
+        self._squota: bool | None = None
+        self._squota_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"BtrfsDriver({str(self.root)!r}, use_library={self.use_library})"
+
+    @property
+    def limits_bytes(self) -> bool:
+        """Simple quotas are on, or can be turned on (asked once; turning
+        them on changes the filesystem, so only callers with a limit ask)."""
+        return self._quotas_on()
+
+    def _quotas_on(self) -> bool:
+        with self._squota_lock:
+            if self._squota is None:
+                self._squota = self._enable_squota()
+            return self._squota
+
+    def _enable_squota(self) -> bool:
+        try:
+            mode = quota_mode(self.root)
+            if mode == "disabled":
+                started = time.perf_counter()
+                enable_simple_quotas(self.root)
+                log.warning(
+                    "btrfs_simple_quotas_enabled",
+                    pool=str(self.root),
+                    ms=round((time.perf_counter() - started) * 1000, 1),
+                )
+                mode = quota_mode(self.root)
+        except OSError as exc:
+            log.warning("btrfs_simple_quotas_unavailable", pool=str(self.root), error=str(exc))
+            return False
+        if mode != "squota":
+            # Classic qgroups (someone else's choice) slow down with every
+            # snapshot and charge clones for shared data: never used here.
+            log.warning("btrfs_simple_quotas_unavailable", pool=str(self.root), quota_mode=mode)
+        return mode == "squota"
 
     # -- subvolume primitives: one ioctl through the library, or one command --
 
@@ -196,38 +180,10 @@ class BtrfsDriver(StorageDriver):
         else:
             path.unlink(missing_ok=True)
 
-    # -- sidecar --
+    # -- sidecar (btrfs_io) --
 
-    @staticmethod
-    def _read_sidecar(volume: Path) -> dict[str, Any] | None:
-        """The sidecar's content; None when there is none or it is empty (a
-        clone's sidecar torn by a power loss before it was made durable: a
-        leftover). Anything else unreadable raises BadSidecar."""
-        path = volume / SIDECAR
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise BadSidecar(f"{path}: {exc.strerror}") from exc
-        with open(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise BadSidecar(f"{path} is not a regular file")
-            raw = fh.read(_MAX_SIDECAR + 1)
-        if not raw.strip(b"\0 \n"):
-            return None
-        if len(raw) > _MAX_SIDECAR:
-            raise BadSidecar(f"{path} is larger than {_MAX_SIDECAR} bytes")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise BadSidecar(f"{path} is not valid JSON ({exc})") from None
-        meta = data.get("meta") if isinstance(data, dict) else None
-        if not isinstance(meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-        ):
-            raise BadSidecar(f"{path} holds no string-to-string 'meta' table")
-        return dict(data)
+    _read_sidecar = staticmethod(read_sidecar)
+    _write_sidecar = staticmethod(write_sidecar)
 
     def _sidecar_or_empty(self, volume: Path) -> dict[str, Any]:
         try:
@@ -240,33 +196,6 @@ class BtrfsDriver(StorageDriver):
             return self._read_sidecar(volume) is not None
         except BadSidecar:
             return True  # kept and reported, never collected as a leftover
-
-    @staticmethod
-    def _write_sidecar(
-        volume: Path, meta: Mapping[str, str], origin: str | None, *, durable: bool = True
-    ) -> None:
-        body = json.dumps({"format": 1, "meta": dict(meta), "origin": origin}, sort_keys=True)
-        tmp = volume / _SIDECAR_TMP
-        tmp.unlink(missing_ok=True)
-        try:
-            # Root's alone (0600): metadata is the daemon's, not its tenants'.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with open(fd, "w", encoding="utf-8") as fh:
-                fh.write(body)
-                if durable:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.rename(tmp, volume / SIDECAR)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if not durable:
-            return
-        dirfd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
 
     def _volume_path(self, kind: Kind, name: str) -> Path:
         check_name("name", name)
@@ -283,9 +212,9 @@ class BtrfsDriver(StorageDriver):
     def check(self) -> None:
         if not self.root.is_dir():
             raise StorageError(f"btrfs pool root {self.root} does not exist or is not a directory")
-        if _fs_magic(self.root) != _BTRFS_MAGIC:
+        if fs_magic(self.root) != _BTRFS_MAGIC:
             raise StorageError(
-                f"{self.root} is on {_fs_name(self.root)}, not btrfs: "
+                f"{self.root} is on {fs_name(self.root)}, not btrfs: "
                 "the btrfs driver needs a directory on a btrfs mount"
             )
         if not self.use_library and shutil.which("btrfs") is None:
@@ -319,11 +248,11 @@ class BtrfsDriver(StorageDriver):
         self._in_flight.add(token)
         started = time.perf_counter()
         try:
-            with _translated(what):
+            with translated(what):
                 try:
                     make(staging)
                     self._write_sidecar(staging, meta, origin, durable=durable)
-                    _rename_noreplace(staging, dst)
+                    rename_noreplace(staging, dst)
                 except BaseException:
                     with contextlib.suppress(OSError, CommandError):
                         self._remove_tree(staging)
@@ -350,18 +279,31 @@ class BtrfsDriver(StorageDriver):
         if os.path.lexists(dst):
             raise AlreadyExists(f"snapshot {kind.value}/{name}@{snap} already exists")
         # A snapshot is atomic by itself; it needs no staging.
-        with _translated(f"snapshot {kind.value}/{name}@{snap}"):
+        with translated(f"snapshot {kind.value}/{name}@{snap}"):
             self._snapshot(src, dst, read_only=True)
         return SnapshotRef(kind, name, snap)
 
-    def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+    def clone(
+        self,
+        source: SnapshotRef,
+        kind: Kind,
+        name: str,
+        meta: Mapping[str, str],
+        *,
+        max_bytes: int = 0,
+    ) -> Path:
         check_name("snap", source.snap)
         src = self._volume_path(source.kind, source.name).with_name(f"{source.name}@{source.snap}")
         if not self._is_subvolume(src):
             raise NotFound(f"snapshot {source} not found in {self.root}")
+        if max_bytes and not self._quotas_on():
+            raise StorageError(f"cannot limit {kind.value}/{name}: simple quotas are not on")
 
         def make(staging: Path) -> None:
             self._snapshot(src, staging, read_only=False)
+            if max_bytes:
+                # Before the rename into place: no branch is ever unlimited.
+                set_subvolume_limit(staging, max_bytes)
 
         # Not fsynced: a clone's metadata becomes durable with the caller's
         # next set_meta (base.py); a torn sidecar after a crash marks a
@@ -377,7 +319,7 @@ class BtrfsDriver(StorageDriver):
         data = self._sidecar_or_empty(path)
         merged = {**data.get("meta", {}), **meta}
         merged = {key: value for key, value in merged.items() if value != ""}
-        with _translated(f"set meta of {kind.value}/{name}"):
+        with translated(f"set meta of {kind.value}/{name}"):
             self._write_sidecar(path, merged, data.get("origin"))
 
     def _snapshot_names(self, kind: Kind, name: str) -> list[str]:
@@ -386,7 +328,7 @@ class BtrfsDriver(StorageDriver):
             entries = os.listdir(self.root / kind.value)
         except FileNotFoundError:
             return []
-        return sorted((e[len(prefix) :] for e in entries if e.startswith(prefix)), key=_natural)
+        return sorted((e[len(prefix) :] for e in entries if e.startswith(prefix)), key=natural)
 
     def _trash(self, path: Path) -> Path:
         trashed = self.root / ".trash" / uuid.uuid4().hex
@@ -416,7 +358,7 @@ class BtrfsDriver(StorageDriver):
             # with its last clone (destroy_snapshot, or gc() after a crash).
             origins = self._origins()
             snaps = [s for s in snaps if str(SnapshotRef(kind, name, s)) not in origins]
-        with _translated(f"destroy {kind.value}/{name}"):
+        with translated(f"destroy {kind.value}/{name}"):
             # Snapshots go first: a crash in between leaves the volume listed
             # (so the caller retries) rather than orphaned snapshots. They are
             # deleted in place: a read-only subvolume cannot move to another
@@ -432,7 +374,7 @@ class BtrfsDriver(StorageDriver):
         path = self._volume_path(ref.kind, ref.name).with_name(f"{ref.name}@{ref.snap}")
         check_name("snap", ref.snap)
         if os.path.lexists(path):
-            with _translated(f"destroy snapshot {ref}"):
+            with translated(f"destroy snapshot {ref}"):
                 self._delete_subvolume(path)  # in place: see destroy()
         return True
 
@@ -466,7 +408,7 @@ class BtrfsDriver(StorageDriver):
                         name=entry,
                         path=path,
                         meta=dict(data.get("meta", {})),
-                        snapshots=tuple(sorted(snaps.get(entry, []), key=_natural)),
+                        snapshots=tuple(sorted(snaps.get(entry, []), key=natural)),
                         origin=SnapshotRef.parse(data.get("origin")),
                         meta_error=meta_error,
                     )
@@ -475,14 +417,16 @@ class BtrfsDriver(StorageDriver):
 
     def usage(self, kind: Kind, name: str) -> int:
         """Exclusive bytes (extents shared with no other subvolume) from
-        `btrfs filesystem du`; data not yet written back is not counted."""
+        `btrfs filesystem du`; data not yet written back is not counted.
+        StorageError when btrfs cannot tell (never a made-up 0)."""
         path = self._require_volume(kind, name)
-        proc = run(["btrfs", "filesystem", "du", "-s", "--raw", str(path)], check=False)
-        lines = proc.stdout.split("\n")
-        if proc.returncode != 0 or len(lines) < 2 or len(lines[1].split()) < 3:
-            log.debug("usage unknown", volume=f"{kind.value}/{name}", stderr=proc.stderr.strip())
-            return 0
-        return int(lines[1].split()[1])
+        what = f"usage of {kind.value}/{name}"
+        with translated(what):
+            out = run(["btrfs", "filesystem", "du", "-s", "--raw", str(path)]).stdout
+        try:
+            return int(out.split("\n")[1].split()[1])
+        except (IndexError, ValueError) as exc:
+            raise StorageError(f"{what}: unexpected `btrfs filesystem du` output {out!r}") from exc
 
     def pool_usage(self) -> PoolUsage:
         st = os.statvfs(self.root)
@@ -498,7 +442,7 @@ class BtrfsDriver(StorageDriver):
             for entry in sorted(os.listdir(folder)) if folder.is_dir() else []:
                 if entry in self._in_flight:
                     continue
-                with _translated(f"gc {sub}/{entry}"):
+                with translated(f"gc {sub}/{entry}"):
                     self._remove_tree(folder / entry)
                 removed.append(f"{sub}/{entry}")
         origins: set[str] | None = None
@@ -511,7 +455,7 @@ class BtrfsDriver(StorageDriver):
                     # A snapshot that outlived its volume for a clone's sake.
                     origins = self._origins() if origins is None else origins
                     if str(SnapshotRef(kind, owner, snap)) not in origins:
-                        with _translated(f"gc {kind.value}/{entry}"):
+                        with translated(f"gc {kind.value}/{entry}"):
                             self._delete_subvolume(path)
                         removed.append(f"{kind.value}/{entry}")
                     continue
@@ -521,7 +465,7 @@ class BtrfsDriver(StorageDriver):
                     or self._has_sidecar(path)
                 ):
                     continue
-                with _translated(f"gc {kind.value}/{entry}"):
+                with translated(f"gc {kind.value}/{entry}"):
                     self._remove_tree(self._trash(path))
                 removed.append(f"{kind.value}/{entry}")
         if removed:

@@ -159,6 +159,10 @@ class ZfsDriver(StorageDriver):
     clones_pin_snapshots = True
 
     @property
+    def limits_bytes(self) -> bool:
+        return True
+
+    @property
     def location(self) -> str:
         return self.dataset
 
@@ -302,10 +306,22 @@ class ZfsDriver(StorageDriver):
             self._zfs(f"snapshot {target}", "snapshot", target)
         return SnapshotRef(kind, name, snap)
 
-    def clone(self, source: SnapshotRef, kind: Kind, name: str, meta: Mapping[str, str]) -> Path:
+    def clone(
+        self,
+        source: SnapshotRef,
+        kind: Kind,
+        name: str,
+        meta: Mapping[str, str],
+        *,
+        max_bytes: int = 0,
+    ) -> Path:
         origin = self._name(source.kind, source.name, source.snap)
         target = self._name(kind, name)
         props = _props(meta)
+        if max_bytes:
+            # `quota`, not `refquota`: quota counts what the clone holds and
+            # its origin does not; refquota would count the shared data too.
+            props += ["-o", f"quota={max_bytes}"]
         with self._creating(target):
             return self._clone(origin, target, props, kind, name)
 

@@ -214,6 +214,7 @@ class CreateBranchRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     POSTGRES_SETTINGS_FIELD_NUMBER: _builtins.int
     PROTECTED_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
     branch_id: _builtins.str
     """`^[a-z][a-z0-9-]{0,62}$`; empty means a generated id."""
     parent: _builtins.str
@@ -223,6 +224,12 @@ class CreateBranchRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key: at most 128 printable characters."""
     protected: _builtins.bool
+    max_bytes: _builtins.int
+    """The most this branch's own writes may take on storage (what it shares
+    with its parent is not counted); a write beyond it fails with "Disk
+    quota exceeded". 0: the daemon's default (storage.max_branch_bytes);
+    above storage.max_branch_bytes_cap: INVALID_ARGUMENT.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -243,10 +250,11 @@ class CreateBranchRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         postgres_settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         protected: _builtins.bool = ...,
+        max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "labels", b"labels", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
