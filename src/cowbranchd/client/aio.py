@@ -157,12 +157,14 @@ class AsyncClient:
         postgres_settings: Mapping[str, str] | None = None,
         protected: bool = False,
         request_id: str | None = None,
+        max_bytes: int = 0,
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
 
         `request_id` (default: a new uuid4) makes the call idempotent: the same
-        id again returns the same branch.
+        id again returns the same branch. `max_bytes` limits what the branch
+        may write (0: the daemon's `storage.max_branch_bytes`).
         """
         op = ops.create_branch(
             parent,
@@ -172,6 +174,7 @@ class AsyncClient:
             postgres_settings=postgres_settings,
             protected=protected,
             request_id=request_id,
+            max_bytes=max_bytes,
         )
         return await self._call(op, timeout)
 

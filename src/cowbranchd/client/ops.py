@@ -106,6 +106,7 @@ def create_branch(
     postgres_settings: Mapping[str, str] | None = None,
     protected: bool = False,
     request_id: str | None = None,
+    max_bytes: int = 0,
 ) -> Op[Branch]:
     """CreateBranch, always with a request id so a retry can never make two branches."""
     if not parent:
@@ -119,6 +120,7 @@ def create_branch(
         labels=dict(labels or {}),
         postgres_settings=dict(postgres_settings or {}),
         protected=protected,
+        max_bytes=max_bytes,
     )
     if ttl is not None:
         request.ttl.CopyFrom(_duration(ttl))
