@@ -29,7 +29,7 @@ import pytest
 from cowbranchd.errors import CowbranchError
 from cowbranchd.run import run
 from cowbranchd.storage import btrfs as btrfs_module
-from cowbranchd.storage import zfs as zfs_module
+from cowbranchd.storage import zfs_io as zfs_module
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 from cowbranchd.storage.btrfs import BtrfsDriver
 from cowbranchd.storage.loop import make_btrfs_loop_pool

@@ -22,7 +22,8 @@ import pytest
 from cowbranchd.errors import CowbranchError
 from cowbranchd.run import run
 from cowbranchd.storage.base import Kind
-from cowbranchd.storage.zfs import ZfsDriver, _zfs_mount_type
+from cowbranchd.storage.zfs import ZfsDriver
+from cowbranchd.storage.zfs_io import zfs_mount_type
 from cowbranchd.v1 import branches_pb2
 from tests.fix_daemon import DaemonFactory, DaemonHandle
 
@@ -124,9 +125,9 @@ def test_the_driver_tells_zfs_fuse_from_kernel_zfs(zfs_pool: str) -> None:
     kernel = "97 29 0:61 / /tank/cbd rw,noatime shared:52 - zfs tank/cbd rw,xattr,noacl"
     fuse = "46 42 0:51 / /mnt/p rw,relatime - fuse.zfs p rw,user_id=0,group_id=0"
     tmpfs = "30 25 0:27 / /tank rw - tmpfs tank rw"
-    assert _zfs_mount_type("tank", [tmpfs, fuse, kernel]) == "zfs"
-    assert _zfs_mount_type("p", [kernel, fuse]) == "fuse.zfs"
-    assert _zfs_mount_type("tan", [kernel, fuse]) is None
+    assert zfs_mount_type("tank", [tmpfs, fuse, kernel]) == "zfs"
+    assert zfs_mount_type("p", [kernel, fuse]) == "fuse.zfs"
+    assert zfs_mount_type("tan", [kernel, fuse]) is None
 
 
 @pytest.mark.slow
