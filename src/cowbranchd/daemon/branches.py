@@ -66,7 +66,6 @@ __all__ = ["Branches", "Connection", "CreateSpec"]
 
 log = structlog.get_logger("cowbranchd.branches")
 
-FREE_SPACE_CHECK_INTERVAL = 2.0
 USAGE_CACHE_S = 10.0
 
 
@@ -87,23 +86,19 @@ class Branches(BranchChanges):
         self.ctx = ctx
         self.bases = bases
         self.warm = warm
-        self._free_checked_at = 0.0
         self._usage_cache: dict[str, tuple[float, int]] = {}
 
     def _check_space(self) -> None:
-        """RESOURCE_EXHAUSTED below the configured free-space reserve. Asked of
-        storage at most every couple of seconds: on ZFS it costs a command."""
-        if time.monotonic() - self._free_checked_at < FREE_SPACE_CHECK_INTERVAL:
-            return
-        usage = self.ctx.driver.pool_usage()
-        free = usage.total_bytes - usage.used_bytes
+        """RESOURCE_EXHAUSTED below the configured free-space reserve, asked
+        of storage at every create (one statvfs), so a burst cannot slip past
+        a sampled value."""
+        free = self.ctx.driver.free_bytes()
         reserve = self.ctx.config.storage.min_free_bytes
         if free < reserve:
             raise ResourceExhausted(
                 f"the pool has {free // 2**20} MiB free, below storage.min_free_bytes "
                 f"({reserve // 2**20} MiB): delete branches or grow the pool"
             )
-        self._free_checked_at = time.monotonic()
 
     # -- queries -------------------------------------------------------------
 

@@ -185,6 +185,12 @@ class StorageDriver(abc.ABC):
     def pool_usage(self) -> PoolUsage:
         """Used and total bytes of the pool's filesystem."""
 
+    def free_bytes(self) -> int:
+        """Bytes new data may still take, asked at every create (admission):
+        drivers answer from one statvfs where they can, without a command."""
+        usage = self.pool_usage()
+        return usage.total_bytes - usage.used_bytes
+
     @abc.abstractmethod
     # builtins.list: inside the class body `list` names the method above.
     def gc(self) -> builtins.list[str]:

@@ -428,6 +428,10 @@ class BtrfsDriver(StorageDriver):
         except (IndexError, ValueError) as exc:
             raise StorageError(f"{what}: unexpected `btrfs filesystem du` output {out!r}") from exc
 
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def pool_usage(self) -> PoolUsage:
         st = os.statvfs(self.root)
         return PoolUsage(

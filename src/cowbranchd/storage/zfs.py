@@ -411,6 +411,15 @@ class ZfsDriver(StorageDriver):
             ).strip()
         )
 
+    def free_bytes(self) -> int:
+        # statvfs of a mounted dataset reports what it may still take (pool
+        # free space, within quotas): no `zfs get` on the create path.
+        if self._mountpoint is not None:
+            with contextlib.suppress(OSError):
+                st = os.statvfs(self._mountpoint)
+                return st.f_bavail * st.f_frsize
+        return super().free_bytes()
+
     def pool_usage(self) -> PoolUsage:
         out = self._zfs(
             "pool usage", "get", "-H", "-p", "-o", "value", "used,available", self.dataset
