@@ -29,6 +29,7 @@ import pytest
 from cowbranchd.errors import CowbranchError
 from cowbranchd.run import run
 from cowbranchd.storage import btrfs as btrfs_module
+from cowbranchd.storage import btrfs_subvol
 from cowbranchd.storage import zfs_io as zfs_module
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 from cowbranchd.storage.btrfs import BtrfsDriver
@@ -132,7 +133,7 @@ class BtrfsFlavour(Flavour):
         self.pool_fixture = "btrfs_pool"
 
     def unavailable(self) -> str | None:
-        if self.use_library and btrfs_module.btrfsutil is None:
+        if self.use_library and btrfs_subvol.btrfsutil is None:
             return "libbtrfsutil's Python bindings (python3-btrfsutil) do not import"
         return None
 

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import importlib
 import os
 import shutil
-import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import structlog
@@ -44,41 +41,29 @@ from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
 from .btrfs_io import (
     SIDECAR,
     BadSidecar,
-    enable_simple_quotas,
     fs_magic,
     fs_name,
     natural,
-    quota_mode,
     read_sidecar,
     rename_noreplace,
     set_subvolume_limit,
     translated,
     write_sidecar,
 )
+from .btrfs_subvol import SimpleQuotas, Subvolumes, btrfsutil
 
 __all__ = ["SIDECAR", "BtrfsDriver"]
 
 log = structlog.get_logger("cowbranchd.storage")
 
 _BTRFS_MAGIC = 0x9123683E
-_SUBVOLUME_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: the root inode of every subvolume
 _LAYOUT = ("bases", "branches", ".staging", ".trash")
 # Postmasters (another uid) pass through bases/ and branches/ to their data
 # directories, but nobody else may list them; work in progress is root's.
 _LAYOUT_MODES = {"bases": 0o711, "branches": 0o711, ".staging": 0o700, ".trash": 0o700}
 
 
-def _optional(module: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
-btrfsutil = _optional("btrfsutil")
-
-
-class BtrfsDriver(StorageDriver):
+class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
     """Volumes as btrfs subvolumes under `root`."""
 
     kind = "btrfs"
@@ -104,81 +89,6 @@ class BtrfsDriver(StorageDriver):
 
     def __repr__(self) -> str:
         return f"BtrfsDriver({str(self.root)!r}, use_library={self.use_library})"
-
-    @property
-    def limits_bytes(self) -> bool:
-        """Simple quotas are on, or can be turned on (asked once; turning
-        them on changes the filesystem, so only callers with a limit ask)."""
-        return self._quotas_on()
-
-    def _quotas_on(self) -> bool:
-        with self._squota_lock:
-            if self._squota is None:
-                self._squota = self._enable_squota()
-            return self._squota
-
-    def _enable_squota(self) -> bool:
-        try:
-            mode = quota_mode(self.root)
-            if mode == "disabled":
-                started = time.perf_counter()
-                enable_simple_quotas(self.root)
-                log.warning(
-                    "btrfs_simple_quotas_enabled",
-                    pool=str(self.root),
-                    ms=round((time.perf_counter() - started) * 1000, 1),
-                )
-                mode = quota_mode(self.root)
-        except OSError as exc:
-            log.warning("btrfs_simple_quotas_unavailable", pool=str(self.root), error=str(exc))
-            return False
-        if mode != "squota":
-            # Classic qgroups (someone else's choice) slow down with every
-            # snapshot and charge clones for shared data: never used here.
-            log.warning("btrfs_simple_quotas_unavailable", pool=str(self.root), quota_mode=mode)
-        return mode == "squota"
-
-    # -- subvolume primitives: one ioctl through the library, or one command --
-
-    def _create_subvolume(self, path: Path) -> None:
-        if self.use_library:
-            assert btrfsutil is not None
-            btrfsutil.create_subvolume(str(path))
-        else:
-            run(["btrfs", "subvolume", "create", str(path)])
-
-    def _snapshot(self, src: Path, dst: Path, *, read_only: bool) -> None:
-        if self.use_library:
-            assert btrfsutil is not None
-            btrfsutil.create_snapshot(str(src), str(dst), read_only=read_only)
-        else:
-            flags = ["-r"] if read_only else []
-            run(["btrfs", "subvolume", "snapshot", *flags, str(src), str(dst)])
-
-    def _delete_subvolume(self, path: Path) -> None:
-        if self.use_library:
-            assert btrfsutil is not None
-            btrfsutil.delete_subvolume(str(path))
-        else:
-            run(["btrfs", "subvolume", "delete", str(path)])
-
-    @staticmethod
-    def _is_subvolume(path: Path) -> bool:
-        # What libbtrfsutil's is_subvolume does, without a spawn on the command path.
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return False
-        return stat.S_ISDIR(st.st_mode) and st.st_ino == _SUBVOLUME_INO
-
-    def _remove_tree(self, path: Path) -> None:
-        """Delete a trashed or staged entry, whatever it turned out to be."""
-        if self._is_subvolume(path):
-            self._delete_subvolume(path)
-        elif path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
 
     # -- sidecar (btrfs_io) --
 
