@@ -5,32 +5,20 @@ Layout under the pool dataset `<ds>` (e.g. `tank/cowbranchd`)::
 
     <ds>/bases/<name>            a volume; `<ds>/bases/<name>@<snap>` its snapshots
     <ds>/branches/<name>
-    <ds>/.trash/<uuid>           volumes being destroyed, or kept because clones
-                                 still depend on one of their snapshots
+    <ds>/.trash/<uuid>           volumes being destroyed (one whose snapshot
+                                 clones need stays in place, unmarked, till gc())
     <ds>/.staging                unused: `zfs clone -o` creates a clone and its
                                  properties in one call, so nothing is staged
 
 Every volume carries `cowbranchd:.volume=1` (a key meta cannot use) so a
 dataset with empty meta is still told apart from a foreign or half-made one.
 
-Values are stored with `\\` and control characters escaped as `\\xHH`: `zfs get
--H` output is tab/newline separated. A stored value may be at most 8191 bytes
-(ZAP_MAXVALUELEN 8192 with its NUL; longer values crash zfs-fuse's `zfs set`),
-so longer values raise InvalidArgument naming the key.
-
 Commands are the default because that is all zfs-fuse (used in tests) offers
 and because `zfs clone` also mounts. Where /dev/zfs exists and OpenZFS's
 `libzfs_core` bindings import, snapshots are taken in-process instead.
 Old zfs-fuse has no `zfs list -p`; `zfs get -H -p` is used for everything.
 
-zfs-fuse (userspace ZFS) deadlocks under concurrent mutating commands: a
-mount, unmount or destroy makes the daemon (and the `zfs` command itself, which
-creates and removes mountpoints) look paths up through FUSE mounts that same
-daemon serves, and with several in flight it stops answering, leaving `zfs`
-commands in uninterruptible sleep until zfs-fuse is killed. So on zfs-fuse
-(`ZfsDriver.userspace`) every command but `get`/`list` runs one at a time in
-this process; reads stay concurrent. Kernel OpenZFS keeps full concurrency.
-This module does not coordinate with other processes sharing the zfs-fuse.
+zfs-fuse runs mutating commands one at a time, encoding, parsing: zfs_io.py.
 """
 
 from __future__ import annotations
@@ -47,10 +35,8 @@ from pathlib import Path
 
 import structlog
 
-from cowbranchd.deadline import holding
 from cowbranchd.errors import (
     AlreadyExists,
-    CommandError,
     NotFound,
     ResourceExhausted,
     StorageError,
@@ -60,9 +46,7 @@ from cowbranchd.run import run
 from ._names import check_name
 from .base import Kind, PoolUsage, SnapshotRef, StorageDriver, Volume
 from .zfs_io import MARKER as _MARKER
-from .zfs_io import MAX_VALUE_BYTES, PREFIX, lzc, parse_properties, volumes_of
-from .zfs_io import USERSPACE_LOCK as _USERSPACE_LOCK
-from .zfs_io import Busy as _Busy
+from .zfs_io import MAX_VALUE_BYTES, PREFIX, ZfsCommands, lzc, parse_properties, volumes_of
 from .zfs_io import Pinned as _Pinned
 from .zfs_io import lzc_call as _lzc_call
 from .zfs_io import props as _props
@@ -72,14 +56,10 @@ __all__ = ["MAX_VALUE_BYTES", "ZfsDriver"]
 
 log = structlog.get_logger("cowbranchd.storage")
 
-_BUSY = ("busy",)  # "dataset is busy", "umount: ...: target is busy"
-_BACKOFF = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 MOUNT_WAIT_S = 5.0
-# `zfs` subcommands that change nothing: never serialized (see _command).
-_READ_ONLY = frozenset({"get", "list"})
 
 
-class ZfsDriver(StorageDriver):
+class ZfsDriver(ZfsCommands, StorageDriver):
     """Volumes as ZFS datasets under `dataset`."""
 
     kind = "zfs"
@@ -136,38 +116,6 @@ class ZfsDriver(StorageDriver):
             f"ZfsDriver({self.dataset!r}, use_library={self.use_library}, "
             f"userspace={self._userspace})"
         )
-
-    def _command(self, args: tuple[str, ...]) -> str:
-        """Spawn `zfs args`; on zfs-fuse, a mutating one holds the process-wide
-        lock for the spawn alone (see _USERSPACE_LOCK), within the call's deadline."""
-        if not self._userspace or args[0] in _READ_ONLY:
-            return run(["zfs", *args]).stdout
-        with holding(_USERSPACE_LOCK, f"the zfs-fuse command lock (zfs {args[0]})"):
-            return run(["zfs", *args]).stdout
-
-    def _zfs(self, what: str, *args: str, retry_busy: bool = True) -> str:
-        """Run `zfs args`, translating its complaints into the error tree and
-        retrying while a mount is busy (zfs-fuse releases mounts lazily)."""
-        for delay in (*(_BACKOFF if retry_busy else ()), None):
-            try:
-                return self._command(args)
-            except CommandError as exc:
-                err = exc.stderr
-                if any(word in err for word in _BUSY):
-                    if delay is None:
-                        raise _Busy(f"{what}: {exc.message}") from exc
-                    time.sleep(delay)
-                    continue
-                if "does not exist" in err or "could not find any snapshots" in err:
-                    raise NotFound(f"{what}: {err}") from exc
-                if "already exists" in err:
-                    raise AlreadyExists(f"{what}: {err}") from exc
-                if "out of space" in err or "No space left" in err:
-                    raise ResourceExhausted(f"zfs pool is full: {what}: {err}") from exc
-                if "dependent clones" in err:
-                    raise _Pinned(what) from exc
-                raise StorageError(f"{what}: {exc.message}") from exc
-        raise AssertionError("unreachable")
 
     def _name(self, kind: Kind, name: str, snap: str | None = None) -> str:
         check_name("name", name)

@@ -2,6 +2,20 @@
 (encoded, size-checked), telling zfs-fuse from kernel OpenZFS, the process-wide
 lock that serialises zfs-fuse's mutating commands, and libzfs_core error
 mapping. No driver logic: zfs.py composes these.
+
+Values are stored with `\\` and control characters escaped as `\\xHH`: `zfs get
+-H` output is tab/newline separated. A stored value may be at most 8191 bytes
+(ZAP_MAXVALUELEN 8192 with its NUL; longer values crash zfs-fuse's `zfs set`),
+so longer values raise InvalidArgument naming the key.
+
+zfs-fuse (userspace ZFS) deadlocks under concurrent mutating commands: a
+mount, unmount or destroy makes the daemon (and the `zfs` command itself, which
+creates and removes mountpoints) look paths up through FUSE mounts that same
+daemon serves, and with several in flight it stops answering, leaving `zfs`
+commands in uninterruptible sleep until zfs-fuse is killed. So on zfs-fuse
+(`ZfsDriver.userspace`) every command but `get`/`list` runs one at a time in
+this process; reads stay concurrent. Kernel OpenZFS keeps full concurrency.
+This module does not coordinate with other processes sharing the zfs-fuse.
 """
 
 from __future__ import annotations
@@ -12,17 +26,21 @@ import importlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 
+from cowbranchd.deadline import holding
 from cowbranchd.errors import (
     AlreadyExists,
+    CommandError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     StorageError,
 )
+from cowbranchd.run import run
 
 from ._names import check_meta
 from .base import Kind, SnapshotRef, Volume
@@ -34,6 +52,7 @@ __all__ = [
     "USERSPACE_LOCK",
     "Busy",
     "Pinned",
+    "ZfsCommands",
     "decode",
     "encode",
     "lzc",
@@ -206,3 +225,49 @@ def volumes_of(dataset: str, tree: Tree, path_of: Callable[[Kind, str], Path]) -
             )
         )
     return volumes
+
+
+# `zfs` subcommands that change nothing: never serialized (see _command).
+_READ_ONLY = frozenset({"get", "list"})
+_BUSY = ("busy",)  # "dataset is busy", "umount: ...: target is busy"
+_BACKOFF = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+class ZfsCommands:
+    """The one way the ZFS driver runs `zfs`: serialised on zfs-fuse,
+    bounded by the call's deadline, its complaints mapped to the error tree.
+    A mixin of ZfsDriver, which decides `_userspace`."""
+
+    _userspace: bool
+
+    def _command(self, args: tuple[str, ...]) -> str:
+        """Spawn `zfs args`; on zfs-fuse, a mutating one holds the process-wide
+        lock for the spawn alone (see USERSPACE_LOCK), within the call's deadline."""
+        if not self._userspace or args[0] in _READ_ONLY:
+            return run(["zfs", *args]).stdout
+        with holding(USERSPACE_LOCK, f"the zfs-fuse command lock (zfs {args[0]})"):
+            return run(["zfs", *args]).stdout
+
+    def _zfs(self, what: str, *args: str, retry_busy: bool = True) -> str:
+        """Run `zfs args`, translating its complaints into the error tree and
+        retrying while a mount is busy (zfs-fuse releases mounts lazily)."""
+        for delay in (*(_BACKOFF if retry_busy else ()), None):
+            try:
+                return self._command(args)
+            except CommandError as exc:
+                err = exc.stderr
+                if any(word in err for word in _BUSY):
+                    if delay is None:
+                        raise Busy(f"{what}: {exc.message}") from exc
+                    time.sleep(delay)
+                    continue
+                if "does not exist" in err or "could not find any snapshots" in err:
+                    raise NotFound(f"{what}: {err}") from exc
+                if "already exists" in err:
+                    raise AlreadyExists(f"{what}: {err}") from exc
+                if "out of space" in err or "No space left" in err:
+                    raise ResourceExhausted(f"zfs pool is full: {what}: {err}") from exc
+                if "dependent clones" in err:
+                    raise Pinned(what) from exc
+                raise StorageError(f"{what}: {exc.message}") from exc
+        raise AssertionError("unreachable")
