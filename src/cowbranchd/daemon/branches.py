@@ -52,9 +52,9 @@ from .inventory import BranchEntry, Context
 from .lifecycle import (
     Connection,
     claim,
-    clone_or_clean_up,
     connection,
     dismantle,
+    materialise,
     start_postmaster,
     stop_postmaster,
 )
@@ -257,13 +257,9 @@ class Branches(BranchChanges):
                     undo.add("release uid", lambda: self._release_uid(uid))
                 entry.record = entry.record.evolve(port=port, uid=uid)
                 cloned = entry.record
-                entry.path = clone_or_clean_up(
-                    driver, source, entry.volume, cloned.to_meta(), max_bytes=cloned.max_bytes
+                t_clone = materialise(
+                    self.ctx, entry, source, cloned.to_meta(), undo, allow_new_port=True
                 )
-                undo.add("dismantle", lambda: dismantle(self.ctx, entry))
-                t_clone = time.perf_counter()
-                postgres.prepare_clone(entry.pgdata)
-                self._start(entry, allow_new_port=True)
                 t_start = time.perf_counter()
                 # Usually one key (state; port too if a retry moved it).
                 self._store(entry, entry.record.evolve(state=State.READY), before=cloned)

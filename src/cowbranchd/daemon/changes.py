@@ -6,7 +6,6 @@ and the postmasters; split only to keep each module readable. No gRPC.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -14,7 +13,7 @@ from datetime import timedelta
 
 import structlog
 
-from cowbranchd import deadline, postgres
+from cowbranchd import deadline
 from cowbranchd.errors import CowbranchError, FailedPrecondition, NotFound
 from cowbranchd.model import (
     META_SUPERSEDED,
@@ -28,7 +27,8 @@ from cowbranchd.model import (
 from cowbranchd.storage.base import Kind
 
 from .inventory import BranchEntry, Context
-from .lifecycle import clone_or_clean_up, dismantle, withdraw
+from .lifecycle import dismantle, materialise, withdraw
+from .revert import Revert
 
 __all__ = ["BranchChanges"]
 
@@ -119,17 +119,21 @@ class BranchChanges:
             )
             self._stop(entry, discard=True)
             withdraw(self.ctx, old_volume)
+            entry.volume = new_volume
             try:
-                entry.path = clone_or_clean_up(
-                    driver, source, new_volume, record.to_meta(), max_bytes=record.max_bytes
-                )
-                entry.volume = new_volume
-                postgres.prepare_clone(entry.pgdata)
-                self._start(entry, allow_new_port=False)
+                with Revert() as undo:
+                    # On failure, not released: port, uid and socket stay the branch's.
+                    materialise(
+                        self.ctx,
+                        entry,
+                        source,
+                        record.to_meta(),
+                        undo,
+                        allow_new_port=False,
+                        release=False,
+                    )
+                    undo.success()
             except CowbranchError as exc:
-                if entry.volume == new_volume:
-                    with contextlib.suppress(CowbranchError):
-                        dismantle(self.ctx, entry, release=False)
                 entry.volume, entry.path = old_volume, old_path
                 try:  # the branch as it was, rather than a FAILED one
                     self._start(entry, allow_new_port=False)

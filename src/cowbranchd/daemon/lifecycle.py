@@ -30,6 +30,7 @@ from cowbranchd.storage import idmap
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 
 from .inventory import BranchEntry, Context
+from .revert import Revert
 
 __all__ = [
     "Connection",
@@ -202,6 +203,32 @@ def stop_postmaster(ctx: Context, entry: BranchEntry, *, discard: bool = False) 
     if master is not None:
         postgres.stop(master, fast_timeout=0 if discard else 10.0)
     entry.postmaster = None
+
+
+def materialise(
+    ctx: Context,
+    entry: BranchEntry,
+    source: SnapshotRef,
+    meta: Mapping[str, str],
+    undo: Revert,
+    *,
+    allow_new_port: bool,
+    release: bool = True,
+) -> float:
+    """The one way a volume becomes a running branch or warm clone: clone
+    `source` as `entry.volume` with `meta` (and the record's size limit),
+    register its `dismantle` on `undo` at once, make the clone startable, and
+    start its postgres (own uid, own password, `SELECT 1` answered). Create,
+    reset and the warm pool compose it. Returns when the clone was done
+    (perf_counter), for the create's timing log."""
+    entry.path = clone_or_clean_up(
+        ctx.driver, source, entry.volume, meta, max_bytes=entry.record.max_bytes
+    )
+    undo.add("dismantle", lambda: dismantle(ctx, entry, release=release))
+    cloned = time.perf_counter()
+    postgres.prepare_clone(entry.pgdata)
+    start_postmaster(ctx, entry, allow_new_port=allow_new_port)
+    return cloned
 
 
 def dismantle(ctx: Context, entry: BranchEntry, *, release: bool = True) -> None:

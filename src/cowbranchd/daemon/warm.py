@@ -25,18 +25,12 @@ from pathlib import Path
 
 import structlog
 
-from cowbranchd import postgres
 from cowbranchd.errors import CowbranchError
 from cowbranchd.model import META_WARM, BranchRecord, State, meta_patch, now
 from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .inventory import BranchEntry, Context
-from .lifecycle import (
-    clone_or_clean_up,
-    dismantle,
-    remove_runtime_files,
-    start_postmaster,
-)
+from .lifecycle import dismantle, materialise, remove_runtime_files
 from .revert import Revert
 
 __all__ = ["WarmPool"]
@@ -194,12 +188,7 @@ class WarmPool:
                 if uid and ctx.uids is not None:
                     undo.add("release uid", lambda: ctx.uids.release(uid) if ctx.uids else None)
                 meta = {**record.to_meta(), META_WARM: "1"}
-                entry.path = clone_or_clean_up(
-                    ctx.driver, source, warm_id, meta, max_bytes=record.max_bytes
-                )
-                undo.add("dismantle", lambda: dismantle(ctx, entry))
-                postgres.prepare_clone(entry.pgdata)
-                start_postmaster(ctx, entry, allow_new_port=True)
+                materialise(ctx, entry, source, meta, undo, allow_new_port=True)
                 moved = meta_patch(record, entry.record)  # a retry may have moved its port
                 if moved:
                     ctx.driver.set_meta(Kind.BRANCHES, warm_id, moved)
