@@ -42,6 +42,8 @@ def stop_daemons_on(pool_name: str) -> None:
     for handle in _HANDLES:
         if handle.driver == "zfs" and handle.pool_root.split("/")[0] == pool_name:
             handle.cleanup()
+
+
 PORT_BLOCK = 200
 # Concurrent test runs on one machine pick apart blocks with COWBRANCHD_TEST_FIRST_PORT.
 FIRST_PORT = int(os.environ.get("COWBRANCHD_TEST_FIRST_PORT", "56000"))
@@ -292,3 +294,12 @@ def daemon_factory(btrfs_pool: Path) -> Iterator[DaemonFactory]:
 def daemon(daemon_factory: DaemonFactory) -> DaemonHandle:
     """One shared daemon on btrfs with the demo base `demo` (table `items`, 3 rows)."""
     return daemon_factory()
+
+
+def code_of(call: object, request: object, **kwargs: object) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a real RPC ends with (OK when it succeeds)."""
+    try:
+        call(request, timeout=120, **kwargs)  # type: ignore[operator]
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""

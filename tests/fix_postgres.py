@@ -185,3 +185,33 @@ def start_pg(pg_binaries: postgres.Binaries, pg_ports: PortAllocator) -> Iterato
             postgres.stop(pm, fast_timeout=0)
         for p in ports:
             pg_ports.release(p)
+
+
+ImportSource = Callable[..., Path]
+
+
+@pytest.fixture
+def import_source() -> Iterator[ImportSource]:
+    """Makes clean data directories under /tmp (the test daemons' import root),
+    owned by postgres, for CreateBase/CreateBaseVersion(data_directory=...)."""
+    made: list[Path] = []
+
+    def make(*, superuser: str = "owner", init_sql: str | None = None) -> Path:
+        root = Path(tempfile.mkdtemp(prefix="cbt-import-", dir="/tmp"))
+        made.append(root)
+        os.chmod(root, 0o755)
+        pgdata = root / "pgdata"
+        pgdata.mkdir(mode=0o700)
+        postgres.initdb(
+            str(pgdata),
+            postgres.find_binaries(PG_MAJOR, BIN_DIRS),
+            os_user=OS_USER,
+            superuser=superuser,
+            password="pw",
+            init_sql=init_sql,
+        )
+        return pgdata
+
+    yield make
+    for root in made:
+        shutil.rmtree(root, ignore_errors=True)

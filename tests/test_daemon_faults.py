@@ -5,12 +5,9 @@ fails halfway, a base deleted while branches of it are being created."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,9 +17,9 @@ import pytest
 from cowbranchd import postgres
 from cowbranchd.v1 import bases_pb2, branches_pb2
 from tests.fix_daemon import DaemonFactory, DaemonHandle
+from tests.fix_postgres import ImportSource
 
 Branch = branches_pb2.Branch
-BIN_DIRS = ("/usr/lib/postgresql/{version}/bin",)
 
 
 def rows(dsn: str, sql: str) -> list[tuple[object, ...]]:
@@ -104,22 +101,11 @@ def test_a_reset_whose_clean_up_failed_does_not_resurrect_a_deleted_branch(
 
 
 @pytest.fixture
-def source() -> Iterator[Path]:
+def source(import_source: ImportSource) -> Path:
     """A clean data directory under /tmp (an import root), owned by postgres."""
-    root = Path(tempfile.mkdtemp(prefix="cbt-refresh-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    pgdata = root / "pgdata"
-    pgdata.mkdir(mode=0o700)
-    postgres.initdb(
-        str(pgdata),
-        postgres.find_binaries(15, BIN_DIRS),
-        os_user="postgres",
-        superuser="postgres",
-        password="pw",
-        init_sql="CREATE TABLE t (x int); INSERT INTO t VALUES (1);",
+    return import_source(
+        superuser="postgres", init_sql="CREATE TABLE t (x int); INSERT INTO t VALUES (1);"
     )
-    yield pgdata
-    shutil.rmtree(root)
 
 
 def test_a_refresh_that_fails_halfway_leaves_the_base_as_it_was(

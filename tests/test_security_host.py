@@ -13,45 +13,24 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from cowbranchd import postgres
 from cowbranchd.v1 import bases_pb2, branches_pb2
-from tests.fix_daemon import DaemonFactory, DaemonHandle
+from tests.fix_daemon import DaemonFactory, DaemonHandle, code_of
+from tests.fix_postgres import ImportSource
 
 pytestmark = pytest.mark.btrfs
 
-BIN_DIRS = ("/usr/lib/postgresql/{version}/bin",)
 
-
-def code_of(call: object, request: object) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(request, timeout=120)  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.OK, ""
 
 
 @pytest.fixture
-def source() -> Iterator[Path]:
+def source(import_source: ImportSource) -> Path:
     """A clean data directory under /tmp (an import root), owned by postgres."""
-    root = Path(tempfile.mkdtemp(prefix="cbt-import-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    pgdata = root / "pgdata"
-    pgdata.mkdir(mode=0o700)
-    postgres.initdb(
-        str(pgdata),
-        postgres.find_binaries(15, BIN_DIRS),
-        os_user="postgres",
-        superuser="owner",
-        password="pw",
-    )
-    yield pgdata
-    shutil.rmtree(root)
+    return import_source()
 
 
 def pool_entries(d: DaemonHandle) -> list[str]:

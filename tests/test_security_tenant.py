@@ -28,7 +28,7 @@ from psycopg import sql
 
 from cowbranchd.v1 import bases_pb2, branches_pb2, daemon_pb2, daemon_pb2_grpc
 from cowbranchd.v1.branches_pb2 import Branch
-from tests.fix_daemon import DaemonFactory, DaemonHandle
+from tests.fix_daemon import DaemonFactory, DaemonHandle, code_of
 
 pytestmark = pytest.mark.btrfs
 
@@ -104,13 +104,6 @@ def kill_and_wait(pid: int) -> None:
 def volumes(d: DaemonHandle) -> list[str]:
     return sorted(p.name for p in (Path(d.pool_root) / "branches").iterdir())
 
-
-def code_of(call: object, request: object) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(request, timeout=120)  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.OK, ""
 
 
 def test_links_planted_by_a_tenant_are_never_followed(

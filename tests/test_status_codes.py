@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from cowbranchd.v1 import bases_pb2, branches_pb2
-from tests.fix_daemon import DaemonFactory, DaemonHandle
+from tests.fix_daemon import DaemonFactory, DaemonHandle, code_of
 
 
 @pytest.fixture
@@ -27,13 +27,6 @@ def channel(daemon: DaemonHandle) -> Iterator[grpc.Channel]:
     with daemon.channel() as ch:
         yield ch
 
-
-def code_of(call: object, request: object, **kwargs: object) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(request, timeout=120, **kwargs)  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.OK, ""
 
 
 def branch_names(d: DaemonHandle, ch: grpc.Channel) -> set[str]:
