@@ -79,6 +79,11 @@ class WarmPool:
         self._wake.set()
         return taken
 
+    def ready(self) -> dict[SnapshotRef, int]:
+        """How many warm clones of each source wait to be taken."""
+        with self._lock:
+            return {source: len(entries) for source, entries in self._ready.items()}
+
     def drop_base(self, base_id: str) -> None:
         """Destroy the warm clones of a base (before the base goes)."""
         with self._lock:
