@@ -21,8 +21,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cowbranchd.config import load_config
-from cowbranchd.daemon.metrics import Metrics, MetricsServer
+from cowbranchd.daemon.inventory import Inventory
+from cowbranchd.daemon.metrics import Metrics, MetricsServer, StorageProbe
 from cowbranchd.errors import InvalidArgument
+from cowbranchd.storage.base import PoolUsage
+from cowbranchd.storage.btrfs import BtrfsDriver
 from cowbranchd.v1 import branches_pb2
 from tests.fix_daemon import DaemonFactory, DaemonHandle, code_of
 
@@ -255,6 +258,43 @@ def test_metrics_server_leaves_no_thread_behind() -> None:
     assert [t for t in threading.enumerate() if t.name == "metrics-http"] == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
+class StalledDriver(BtrfsDriver):
+    """The real btrfs driver, except that asking for the pool's usage stalls
+    until released: a storage backend that stopped answering (as a stopped
+    zfs-fuse does, where even statvfs waits)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+        self.asked = 0
+
+    def pool_usage(self) -> PoolUsage:
+        self.asked += 1
+        self.release.wait()
+        return super().pool_usage()
+
+
+def test_a_hung_storage_backend_never_hangs_a_scrape(btrfs_pool: Path) -> None:
+    """While storage does not answer, a scrape's storage read gives up in its
+    time box, the next does not pile another read on the hung one, and once
+    storage answers the figures are back and no reading thread is left."""
+    driver = StalledDriver(btrfs_pool)
+    probe = StorageProbe(driver, Inventory())
+    try:
+        assert probe.read() is None
+        assert probe.read() is None
+        assert driver.asked == 1
+    finally:
+        driver.release.set()
+    for thread in [t for t in threading.enumerate() if t.name == "metrics-storage"]:
+        thread.join(timeout=60)
+    reading = probe.read()
+    assert reading is not None
+    assert 0 < reading.used_bytes < reading.size_bytes
+    assert driver.asked == 2
+    assert [t for t in threading.enumerate() if t.name == "metrics-storage"] == []
 
 
 @pytest.mark.parametrize(

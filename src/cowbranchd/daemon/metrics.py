@@ -51,11 +51,11 @@ from cowbranchd.config import listen_address
 from cowbranchd.errors import CowbranchError, InvalidArgument
 from cowbranchd.model import State
 from cowbranchd.run import stuck_commands
-from cowbranchd.storage.base import Kind
+from cowbranchd.storage.base import Kind, StorageDriver
 
 if TYPE_CHECKING:
     from .branches import Branches
-    from .inventory import BranchEntry
+    from .inventory import BranchEntry, Inventory
     from .warm import WarmPool
 
 __all__ = ["Metrics", "MetricsServer", "StorageProbe"]
@@ -156,7 +156,8 @@ class Metrics:
 
     def watch(self, branches: Branches, warm: WarmPool) -> None:
         """Read the inventory, the warm pool and storage at every scrape."""
-        self.registry.register(InventoryCollector(branches, warm, StorageProbe(branches)))
+        probe = StorageProbe(branches.ctx.driver, branches.ctx.inventory)
+        self.registry.register(InventoryCollector(branches, warm, probe))
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,9 @@ class StorageProbe:
     STORAGE_WAIT_S, or None. Never more than one read at a time: a read that
     hangs (a hung FUSE server can block even statvfs) is not joined by more."""
 
-    def __init__(self, branches: Branches) -> None:
-        self._branches = branches
+    def __init__(self, driver: StorageDriver, inventory: Inventory) -> None:
+        self._driver = driver
+        self._inventory = inventory
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # branch id -> (monotonic time read, written bytes); touched only by
@@ -202,7 +204,7 @@ class StorageProbe:
         return box[0] if box else None
 
     def _read_into(self, box: list[StorageReading]) -> None:
-        driver = self._branches.ctx.driver
+        driver = self._driver
         try:
             # Bounds every storage command below (run() kills it at the deadline).
             with deadline.scope(STORAGE_WAIT_S):
@@ -218,7 +220,7 @@ class StorageProbe:
         box.append(StorageReading(usage.total_bytes, usage.used_bytes, free, written))
 
     def _refresh_written(self, until: float) -> dict[str, tuple[str, int]]:
-        inv = self._branches.ctx.inventory
+        inv = self._inventory
         with inv.lock:
             entries = [
                 e
@@ -240,7 +242,7 @@ class StorageProbe:
             if time.monotonic() >= until:
                 break
             try:
-                value = self._branches.ctx.driver.usage(Kind.BRANCHES, entry.volume)
+                value = self._driver.usage(Kind.BRANCHES, entry.volume)
             except CowbranchError:
                 continue  # deleted or reset meanwhile; read again next time
             known[entry.branch_id] = (time.monotonic(), value)
