@@ -29,6 +29,7 @@ from .commands import (
     OFFLINE,
     Output,
 )
+from .doctor import add_parser as add_doctor_options
 
 __all__ = ["EXIT_FAILURE", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("status", "daemon health, bases, branches and space used")
     add("version", "print the version of cowbranchctl")
+    add_doctor_options(add("doctor", "check that this host can run cowbranchd (no daemon needed)"))
 
     base = add("base", "manage bases (the golden data directories)")
     base_sub = base.add_subparsers(dest="base_command", required=True, metavar="COMMAND")

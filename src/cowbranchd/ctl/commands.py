@@ -17,6 +17,7 @@ from cowbranchd import __version__
 from cowbranchd.client import Base, Branch, Client, NotFound, format_selector
 from cowbranchd.errors import InvalidArgument
 
+from .doctor import cmd_doctor
 from .render import (
     BASE_HEADERS,
     BRANCH_HEADERS,
@@ -318,6 +319,7 @@ COMMANDS: dict[str, Handler] = {
     "update": cmd_update,
     "status": cmd_status,
     "version": cmd_version,
+    "doctor": cmd_doctor,
     "base create": cmd_base_create,
     "base list": cmd_base_list,
     "base show": cmd_base_show,
@@ -325,4 +327,4 @@ COMMANDS: dict[str, Handler] = {
     "base version": cmd_base_version,
 }
 # Commands that never talk to the daemon.
-OFFLINE = frozenset({"version"})
+OFFLINE = frozenset({"doctor", "version"})

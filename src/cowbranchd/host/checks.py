@@ -302,7 +302,7 @@ def check_postgres(host: Host) -> Finding:
         )
     summary = f"installed: {shown}; " + (
         f"bases need {', '.join(map(str, sorted(needed)))}" if needed else
-        f"no bases read ({why})" if driver is None else "no bases yet"
+        f"no bases read: {why}" if driver is None else "no bases yet"
     )
     if unreadable:
         return Finding(
@@ -314,17 +314,31 @@ def check_postgres(host: Host) -> Finding:
     return Finding("postgres", Status.OK, summary)
 
 
-def _listeners(ports: set[int]) -> dict[int, int]:
-    """port -> pid of the process listening on it (as far as we may see)."""
-    found: dict[int, int] = {}
+def _sockets(ports: set[int]) -> tuple[dict[int, int], set[int]]:
+    """Of `ports`: port -> pid of its listener (as far as we may see), and the
+    ports that are only the local end of connections (ephemeral ports)."""
+    listeners: dict[int, int] = {}
+    connected: set[int] = set()
     with contextlib.suppress(psutil.AccessDenied):
         for conn in psutil.net_connections("inet"):
             address = conn.laddr
-            if conn.status != psutil.CONN_LISTEN or not isinstance(address, tuple) or not address:
+            if not isinstance(address, tuple) or not address or address[1] not in ports:
                 continue
-            if address[1] in ports and conn.pid is not None:
-                found[address[1]] = conn.pid
-    return found
+            if conn.status == psutil.CONN_LISTEN:
+                listeners[address[1]] = conn.pid if conn.pid is not None else -1
+            else:
+                connected.add(address[1])
+    return listeners, connected - set(listeners)
+
+
+def _ephemeral_overlap(first: int, last: int) -> str:
+    """The kernel's ephemeral port range where it overlaps `first`-`last`, or ""."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            low, high = (int(v) for v in fh.read().split())
+    except (OSError, ValueError):
+        return ""
+    return f"{low}-{high}" if low <= last and first <= high else ""
 
 
 def _branch_postmaster(pid: int, roots: tuple[str, ...]) -> bool:
@@ -344,25 +358,28 @@ def check_ports(host: Host) -> Finding:
     pg = host.config.postgres
     first, last = pg.port_range
     busy = {p for p in range(first, last + 1) if not port_free(pg.listen_addresses, p)}
-    owners = _listeners(busy)
+    listeners, connected = _sockets(busy)
     driver, _ = host.pool()
     roots = (str(host.config.daemon.state_dir),) + (
         (str(driver.location),) if driver is not None and driver.kind == "btrfs" else ()
     )
-    branches = {p for p in busy if p in owners and _branch_postmaster(owners[p], roots)}
-    foreign = sorted(busy - branches)
+    branches = {p for p in listeners if _branch_postmaster(listeners[p], roots)}
+    transient = busy & connected
+    foreign = sorted(busy - branches - transient)
     size = last - first + 1
     summary = f"{first}-{last}: {size - len(busy)} free" + (
         f", {len(branches)} held by branches" if branches else ""
     )
     if foreign:
+
         def who(port: int) -> str:
-            if port not in owners:
-                return f"port {port}"
+            pid = listeners.get(port)
+            if pid is None:
+                return f"port {port} (bound, not listening)"
             try:
-                return f"port {port} ({psutil.Process(owners[port]).name()}, pid {owners[port]})"
+                return f"port {port} ({psutil.Process(pid).name()}, pid {pid})"
             except psutil.Error:
-                return f"port {port} (pid {owners[port]})"
+                return f"port {port} (listening)"
 
         shown = ", ".join(who(p) for p in foreign[:10]) + (
             f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
@@ -372,6 +389,16 @@ def check_ports(host: Host) -> Finding:
             Status.FAIL,
             f"{summary}; in use by other programs: {shown}",
             fix="stop what listens there, or move postgres.port_range to a free range",
+        )
+    ephemeral = _ephemeral_overlap(first, last)
+    if ephemeral:
+        return Finding(
+            "ports",
+            Status.WARN,
+            f"{summary}; the range overlaps the kernel's ephemeral ports {ephemeral} "
+            f"(net.ipv4.ip_local_port_range): {len(transient)} taken by connections now",
+            fix=f"sysctl -w net.ipv4.ip_local_reserved_ports={first}-{last} (and in "
+            "/etc/sysctl.d), or move postgres.port_range out of the ephemeral range",
         )
     slots = host.config.daemon.max_branches + host.config.daemon.warm_branches
     if size < slots:

@@ -202,9 +202,7 @@ def print_report(
             if f.fix:
                 print(f"{pad}fix: {f.fix}", file=stream)
     failed = [f.check for f in findings if f.status is Status.FAIL]
-    print(
-        f"{'FAILED: ' + ', '.join(failed) if failed else 'OK'}: "
-        f"{len(findings) - len(failed)} of {len(findings)} checks passed",
-        file=stream,
-    )
+    counts = {s: sum(f.status is s for f in findings) for s in Status}
+    tally = ", ".join(f"{n} {s.value}" for s, n in counts.items() if n)
+    print(f"{'FAILED: ' + ', '.join(failed) if failed else 'OK'} ({tally})", file=stream)
     return 0 if ok else 1
