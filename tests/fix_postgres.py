@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import tempfile
@@ -214,4 +215,119 @@ def import_source() -> Iterator[ImportSource]:
 
     yield make
     for root in made:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# A "production" server for the import and masking tests: personal data,
+# constraints, a trigger, a row-level security policy, a replication role.
+PROD_SUPERUSER = "prod_admin"
+PROD_DATABASE = "shop"
+REPLICATION_USER = "replicator"
+REPLICATION_PASSWORD = "repl:pw/@?s3cret"  # URI-special characters on purpose
+PROD_SQL = f"""
+CREATE ROLE app_user NOLOGIN;
+CREATE ROLE {REPLICATION_USER} REPLICATION LOGIN PASSWORD '{REPLICATION_PASSWORD}';
+CREATE TABLE customers (
+    id serial PRIMARY KEY,
+    name text NOT NULL,
+    email text NOT NULL UNIQUE CHECK (email LIKE '%@%'),
+    phone text,
+    bio text,
+    tenant text NOT NULL DEFAULT 'acme',
+    updated_at timestamptz
+);
+ALTER TABLE customers ALTER bio SET STORAGE EXTERNAL;  -- TOASTed, uncompressed
+CREATE INDEX customers_phone ON customers (phone);
+CREATE TABLE orders (
+    id serial PRIMARY KEY,
+    customer_id int NOT NULL REFERENCES customers (id),
+    total numeric NOT NULL CHECK (total >= 0)
+);
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql
+    AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+CREATE TRIGGER customers_touch BEFORE UPDATE ON customers
+    FOR EACH ROW EXECUTE FUNCTION touch();
+ALTER TABLE customers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON customers TO app_user
+    USING (tenant = current_setting('app.tenant', true));
+GRANT SELECT ON customers TO app_user;
+INSERT INTO customers (name, email, phone, bio, tenant)
+SELECT 'Person ' || g, 'person' || g || '@prod-example.com', '+1-555-' || lpad(g::text, 4, '0'),
+       CASE WHEN g = 1 THEN repeat('biography of toasted-secret@prod-example.com; ', 3000)
+            ELSE 'bio ' || g END,
+       CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'globex' END
+FROM generate_series(1, 200) g;
+INSERT INTO orders (customer_id, total) SELECT g, g * 1.5 FROM generate_series(1, 200) g;
+ANALYZE;
+"""
+PROD_EMAILS = [f"person{n}@prod-example.com".encode() for n in (2, 17, 64, 123, 200)] + [
+    b"toasted-secret@prod-example.com"
+]
+
+
+@dataclass
+class Production:
+    """The production server: its superuser's and the replication role's DSNs."""
+
+    pgdata: str
+    port: int
+
+    @property
+    def dsn(self) -> str:
+        return postgres.dsn("127.0.0.1", self.port, PROD_SUPERUSER, PASSWORD, PROD_DATABASE)
+
+    @property
+    def replication_dsn(self) -> str:
+        return postgres.dsn(
+            "127.0.0.1", self.port, REPLICATION_USER, REPLICATION_PASSWORD, PROD_DATABASE
+        )
+
+
+@pytest.fixture(scope="session")
+def production(
+    pg_root: str, pg_binaries: postgres.Binaries, pg_ports: PortAllocator
+) -> Iterator[Production]:
+    """A running "production" server on 127.0.0.1, loaded with PROD_SQL."""
+    scratch = tempfile.mkdtemp(dir=pg_root, prefix="production-")
+    os.chmod(scratch, 0o711)
+    pgdata = os.path.join(scratch, "pgdata")
+    os.mkdir(pgdata)
+    postgres.initdb(
+        pgdata, pg_binaries, os_user=OS_USER, superuser=PROD_SUPERUSER, password=PASSWORD,
+        database=PROD_DATABASE, init_sql=PROD_SQL,
+    )
+    port = pg_ports.allocate()
+    pm = postgres.start(
+        pgdata, binaries=pg_binaries, os_user=OS_USER, port=port,
+        socket_dir=os.path.join(scratch, "socket"), listen_addresses="127.0.0.1", settings={},
+        log_path=os.path.join(scratch, "pg.log"),
+        ready_dsn=postgres.dsn("127.0.0.1", port, PROD_SUPERUSER, PASSWORD, PROD_DATABASE),
+    )
+    try:
+        yield Production(pgdata, port)
+    finally:
+        postgres.stop(pm, fast_timeout=0)
+        pg_ports.release(port)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_dir() -> Iterator[Callable[[], str]]:
+    """Makes empty directories owned by the postgres OS user under /tmp (an
+    import target, or a place for dumps the postgres user reads)."""
+    made: list[str] = []
+    owner = pwd.getpwnam(OS_USER)
+
+    def make() -> str:
+        root = tempfile.mkdtemp(prefix="cbt-pg-", dir="/tmp")
+        made.append(root)
+        os.chmod(root, 0o711)
+        path = os.path.join(root, "d")
+        os.mkdir(path, 0o700)
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+        return path
+
+    yield make
+    for root in made:
+        stop_everything_under(root)
         shutil.rmtree(root, ignore_errors=True)
