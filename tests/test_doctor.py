@@ -121,7 +121,9 @@ def test_a_pool_directory_that_is_not_btrfs_fails_naming_it(tmp_path: Path) -> N
     assert code == 1
     assert pool["status"] == "fail"
     assert pool["summary"].startswith(f"{plain} is on ")
-    assert pool["summary"].endswith("not btrfs: the btrfs driver needs a directory on a btrfs mount")
+    assert pool["summary"].endswith(
+        ", not btrfs: the btrfs driver needs a directory on a btrfs mount"
+    )
     assert "storage.root" in pool["fix"]
 
 

@@ -103,23 +103,26 @@ class Installer:
     # -- files ------------------------------------------------------------
 
     def make_parent(self, path: Path) -> Path:
-        """Make `path`'s parent (0755, recorded as made) and check no one but
-        root can write it or any directory on the way to it."""
+        """Make `path`'s parent (0755, recorded as made), one component at a
+        time from `root`, never through a link; check that no one but root can
+        write it or any directory on the way to it."""
         parent = path.parent
-        missing = []
-        probe = parent
-        while not probe.exists() and probe != probe.parent:
-            missing.append(probe)
-            probe = probe.parent
-        for directory in reversed(missing):
-            os.mkdir(directory, 0o755)
-            os.chmod(directory, 0o755)
-            self.made_dirs.append(str(Path("/") / directory.relative_to(self.layout.root)))
-        for directory in (parent, *parent.parents):
+        current = self.layout.root
+        for part in parent.relative_to(self.layout.root).parts:
+            current = current / part
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                os.mkdir(current, 0o755)
+                os.chmod(current, 0o755)
+                self.made_dirs.append(str(Path("/") / current.relative_to(self.layout.root)))
+                continue
             # A link inside the tree written to could send a root write anywhere.
-            inside = directory.is_relative_to(self.layout.root) and directory != self.layout.root
-            if inside and stat.S_ISLNK(os.lstat(directory).st_mode):
-                raise FailedPrecondition(f"{directory} is a symbolic link; refusing")
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                raise FailedPrecondition(
+                    f"{current} is a symbolic link or not a directory; refusing"
+                )
+        for directory in (parent, *parent.parents):
             st = os.stat(directory)
             writable = stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX
             if st.st_uid != 0 or writable:
