@@ -45,7 +45,7 @@ def wheel_venv(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     venv = tmp_path_factory.mktemp("venv")
     sh([sys.executable, "-m", "venv", "--without-pip", venv], cwd=venv)
     (wheel,) = artifacts.glob("cowbranchd-*.whl")
-    pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
+    pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
     sh([*pip, "install", "-q", "--disable-pip-version-check", wheel, "pytest"], cwd=venv)
     return venv
 
