@@ -41,6 +41,8 @@ class BenchDaemon:
     pool_root: str
     data_dir: Path
     warm_branches: int = 0
+    # False: every branch runs as the shared postgres user (postgres.branch_uids = "").
+    isolation: bool = True
     proc: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     _log_offset: int = 0
@@ -110,6 +112,7 @@ root = "{self.pool_root}"
 [postgres]
 port_range = "{first}-{last}"
 socket_root = "{self.workdir / 'pg'}"
+{'' if self.isolation else 'branch_uids = ""'}
 
 [demo]
 enabled = false

@@ -80,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--warm", type=int, default=0, metavar="N",
                    help="daemon.warm_branches: started clones kept per base (btrfs only)")
+    p.add_argument("--shared-uid", action="store_true",
+                   help="postgres.branch_uids = \"\": no per-branch OS user (to measure "
+                        "what isolation costs)")
     p.add_argument("--data-dir", type=Path, default=Path("/var/tmp/cowbranchd-bench"))
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--docs", type=Path, default=REPO / "docs",
@@ -126,7 +129,9 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
     out: dict[str, Any] = results["drivers"].setdefault(driver, {})
     for note in pool.notes:
         _say(f"{driver}: {note}")
-    daemon = BenchDaemon(driver, pool.root, args.data_dir, warm_branches=args.warm)
+    daemon = BenchDaemon(
+        driver, pool.root, args.data_dir, warm_branches=args.warm, isolation=not args.shared_uid
+    )
     try:
         daemon.start()
         _say(f"{driver}: daemon serving on {daemon.socket_path}")

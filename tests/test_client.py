@@ -191,6 +191,7 @@ def test_branch_from_proto_gives_the_documented_json() -> None:
         "written_bytes": 8192,
         "request_id": "r1",
         "failure": "",
+        "owner": "admin",
     }
     assert "pw" not in repr(branch)
 

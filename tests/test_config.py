@@ -119,8 +119,8 @@ TOKEN = 'token_file = "/etc/cb/token"\n'
     ("lines", "missing"),
     [
         (TOKEN, "TLS (daemon.tls_cert, daemon.tls_key)"),
-        (TLS, "a token (daemon.token_file)"),
-        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file)"),
+        (TLS, "a token (daemon.token_file or tenants.tokens_dir)"),
+        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file or tenants.tokens_dir)"),
     ],
 )
 def test_tcp_without_tls_or_token_is_refused(tmp_path: Path, lines: str, missing: str) -> None:

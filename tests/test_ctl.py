@@ -59,7 +59,7 @@ def test_format_bytes_uses_binary_units() -> None:
 
 
 def test_branch_rows_show_age_expiry_size_and_labels() -> None:
-    """A branch row has id, state, parent, port, age, expiry, written bytes and labels."""
+    """A branch row has id, state, parent, owner, port, age, expiry, written bytes and labels."""
     branch = Branch(
         name="branches/pr-7",
         parent="bases/shop/versions/3",
@@ -78,12 +78,14 @@ def test_branch_rows_show_age_expiry_size_and_labels() -> None:
         written_bytes=2048,
         request_id="r",
         failure="",
+        owner="ci",
     )
     assert branch_rows([branch], NOW) == [
         [
             "pr-7 (protected)",
             "READY",
             "bases/shop/versions/3",
+            "ci",
             "56010",
             "5m",
             "in 1h55m",
@@ -193,6 +195,7 @@ def test_branch_commands_in_tables(ctl: pytest.CaptureFixture[str], daemon: Daem
         "BRANCH",
         "STATE",
         "PARENT",
+        "OWNER",
         "PORT",
         "AGE",
         "EXPIRES",
@@ -263,6 +266,7 @@ def test_status_in_both_outputs(ctl: pytest.CaptureFixture[str], daemon: DaemonH
         "daemon",
         "pool",
         "isolation",
+        "caller",
         "pool used",
         "capacity",
     ]

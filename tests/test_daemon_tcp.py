@@ -111,8 +111,8 @@ def test_tcp_tls_with_token(tls_daemon: tuple[DaemonHandle, str]) -> None:
     ("lines", "missing"),
     [
         ('token_file = "{token}"', "TLS (daemon.tls_cert, daemon.tls_key)"),
-        ('tls_cert = "{cert}"\ntls_key = "{key}"', "a token (daemon.token_file)"),
-        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file)"),
+        ('tls_cert = "{cert}"\ntls_key = "{key}"', "a token (daemon.token_file or tenants.tokens_dir)"),
+        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file or tenants.tokens_dir)"),
     ],
     ids=["no-tls", "no-token", "neither"],
 )

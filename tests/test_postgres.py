@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import signal
@@ -77,7 +78,26 @@ def test_base_made_by_initdb_is_clean_and_versioned(
     assert owners == {OS_USER}
     hba = Path(pg_base, "pg_hba.conf").read_text()
     assert "local   all          all               trust" in hba
-    assert "host    all          all   0.0.0.0/0   scram-sha-256" in hba
+    assert "host    all          all   127.0.0.1/32 scram-sha-256" in hba
+    assert "0.0.0.0/0" not in hba
+
+
+def test_client_networks_follow_the_listen_addresses() -> None:
+    """pg_hba admits TCP clients only from where postgres listens: a loopback
+    address itself, an interface's address its subnet, everywhere only when
+    listening everywhere; a host name the server's own subnets."""
+    assert postgres.client_networks("127.0.0.1") == ("127.0.0.1/32",)
+    assert postgres.client_networks("localhost") == ("127.0.0.1/32", "::1/128")
+    assert postgres.client_networks("*") == ("0.0.0.0/0", "::/0")
+    assert postgres.client_networks("0.0.0.0, 127.0.0.1") == ("0.0.0.0/0", "127.0.0.1/32")
+    assert postgres.client_networks("192.0.2.7") == ("192.0.2.7/32",)  # on no interface here
+    assert postgres.client_networks("db.example") == ("samenet",)
+    assert postgres.client_networks("") == ("127.0.0.1/32", "::1/128")
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and a.netmask and not a.address.startswith("127."):
+                expected = ipaddress.ip_network(f"{a.address}/{a.netmask}", strict=False)
+                assert postgres.client_networks(a.address) == (str(expected),)
 
 
 def test_pg_version_rejects_a_directory_without_pg_version(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import InvalidArgument
 
-__all__ = ["Config", "load_config", "parse_duration"]
+__all__ = ["Config", "listen_address", "load_config", "parse_duration"]
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -87,6 +87,8 @@ class DaemonConfig:
     reap_interval: timedelta = timedelta(seconds=5)
     drain_timeout: timedelta = timedelta(seconds=30)
     max_message_bytes: int = 4 * 1024 * 1024
+    # Prometheus metrics over HTTP, e.g. "127.0.0.1:9187"; empty: off (daemon/metrics.py).
+    metrics_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,29 @@ class PostgresConfig:
 
 
 @dataclass(frozen=True)
+class TenantsConfig:
+    """Who calls (docs/security.md, "Tenants"). Without tokens_dir and
+    sockets every caller is the admin, as on a single-user machine."""
+
+    # One file per tenant: the file's name is the tenant, its content the
+    # bearer token (root-owned, not readable by group or others). Re-read when
+    # the directory changes.
+    tokens_dir: str = ""
+    # tenant -> the group whose members may use <socket_dir>/<tenant>/api.sock;
+    # a caller on that socket is that tenant without any token.
+    sockets: Mapping[str, str] = field(default_factory=dict)
+    socket_dir: Path = Path("/run/cowbranchd-tenants")
+    # What ListBranches shows a tenant of other owners' branches: "redacted"
+    # (listed without connection secrets) or "hidden".
+    others: str = "redacted"
+    # Per owner (admins are exempt); 0: no limit.
+    max_branches: int = 0
+    max_written_bytes: int = 0
+    # Tenants that may also create, version and delete bases (admins always may).
+    base_changes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     # A small base made at start when the pool has no base at all.
     enabled: bool = True
@@ -137,6 +162,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
@@ -145,7 +171,10 @@ class Config:
 
 
 # Size keys for which 0 means "no limit".
-_ZERO_MEANS_NONE = frozenset({"max_branch_bytes", "max_branch_bytes_cap"})
+_ZERO_MEANS_NONE = frozenset({"max_branch_bytes", "max_branch_bytes_cap", "max_written_bytes"})
+# Integer keys for which 0 is allowed (none, or no limit).
+_ZERO_ALLOWED = frozenset({"daemon.warm_branches", "tenants.max_branches"})
+TENANT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
 
 def _convert(section: str, key: str, default: object, value: Any) -> object:
@@ -160,7 +189,7 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
             raise InvalidArgument(where, "must be positive")
         return size
     if isinstance(default, int):
-        lowest = 0 if key == "warm_branches" else 1
+        lowest = 0 if where in _ZERO_ALLOWED else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise InvalidArgument(where, f"must be an integer >= {lowest}")
         return value
@@ -180,9 +209,23 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
         return _uid_range(where, value)
     if key == "import_roots":
         return _import_roots(where, value)
+    if key == "metrics_address":
+        if not isinstance(value, str):
+            raise InvalidArgument(where, "must be a string like '127.0.0.1:9187'")
+        if value:
+            listen_address(where, value)
+        return value
     if key == "bin_dirs":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidArgument(where, "must be a list of strings")
+        return tuple(value)
+    if key == "sockets":
+        return _tenant_sockets(where, value)
+    if key == "base_changes":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(where, "must be a list of tenant names")
+        for name in value:
+            _tenant_name(where, name)
         return tuple(value)
     if key == "settings":
         if not isinstance(value, dict):
@@ -202,6 +245,20 @@ def _port_range(where: str, value: Any) -> tuple[int, int]:
     if not 1024 <= first <= last <= 65535:
         raise InvalidArgument(where, "must lie within 1024-65535, first <= last")
     return first, last
+
+
+def listen_address(where: str, text: str) -> tuple[str, int]:
+    """`127.0.0.1:9187`, `[::1]:9187`, `localhost:9187` -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", text)
+    if not match:
+        raise InvalidArgument(
+            where, f"{text!r} is not host:port like '127.0.0.1:9187' or '[::1]:9187'"
+        )
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise InvalidArgument(where, f"port {port} is not within 1-65535")
+    return host, port
 
 
 def _import_roots(where: str, value: Any) -> tuple[str, ...]:
@@ -226,6 +283,24 @@ def _import_roots(where: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _tenant_name(where: str, name: str) -> str:
+    if not TENANT_NAME.fullmatch(name) or name == "admin":
+        raise InvalidArgument(
+            where, f"{name!r} is not a tenant name: ^[a-z][a-z0-9-]{{0,62}}$, not 'admin'"
+        )
+    return name
+
+
+def _tenant_sockets(where: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArgument(where, "must be a table of tenant = \"group\"")
+    for name, group in value.items():
+        _tenant_name(where, name)
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}\$?", group):
+            raise InvalidArgument(f"{where}.{name}", f"{group!r} is not a group name")
+    return dict(value)
+
+
 def _uid_range(where: str, value: Any) -> tuple[int, int] | None:
     if value == "":
         return None
@@ -244,6 +319,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "daemon": DaemonConfig,
     "storage": StorageConfig,
     "postgres": PostgresConfig,
+    "tenants": TenantsConfig,
     "demo": DemoConfig,
 }
 
@@ -282,7 +358,11 @@ def _check(config: Config) -> None:
         raise InvalidArgument("daemon.tls_cert", "tls_cert and tls_key go together")
     if len(str(config.daemon.socket)) > 100:
         raise InvalidArgument("daemon.socket", "Unix socket paths must be under 100 characters")
-    _check_tcp(config.daemon)
+    _check_tcp(config.daemon, config.tenants)
+    if config.tenants.others not in ("redacted", "hidden"):
+        raise InvalidArgument("tenants.others", "must be redacted or hidden")
+    if config.tenants.tokens_dir and not config.tenants.tokens_dir.startswith("/"):
+        raise InvalidArgument("tenants.tokens_dir", "must be an absolute path")
     storage = config.storage
     if storage.max_branch_bytes_cap and storage.max_branch_bytes_cap < storage.max_branch_bytes:
         raise InvalidArgument(
@@ -291,7 +371,7 @@ def _check(config: Config) -> None:
         )
 
 
-def _check_tcp(daemon: DaemonConfig) -> None:
+def _check_tcp(daemon: DaemonConfig, tenants: TenantsConfig) -> None:
     """TCP is never open by accident: without TLS, tokens and branch passwords
     cross the network in clear; without a token, anyone who can reach the port
     may create, read and delete every branch."""
@@ -300,8 +380,8 @@ def _check_tcp(daemon: DaemonConfig) -> None:
     missing = []
     if not daemon.tls_cert:
         missing.append("TLS (daemon.tls_cert, daemon.tls_key)")
-    if not daemon.token_file:
-        missing.append("a token (daemon.token_file)")
+    if not daemon.token_file and not tenants.tokens_dir:
+        missing.append("a token (daemon.token_file or tenants.tokens_dir)")
     if missing:
         raise InvalidArgument(
             "daemon.tcp_address",

@@ -30,6 +30,7 @@ __all__ = [
     "validate_id",
     "validate_labels",
     "validate_request_id",
+    "validate_role",
     "validate_ttl",
 ]
 
@@ -37,6 +38,8 @@ ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{0,63}$")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+# A PostgreSQL role name (63 bytes at most); quoted wherever it is used.
+ROLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$")
 MAX_LABELS = 32
 MAX_TTL = timedelta(days=365)
 
@@ -49,12 +52,16 @@ class State(enum.Enum):
     DELETING = "deleting"
 
 
+def _shown(value: str) -> str:
+    """A caller's string as an error message may quote it: at most 80 characters."""
+    return value if len(value) <= 80 else value[:77] + "..."
+
+
 def validate_id(field_name: str, value: str) -> str:
     if not ID_RE.match(value):
-        shown = value if len(value) <= 80 else value[:77] + "..."
         raise InvalidArgument(
             field_name,
-            f"{shown!r} is not a valid id: use 1-63 characters of a-z, 0-9 and '-', "
+            f"{_shown(value)!r} is not a valid id: use 1-63 characters of a-z, 0-9 and '-', "
             "starting with a letter",
         )
     return value
@@ -63,6 +70,16 @@ def validate_id(field_name: str, value: str) -> str:
 def validate_request_id(value: str) -> str:
     if value and not REQUEST_ID_RE.match(value):
         raise InvalidArgument("request_id", "must be 1-128 printable ASCII characters, no spaces")
+    return value
+
+
+def validate_role(field_name: str, value: str) -> str:
+    if value and not ROLE_RE.match(value):
+        raise InvalidArgument(
+            field_name,
+            f"{_shown(value)!r} is not a role name: 1-63 characters of letters, digits, '_', '$' "
+            "and '-', starting with a letter or '_'",
+        )
     return value
 
 
@@ -227,6 +244,11 @@ class BranchRecord:
     uid: int = 0
     # The most its own writes may take on storage (its volume's limit); 0: none.
     max_bytes: int = 0
+    # Who created it (a tenant's name or "admin"); "": made before owners
+    # existed, the admin's.
+    owner: str = ""
+    # The database role its connection hands out; "": the base's branch role.
+    role: str = ""
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -246,6 +268,8 @@ class BranchRecord:
             "failure": self.failure[:500],
             "uid": str(self.uid) if self.uid else "",
             "max_bytes": str(self.max_bytes) if self.max_bytes else "",
+            "owner": self.owner,
+            "role": self.role,
         }
 
     @classmethod
@@ -267,6 +291,8 @@ class BranchRecord:
             resets=int(meta.get("resets") or 0),
             uid=int(meta.get("uid") or 0),
             max_bytes=int(meta.get("max_bytes") or 0),
+            owner=meta.get("owner", ""),
+            role=meta.get("role", ""),
         )
 
     def evolve(self, **changes: object) -> BranchRecord:
@@ -291,6 +317,22 @@ class BaseRecord:
     password: str = field(default="", repr=False)  # of its data directory, as of the latest version
     # version number -> creation time; the storage snapshot of version n is `v<n>`
     versions: dict[int, datetime] = field(default_factory=dict)
+    # The role branches hand out by default ("": `user`, the superuser), and
+    # the other roles a CreateBranch may ask for.
+    branch_role: str = ""
+    roles: tuple[str, ...] = ()
+
+    def role_for(self, requested: str) -> str:
+        """The role a branch asking for `requested` ("": the default) gets."""
+        default = self.branch_role or self.user
+        if not requested or requested == default:
+            return default
+        if requested not in self.roles:
+            allowed = ", ".join(sorted({default, *self.roles}))
+            raise InvalidArgument(
+                "role", f"bases/{self.base_id} hands out only these roles: {allowed}"
+            )
+        return requested
 
     @property
     def latest_version(self) -> int | None:
@@ -310,6 +352,8 @@ class BaseRecord:
                 {str(n): _ts(t) for n, t in sorted(self.versions.items())},
                 separators=(",", ":"),
             ),
+            "branch_role": self.branch_role,
+            "roles": ",".join(self.roles),
         }
 
     @classmethod
@@ -329,6 +373,8 @@ class BaseRecord:
                 int(n): _parse_ts(t) or datetime.fromtimestamp(0, UTC)
                 for n, t in raw_versions.items()
             },
+            branch_role=meta.get("branch_role", ""),
+            roles=tuple(r for r in meta.get("roles", "").split(",") if r),
         )
 
     def evolve(self, **changes: object) -> BaseRecord:

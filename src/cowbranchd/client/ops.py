@@ -9,7 +9,7 @@ once, here, and cannot drift between them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Generic, Literal, TypeVar
@@ -107,6 +107,7 @@ def create_branch(
     protected: bool = False,
     request_id: str | None = None,
     max_bytes: int = 0,
+    role: str = "",
 ) -> Op[Branch]:
     """CreateBranch, always with a request id so a retry can never make two branches."""
     if not parent:
@@ -121,6 +122,7 @@ def create_branch(
         postgres_settings=dict(postgres_settings or {}),
         protected=protected,
         max_bytes=max_bytes,
+        role=role,
     )
     if ttl is not None:
         request.ttl.CopyFrom(_duration(ttl))
@@ -197,13 +199,17 @@ def create_base(
     pg_version: int = 0,
     init_sql: str = "",
     labels: Mapping[str, str] | None = None,
+    branch_role: str = "",
+    roles: Sequence[str] = (),
 ) -> Op[Base]:
     """CreateBase from `data_directory`, or from a fresh initdb when it is None.
 
     Not retried: the proto has no request id, so a repeat could not tell a lost
     answer from a duplicate (the daemon would answer ALREADY_EXISTS).
     """
-    request = bases_pb2.CreateBaseRequest(base_id=base_id, labels=dict(labels or {}))
+    request = bases_pb2.CreateBaseRequest(
+        base_id=base_id, labels=dict(labels or {}), branch_role=branch_role, roles=list(roles)
+    )
     if data_directory is not None:
         if database or pg_version or init_sql:
             raise InvalidArgument(
@@ -277,6 +283,7 @@ def status() -> Op[dict[str, Any]]:
             "start_time": response.start_time.ToDatetime(UTC).isoformat(),
             "warnings": list(response.warnings),
             "isolation": response.isolation,
+            "caller": response.caller,
         }
 
     return Op("daemon", "GetStatus", daemon_pb2.GetStatusRequest(), convert)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -141,13 +141,16 @@ class Client:
         protected: bool = False,
         request_id: str | None = None,
         max_bytes: int = 0,
+        role: str = "",
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
 
         `request_id` (default: a new uuid4) makes the call idempotent: the same
-        id again returns the same branch. `max_bytes` limits what the branch
-        may write (0: the daemon's `storage.max_branch_bytes`).
+        id again, from the same caller, returns the same branch. `max_bytes`
+        limits what the branch may write (0: the daemon's
+        `storage.max_branch_bytes`). `role` asks for a database role other
+        than the base's default among those the base allows.
         """
         op = ops.create_branch(
             parent,
@@ -158,6 +161,7 @@ class Client:
             protected=protected,
             request_id=request_id,
             max_bytes=max_bytes,
+            role=role,
         )
         return self._call(op, timeout)
 
@@ -247,9 +251,13 @@ class Client:
         pg_version: int = 0,
         init_sql: str = "",
         labels: Mapping[str, str] | None = None,
+        branch_role: str = "",
+        roles: Sequence[str] = (),
         timeout: float | None = None,
     ) -> Base:
-        """Create a base from `data_directory` (copied), or by initdb when it is None."""
+        """Create a base from `data_directory` (copied), or by initdb when it is
+        None. Its branches hand out `branch_role` (default: the superuser) or,
+        on request, one of `roles`."""
         op = ops.create_base(
             base_id,
             data_directory=data_directory,
@@ -257,6 +265,8 @@ class Client:
             pg_version=pg_version,
             init_sql=init_sql,
             labels=labels,
+            branch_role=branch_role,
+            roles=roles,
         )
         return self._call(op, timeout)
 

@@ -163,6 +163,7 @@ class Branch:
     written_bytes: int
     request_id: str
     failure: str
+    owner: str = "admin"
 
     @property
     def branch_id(self) -> str:
@@ -191,6 +192,7 @@ class Branch:
             written_bytes=message.written_bytes,
             request_id=message.request_id,
             failure=message.failure,
+            owner=message.owner or "admin",
         )
 
     def connection_kwargs(self, *, via_socket: bool = False) -> dict[str, Any]:
@@ -242,6 +244,7 @@ class Branch:
             "written_bytes": self.written_bytes,
             "request_id": self.request_id,
             "failure": self.failure,
+            "owner": self.owner,
         }
 
 
@@ -286,6 +289,8 @@ class Base:
     size_bytes: int
     user: str
     database: str
+    branch_role: str = ""
+    roles: tuple[str, ...] = ()
 
     @property
     def base_id(self) -> str:
@@ -309,6 +314,8 @@ class Base:
             size_bytes=message.size_bytes,
             user=message.user,
             database=message.database,
+            branch_role=message.branch_role,
+            roles=tuple(message.roles),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,4 +330,6 @@ class Base:
             "size_bytes": self.size_bytes,
             "user": self.user,
             "database": self.database,
+            "branch_role": self.branch_role,
+            "roles": list(self.roles),
         }

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--protected", action="store_true", help="refuse deletion without --force")
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: random)")
+    p.add_argument("--role", metavar="ROLE", help="database role to hand out (the base allows it)")
     p.add_argument("--dsn-only", action="store_true", help="print only the DSN")
 
     p = add("list", "list branches, optionally by label selector")
@@ -179,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     sql = p.add_mutually_exclusive_group()
     sql.add_argument("--init-sql", metavar="SQL", help="initdb: SQL run before version 1")
     sql.add_argument("--init-sql-file", metavar="FILE", help="initdb: file of SQL to run")
+    p.add_argument(
+        "--branch-role", metavar="ROLE", help="role branches hand out (default: the superuser)"
+    )
+    p.add_argument(
+        "--role",
+        action="append",
+        metavar="ROLE",
+        help="another role a branch may ask for (repeatable)",
+    )
     _labels_arg(p, "label")
     add("list", "list bases", base_sub)
     p = add("show", "show a base and its versions", base_sub)

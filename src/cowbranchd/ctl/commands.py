@@ -115,6 +115,7 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         postgres_settings=pairs(args.setting, "--setting"),
         protected=args.protected,
         request_id=args.request_id,
+        role=args.role or "",
     )
     _show_branch(out, branch, args.dsn_only)
     return EXIT_OK
@@ -198,6 +199,8 @@ def cmd_base_create(client: Client, args: argparse.Namespace, out: Output) -> in
         pg_version=args.pg_version or 0,
         init_sql=init_sql,
         labels=pairs(args.label, "--label"),
+        branch_role=args.branch_role or "",
+        roles=args.role or (),
     )
     _show_base(out, base)
     return EXIT_OK
@@ -293,6 +296,7 @@ def _daemon_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
         ("daemon", f"cowbranchd {status['version']}, up since {status['start_time']}"),
         ("pool", f"{status['driver']} {status['pool']}"),
         ("isolation", status.get("isolation") or "unknown"),
+        ("caller", status.get("caller") or "unknown"),
         ("pool used", f"{format_bytes(used)} of {format_bytes(total)}{percent}"),
         (
             "capacity",

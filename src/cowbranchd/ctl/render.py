@@ -91,7 +91,17 @@ def format_labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
 
-BRANCH_HEADERS = ("BRANCH", "STATE", "PARENT", "PORT", "AGE", "EXPIRES", "WRITTEN", "LABELS")
+BRANCH_HEADERS = (
+    "BRANCH",
+    "STATE",
+    "PARENT",
+    "OWNER",
+    "PORT",
+    "AGE",
+    "EXPIRES",
+    "WRITTEN",
+    "LABELS",
+)
 
 
 def branch_rows(branches: Iterable[Branch], now: datetime) -> list[list[str]]:
@@ -101,6 +111,7 @@ def branch_rows(branches: Iterable[Branch], now: datetime) -> list[list[str]]:
             b.branch_id + (" (protected)" if b.protected else ""),
             b.state,
             b.parent,
+            b.owner,
             str(b.port) if b.port else "-",
             format_age(b.create_time, now),
             _expires(b.expire_time, now),
@@ -117,6 +128,7 @@ def branch_details(branch: Branch, now: datetime) -> list[tuple[str, str]]:
         ("name", branch.name),
         ("state", branch.state),
         ("parent", branch.parent),
+        ("owner", branch.owner),
         ("dsn", branch.dsn),
         ("host", branch.host),
         ("port", str(branch.port)),
@@ -165,6 +177,8 @@ def base_details(base: Base, now: datetime) -> str:
             ("pg_version", str(base.pg_version)),
             ("user", base.user),
             ("database", base.database),
+            ("role", base.branch_role or base.user),
+            ("roles", ", ".join(base.roles) or "-"),
             ("size", format_bytes(base.size_bytes)),
             ("created", format_age(base.create_time, now) + " ago" if base.create_time else "-"),
             ("labels", format_labels(base.labels)),

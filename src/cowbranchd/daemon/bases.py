@@ -24,9 +24,18 @@ from cowbranchd import deadline, postgres
 from cowbranchd.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
 )
-from cowbranchd.model import BaseRecord, Parent, State, now, validate_id, validate_labels
+from cowbranchd.model import (
+    BaseRecord,
+    Parent,
+    State,
+    now,
+    validate_id,
+    validate_labels,
+    validate_role,
+)
 from cowbranchd.run import run
 from cowbranchd.storage.base import Kind, SnapshotRef
 
@@ -110,9 +119,16 @@ class Bases:
         initdb: InitdbSpec | None = None,
         data_directory: str = "",
         labels: Mapping[str, str] | None = None,
+        branch_role: str = "",
+        roles: tuple[str, ...] = (),
     ) -> BaseRecord:
         validate_id("base_id", base_id)
         labels = validate_labels("labels", labels or {})
+        validate_role("branch_role", branch_role)
+        for role in roles:
+            if not role:
+                raise InvalidArgument("roles", "holds an empty role name")
+            validate_role("roles", role)
         source_dir = self._source("data_directory", data_directory)
         if source_dir is None and initdb is None:
             initdb = InitdbSpec()
@@ -142,6 +158,7 @@ class Bases:
                 initdb=initdb,
                 source_dir=source_dir,
                 labels=labels,
+                roles=(branch_role, tuple(sorted(set(roles)))),
             )
         finally:
             with inv.lock:
@@ -156,6 +173,7 @@ class Bases:
         initdb: InitdbSpec | None,
         source_dir: Path | None,
         labels: dict[str, str],
+        roles: tuple[str, tuple[str, ...]],
     ) -> BaseRecord:
         pg_cfg = self.ctx.config.postgres
         driver = self.ctx.driver
@@ -167,6 +185,8 @@ class Bases:
             user="postgres",
             database=(initdb.database if initdb and initdb.database else "postgres"),
             labels=labels,
+            branch_role=roles[0],
+            roles=roles[1],
         )
         with Revert() as undo:
             path = driver.create_volume(Kind.BASES, base_id, record.to_meta())

@@ -28,6 +28,7 @@ from cowbranchd.errors import (
     CowbranchError,
     FailedPrecondition,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
 )
 from cowbranchd.model import (
@@ -41,11 +42,13 @@ from cowbranchd.model import (
     validate_id,
     validate_labels,
     validate_request_id,
+    validate_role,
     validate_ttl,
 )
 from cowbranchd.postgres.settings import validate_client_settings
 from cowbranchd.storage.base import Kind, SnapshotRef
 
+from .auth import ADMIN, Caller
 from .bases import Bases
 from .changes import BranchChanges
 from .inventory import BranchEntry, Context
@@ -55,6 +58,7 @@ from .lifecycle import (
     connection,
     dismantle,
     materialise,
+    socket_dsn,
     start_postmaster,
     stop_postmaster,
 )
@@ -79,6 +83,8 @@ class CreateSpec:
     postgres_settings: Mapping[str, str] = field(default_factory=dict)
     protected: bool = False
     max_bytes: int = 0  # 0: storage.max_branch_bytes
+    owner: Caller = ADMIN
+    role: str = ""  # "": the parent's role, or the base's branch role
 
 
 class Branches(BranchChanges):
@@ -102,13 +108,48 @@ class Branches(BranchChanges):
 
     # -- queries -------------------------------------------------------------
 
-    def get(self, branch_id: str) -> BranchEntry:
+    def get(self, branch_id: str, caller: Caller | None = None) -> BranchEntry:
+        """The branch; with `caller`, only if it may act on it (its owner or
+        an admin): PERMISSION_DENIED otherwise."""
         validate_id("name", branch_id)
         with self.ctx.inventory.lock:
             entry = self.ctx.inventory.branches.get(branch_id)
         if entry is None or entry.error is not None:
             raise NotFound(f"branches/{branch_id} does not exist")
+        if caller is not None and not caller.owns(entry.record.owner):
+            raise PermissionDenied(
+                f"branches/{branch_id} belongs to another owner: only its owner or an admin "
+                "may see its connection, delete, reset, update or branch from it"
+            )
         return entry
+
+    def _check_quotas(self, owner: Caller) -> None:
+        """RESOURCE_EXHAUSTED when `owner` is at a per-owner quota (admins have
+        none). Caller holds the inventory lock. Written bytes come from the
+        usage cache (at most USAGE_CACHE_S old): a burst of creates may pass
+        the line by what was written meanwhile; each branch's own max_bytes
+        is the hard limit."""
+        tenants = self.ctx.config.tenants
+        if owner.admin or not (tenants.max_branches or tenants.max_written_bytes):
+            return
+        owned = [
+            e
+            for e in self.ctx.inventory.branches.values()
+            if e.record.owner == owner.name and e.error is None
+        ]
+        if tenants.max_branches and len(owned) >= tenants.max_branches:
+            raise ResourceExhausted(
+                f"owner {owner.name!r} is at its quota tenants.max_branches "
+                f"({tenants.max_branches} branches): delete some of its branches"
+            )
+        if tenants.max_written_bytes:
+            written = sum(self._cached_usage(e) for e in owned)
+            if written >= tenants.max_written_bytes:
+                raise ResourceExhausted(
+                    f"owner {owner.name!r} is at its quota tenants.max_written_bytes: its "
+                    f"branches wrote {written // 2**20} MiB of "
+                    f"{tenants.max_written_bytes // 2**20} MiB; delete some of its branches"
+                )
 
     def matching(self, selector: Selector) -> list[BranchEntry]:
         with self.ctx.inventory.lock:
@@ -129,6 +170,20 @@ class Branches(BranchChanges):
 
     def connection(self, entry: BranchEntry) -> Connection:
         return connection(self.ctx, entry)
+
+    def _refresh_usage(self, owner: Caller) -> None:
+        """Bring the usage cache of `owner`'s branches up to date (storage
+        calls: not under the inventory lock)."""
+        with self.ctx.inventory.lock:
+            entries = list(self.ctx.inventory.branches.values())
+        owned = [e for e in entries if e.record.owner == owner.name]
+        for entry in owned:
+            self.written_bytes(entry)
+
+    def _cached_usage(self, entry: BranchEntry) -> int:
+        """The last written_bytes seen for the branch, however old; 0 if none."""
+        cached = self._usage_cache.get(entry.branch_id)
+        return cached[1] if cached is not None else 0
 
     def written_bytes(self, entry: BranchEntry) -> int:
         """From storage, cached briefly: on btrfs it walks the branch's extents
@@ -153,18 +208,25 @@ class Branches(BranchChanges):
         ttl = validate_ttl("ttl", spec.ttl) or self.ctx.config.daemon.default_ttl
         settings = validate_client_settings(spec.postgres_settings)
         max_bytes = size_limit(self.ctx.config.storage, spec.max_bytes)
+        role = validate_role("role", spec.role)
+        owner = spec.owner
+        if parent.branch is not None:
+            self.get(parent.branch, owner)  # only its owner (or an admin) branches from it
+        if self.ctx.config.tenants.max_written_bytes and not owner.admin:
+            self._refresh_usage(owner)
         self._check_space()
 
         inv = self.ctx.inventory
         while True:
             with inv.lock:
-                existing = inv.by_request_id(request_id)
+                existing = inv.by_request_id(request_id, owner.name)
                 if existing is None:
                     branch_id = branch_id or self._generate_id()
                     if branch_id in inv.branches:
                         raise AlreadyExists(
                             f"branches/{branch_id} already exists (created with another request_id)"
                         )
+                    self._check_quotas(owner)
                     if len(inv.branches) >= self.ctx.config.daemon.max_branches:
                         raise ResourceExhausted(
                             f"all {self.ctx.config.daemon.max_branches} branch slots are in use "
@@ -184,6 +246,8 @@ class Branches(BranchChanges):
                         request_id=request_id,
                         settings=settings,
                         max_bytes=max_bytes,
+                        owner=owner.name,
+                        role=role,
                     )
                     entry = BranchEntry(record=record, path=Path())
                     entry.lock.acquire()
@@ -226,11 +290,16 @@ class Branches(BranchChanges):
                 source = self._snapshot_branch(parent_branch, branch_id)
                 undo.add("destroy parent snapshot", lambda: driver.destroy_snapshot(source))
                 with inv.lock:
-                    base_id = inv.branches[parent_branch].record.base_id
+                    parent_record = inv.branches[parent_branch].record
+                base_id = parent_record.base_id
+                record = record.evolve(role=record.role or parent_record.role)
+                base_record = self._base_record(base_id)
             else:
                 base_record, source = self.bases.resolve(parse_parent("parent", record.parent))
                 base_id = base_record.base_id
                 record = record.evolve(parent=f"bases/{base_id}/versions/{source.snap[1:]}")
+            if base_record is not None:
+                record = record.evolve(role=base_record.role_for(record.role))
             t_source = time.perf_counter()
             record = record.evolve(base_id=base_id, source_snapshot=str(source))
             entry.record = record
@@ -275,6 +344,7 @@ class Branches(BranchChanges):
             ms_start=round((t_start - t_clone) * 1000, 1),
             ms_total=round((time.perf_counter() - started) * 1000, 1),
         )
+        self.ctx.metrics.branch_created(time.perf_counter() - started, warm=warm is not None)
 
     def _hand_over(self, warm: BranchEntry, entry: BranchEntry) -> bool:
         """Make a warm clone this branch: it keeps its volume and its running
@@ -313,7 +383,7 @@ class Branches(BranchChanges):
                     f"branches/{parent_id} is {self.state(parent).name}, not READY: "
                     "only a running branch can be branched"
                 )
-            postgres.checkpoint(self.connection(parent).dsn)
+            postgres.checkpoint(socket_dsn(self.ctx, parent))
             return self.ctx.driver.snapshot(Kind.BRANCHES, parent.volume, f"c-{child_id}")
 
     def _base_record(self, base_id: str) -> BaseRecord | None:
@@ -375,6 +445,7 @@ class Branches(BranchChanges):
             finally:
                 entry.lock.release()
             failed.append(entry.branch_id)
+            self.ctx.metrics.size_limit_stop()
             log.warning("branch_size_limit", branch=entry.branch_id, failure=why)
         return failed
 

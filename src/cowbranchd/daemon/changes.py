@@ -26,6 +26,7 @@ from cowbranchd.model import (
 )
 from cowbranchd.storage.base import Kind
 
+from .auth import Caller
 from .inventory import BranchEntry, Context
 from .lifecycle import dismantle, materialise, withdraw
 from .revert import Revert
@@ -41,7 +42,7 @@ class BranchChanges:
     ctx: Context
     _usage_cache: dict[str, tuple[float, int]]
 
-    def get(self, branch_id: str) -> BranchEntry:
+    def get(self, branch_id: str, caller: Caller | None = None) -> BranchEntry:
         raise NotImplementedError
 
     def _start(self, entry: BranchEntry, *, allow_new_port: bool) -> None:
@@ -52,9 +53,16 @@ class BranchChanges:
 
     # -- delete / reset / update ------------------------------------------------
 
-    def delete(self, branch_id: str, *, allow_missing: bool = False, force: bool = False) -> None:
+    def delete(
+        self,
+        branch_id: str,
+        *,
+        allow_missing: bool = False,
+        force: bool = False,
+        caller: Caller | None = None,
+    ) -> None:
         try:
-            entry = self.get(branch_id)
+            entry = self.get(branch_id, caller)
         except NotFound:
             if allow_missing:
                 return
@@ -97,10 +105,12 @@ class BranchChanges:
             branch=entry.branch_id,
             ms_total=round((time.perf_counter() - started) * 1000, 1),
         )
+        self.ctx.metrics.branch_deleted(time.perf_counter() - started)
         return True
 
-    def reset(self, branch_id: str) -> BranchEntry:
-        entry = self.get(branch_id)
+    def reset(self, branch_id: str, caller: Caller | None = None) -> BranchEntry:
+        started = time.perf_counter()
+        entry = self.get(branch_id, caller)
         driver = self.ctx.driver
         with deadline.holding(entry.lock, f"branches/{branch_id}"):
             source = entry.source
@@ -151,6 +161,7 @@ class BranchChanges:
                 log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
             self._usage_cache.pop(branch_id, None)
         log.info("branch_reset", branch=branch_id)
+        self.ctx.metrics.branch_reset(time.perf_counter() - started)
         return entry
 
     def _store(
@@ -186,8 +197,9 @@ class BranchChanges:
         ttl: timedelta | None = None,
         set_ttl: bool = False,
         protected: bool | None = None,
+        caller: Caller | None = None,
     ) -> BranchEntry:
-        entry = self.get(branch_id)
+        entry = self.get(branch_id, caller)
         changes: dict[str, object] = {}
         if labels is not None:
             changes["labels"] = validate_labels("branch.labels", labels)

@@ -21,6 +21,7 @@ from cowbranchd.postgres import Postmaster
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 
 from .credentials import SecretKeeper
+from .metrics import Metrics
 
 __all__ = ["BaseEntry", "BranchEntry", "Context", "Inventory"]
 
@@ -77,12 +78,14 @@ class Inventory:
         # untouched (never destroyed, never branched), reported by GetStatus.
         self.quarantined: dict[str, str] = {}
 
-    def by_request_id(self, request_id: str) -> BranchEntry | None:
-        """Caller holds `lock`."""
+    def by_request_id(self, request_id: str, owner: str) -> BranchEntry | None:
+        """The branch `owner` created with `request_id` (keys are per owner:
+        two tenants choosing the same key get two branches). Caller holds `lock`."""
         if not request_id:
             return None
         for entry in self.branches.values():
-            if entry.record.request_id == request_id:
+            record = entry.record
+            if record.request_id == request_id and (record.owner or "admin") == owner:
                 return entry
         return None
 
@@ -116,6 +119,8 @@ class Context:
     # Branch uids when every branch runs as its own OS user on an idmapped
     # mount of its clone; None: all run as config.postgres.os_user.
     uids: UidAllocator | None = None
+    # Events the orchestration records (latencies, size-limit stops).
+    metrics: Metrics = field(default_factory=Metrics, repr=False)
     # Made from config.daemon.state_dir: the daemon key every password derives from.
     secrets: SecretKeeper = field(init=False, repr=False)
 

@@ -22,6 +22,7 @@ from cowbranchd import deadline, postgres
 from cowbranchd.errors import (
     AlreadyExists,
     CowbranchError,
+    FailedPrecondition,
     InvalidArgument,
     PostgresError,
     StorageError,
@@ -40,6 +41,7 @@ __all__ = [
     "dismantle",
     "present",
     "remove_runtime_files",
+    "socket_dsn",
     "start_postmaster",
     "stop_postmaster",
     "withdraw",
@@ -67,23 +69,26 @@ class Connection:
     dsn: str
 
 
-def _credentials(ctx: Context, entry: BranchEntry) -> tuple[str, str, str]:
-    """(user, password, database) of the branch: its base's superuser and
-    database, and a password of the branch's own, derived from its identity
-    (so it survives resets and restarts and is never stored)."""
+def _credentials(ctx: Context, entry: BranchEntry) -> tuple[str, str, str, str]:
+    """(role, password, database, superuser) of the branch: the role it hands
+    out (its base's branch role unless it asked for another), a password of
+    the branch's own, derived from its identity (so it survives resets and
+    restarts and is never stored), its base's database, and the superuser
+    the daemon itself connects as."""
     with ctx.inventory.lock:
         base_entry = ctx.inventory.bases.get(entry.record.base_id)
     base = base_entry.record if base_entry else None
     password = ctx.secrets.branch_password(entry.branch_id, entry.record.create_time)
     if base is None:
-        return "postgres", password, "postgres"
-    return base.user, password, base.database
+        return entry.record.role or "postgres", password, "postgres", "postgres"
+    role = entry.record.role or base.branch_role or base.user
+    return role, password, base.database, base.user
 
 
 def connection(ctx: Context, entry: BranchEntry) -> Connection:
     """Where and how to reach the branch: its own password, its port."""
     pg = ctx.config.postgres
-    user, password, database = _credentials(ctx, entry)
+    user, password, database, _ = _credentials(ctx, entry)
     return Connection(
         host=pg.host,
         port=entry.record.port,
@@ -95,26 +100,36 @@ def connection(ctx: Context, entry: BranchEntry) -> Connection:
     )
 
 
-def _socket_dsn(ctx: Context, entry: BranchEntry) -> str:
+def socket_dsn(ctx: Context, entry: BranchEntry) -> str:
     """The daemon's own way in: the branch's socket (trusted, no password)."""
-    user, _, database = _credentials(ctx, entry)
-    return postgres.dsn(str(ctx.socket_dir(entry.branch_id)), entry.record.port, user, "", database)
+    _, _, database, superuser = _credentials(ctx, entry)
+    return postgres.dsn(
+        str(ctx.socket_dir(entry.branch_id)), entry.record.port, superuser, "", database
+    )
 
 
 def _give_password(ctx: Context, entry: BranchEntry) -> postgres.OnReady:
     """Set the branch's own password on its role, over the daemon's socket
     connection: a clone comes with its parent's (a base's or another
     branch's), which must open only the parent."""
-    user, password, _ = _credentials(ctx, entry)
+    user, password, _, _ = _credentials(ctx, entry)
     verifier = postgres.scram_verifier(password)
 
     def apply(conn: psycopg.Connection[Any]) -> None:
         # Not in the branch's log, whatever its log_statement says.
         conn.execute("SET log_statement = 'none'")
         conn.execute("SET log_min_duration_statement = -1")
-        conn.execute(
-            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(user), sql.Literal(verifier))
-        )
+        try:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(user), sql.Literal(verifier)
+                )
+            )
+        except psycopg.errors.UndefinedObject as exc:
+            raise FailedPrecondition(
+                f"role {user!r} does not exist in bases/{entry.record.base_id}: create it in "
+                "the base (init_sql, or before its next version) or ask for another role"
+            ) from exc
 
     return apply
 
@@ -176,7 +191,7 @@ def start_postmaster(ctx: Context, entry: BranchEntry, *, allow_new_port: bool) 
                 listen_addresses=pg.listen_addresses,
                 settings=settings,
                 log_path=str(ctx.log_path(entry.branch_id)),
-                ready_dsn=_socket_dsn(ctx, entry),
+                ready_dsn=socket_dsn(ctx, entry),
                 on_ready=_give_password(ctx, entry),
                 ready_timeout=deadline.bounded(
                     pg.start_timeout.total_seconds(), "postgres to answer"
@@ -227,6 +242,9 @@ def materialise(
     undo.add("dismantle", lambda: dismantle(ctx, entry, release=release))
     cloned = time.perf_counter()
     postgres.prepare_clone(entry.pgdata)
+    # Whatever the parent allowed: TCP only from the networks postgres listens on.
+    pg = ctx.config.postgres
+    postgres.write_hba(entry.pgdata, pg.os_user, postgres.client_networks(pg.listen_addresses))
     start_postmaster(ctx, entry, allow_new_port=allow_new_port)
     return cloned
 
@@ -318,7 +336,7 @@ def claim(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:
     `SELECT 1` answered (as CreateBranch promises), over one socket connection."""
     try:
         with psycopg.connect(
-            _socket_dsn(ctx, entry), connect_timeout=max(1, int(timeout)), autocommit=True
+            socket_dsn(ctx, entry), connect_timeout=max(1, int(timeout)), autocommit=True
         ) as conn:
             conn.execute("SELECT 1")
             _give_password(ctx, entry)(conn)

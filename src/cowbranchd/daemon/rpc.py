@@ -127,8 +127,9 @@ _KIND = {
 def rpc(
     method: Callable[[Any, Req, grpc.ServicerContext], Resp],
 ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
-    """Gate, admit, bound by the caller's deadline, time, log and translate
-    errors for one servicer method."""
+    """Gate, admit, bound by the caller's deadline, time, log, count (metrics)
+    and translate errors for one servicer method. The servicer holds `gate`,
+    `admission` and `branches` (whose context holds the metrics)."""
     name = method.__name__
     kind = _KIND.get(name)
 
@@ -145,6 +146,7 @@ def rpc(
                     stack.enter_context(self.admission[kind].turn())
                 response = method(self, request, context)
         except CowbranchError as exc:
+            _measure(self, name, exc.code.name, started)
             log.info(
                 "rpc",
                 method=name,
@@ -155,6 +157,7 @@ def rpc(
             )
             context.abort(exc.code, exc.message)
         except Exception as exc:
+            _measure(self, name, "INTERNAL", started)
             log.exception(
                 "rpc",
                 method=name,
@@ -163,6 +166,7 @@ def rpc(
                 **fields,
             )
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        _measure(self, name, "OK", started)
         log.info(
             "rpc",
             method=name,
@@ -173,6 +177,11 @@ def rpc(
         return response
 
     return wrapper
+
+
+def _measure(servicer: Any, method: str, code: str, started: float) -> None:
+    """Count the call in the daemon's metrics (every servicer holds `branches`)."""
+    servicer.branches.ctx.metrics.rpc_done(method, code, time.perf_counter() - started)
 
 
 def _log_fields(request: object) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import grp
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -39,12 +40,13 @@ from cowbranchd.v1 import (
     daemon_pb2_grpc,
 )
 
-from .auth import TokenInterceptor, read_token
+from .auth import ADMIN, Caller, IdentityInterceptor, TokenBook, read_token
 from .bases import Bases, InitdbSpec
 from .branches import Branches
 from .inventory import Context, Inventory
 from .isolation import branch_uids
 from .logs import configure_logging
+from .metrics import Metrics, MetricsServer
 from .reconcile import reconcile
 from .rpc import Gate, admissions
 from .service import BaseServicer, BranchServicer, DaemonServicer
@@ -87,7 +89,15 @@ class Daemon:
         self.stopping = threading.Event()
         # Read before anything is touched: a bad token file must not leave a
         # half-prepared runtime directory or pool behind.
-        self._token = read_token(config.daemon.token_file) if config.daemon.token_file else None
+        admin_token = read_token(config.daemon.token_file) if config.daemon.token_file else None
+        self._tokens = TokenBook(admin_token, config.tenants.tokens_dir)
+        self.metrics = Metrics()
+        # Bound now for the same reason: a taken metrics port is a start failure.
+        self.metrics_http = (
+            MetricsServer(config.daemon.metrics_address, self.metrics.registry)
+            if config.daemon.metrics_address
+            else None
+        )
         self._prepare_runtime_dir()
         driver = open_driver(config.storage, config.daemon.state_dir)
         pg = config.postgres
@@ -97,14 +107,18 @@ class Daemon:
             ports=PortAllocator(pg.port_range[0], pg.port_range[1], pg.listen_addresses),
             inventory=Inventory(),
             uids=branch_uids(config, driver),
+            metrics=self.metrics,
         )
         self.bases = Bases(self.ctx)
         self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
         self.branches = Branches(self.ctx, self.bases, self.warm)
+        self.metrics.watch(self.branches, self.warm)
         self.admission = admissions(
             config.daemon.max_concurrent_writes, config.daemon.max_queued_writes
         )
-        self.server = self._build_server()
+        self.start_time = now()
+        self._prepare_tenant_sockets()
+        self.servers = self._build_servers()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _prepare_runtime_dir(self) -> None:
@@ -123,26 +137,53 @@ class Daemon:
         if sock.exists() or sock.is_symlink():
             sock.unlink()  # a stale socket from a previous run
 
-    def _build_server(self) -> grpc.Server:
+    def _build_servers(self) -> list[grpc.Server]:
+        """One gRPC server per identity a listener stands for (grpcio cannot
+        tell a servicer which port a call came in on): the main socket, TCP,
+        and each tenant's socket. They share the servicers and one worker pool."""
         daemon = self.config.daemon
-        options = [
-            ("grpc.max_receive_message_length", daemon.max_message_bytes),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
-        ]
-        interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
-        if self._token is not None:
-            interceptors.append(TokenInterceptor(self._token))
         # Enough workers for every admitted or queued write at once, plus a
         # reserve that only reads and health checks can reach.
         writers = sum(a.running + a.queued for a in self.admission.values())
+        pool = futures.ThreadPoolExecutor(
+            max_workers=writers + READ_WORKERS, thread_name_prefix="rpc"
+        )
+        book = self._tokens
+        main_identity = None if book.admin_required else ADMIN
+        main = self._new_server(pool, IdentityInterceptor(book, main_identity))
+        main.add_insecure_port(f"unix:{daemon.socket}")
+        servers = [main]
+        for tenant in sorted(self.config.tenants.sockets):
+            server = self._new_server(pool, IdentityInterceptor(book, Caller(tenant)))
+            server.add_insecure_port(f"unix:{self._tenant_socket(tenant)}")
+            servers.append(server)
+        if daemon.tcp_address:
+            self._warn_if_tcp_insecure()
+            # TCP has no identity of its own: a token names the caller, except
+            # where the operator accepted an open port (daemon.insecure_tcp
+            # without any token configured).
+            open_tcp = daemon.insecure_tcp and not (book.admin_required or book.has_tenants)
+            server = self._new_server(pool, IdentityInterceptor(book, ADMIN if open_tcp else None))
+            if daemon.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(daemon.tls_key).read_bytes(), Path(daemon.tls_cert).read_bytes())]
+                )
+                server.add_secure_port(daemon.tcp_address, creds)
+            else:
+                server.add_insecure_port(daemon.tcp_address)
+            servers.append(server)
+        return servers
+
+    def _new_server(
+        self, pool: futures.ThreadPoolExecutor, identity: IdentityInterceptor
+    ) -> grpc.Server:
+        options = [
+            ("grpc.max_receive_message_length", self.config.daemon.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
         server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=writers + READ_WORKERS, thread_name_prefix="rpc"
-            ),
-            options=options,
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=256,
+            pool, options=options, interceptors=[identity], maximum_concurrent_rpcs=256
         )
         bases_pb2_grpc.add_BaseServiceServicer_to_server(
             BaseServicer(self.bases, self.branches, self.gate, self.admission), server
@@ -151,23 +192,43 @@ class Daemon:
             BranchServicer(self.branches, self.gate, self.admission), server
         )
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
-            DaemonServicer(self.branches, self.gate, now()), server
+            DaemonServicer(self.branches, self.gate, self.start_time), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        server.add_insecure_port(f"unix:{daemon.socket}")
-        if daemon.tcp_address:
-            self._warn_if_tcp_insecure()
-            if daemon.tls_cert:
-                creds = grpc.ssl_server_credentials(
-                    [(Path(daemon.tls_key).read_bytes(), Path(daemon.tls_cert).read_bytes())]
-                )
-                server.add_secure_port(daemon.tcp_address, creds)
-            else:
-                server.add_insecure_port(daemon.tcp_address)
         return server
+
+    def _tenant_socket(self, tenant: str) -> Path:
+        return self.config.tenants.socket_dir / tenant / "api.sock"
+
+    def _prepare_tenant_sockets(self) -> None:
+        """<socket_dir>/<tenant>/ is root:<group> 0750, so only that group's
+        members reach the tenant's socket; directories of tenants no longer
+        configured are removed."""
+        tenants = self.config.tenants
+        if not tenants.sockets and not tenants.socket_dir.exists():
+            return
+        tenants.socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(tenants.socket_dir, 0, 0)
+        os.chmod(tenants.socket_dir, 0o755)
+        for stale in set(os.listdir(tenants.socket_dir)) - set(tenants.sockets):
+            shutil.rmtree(tenants.socket_dir / stale, ignore_errors=True)
+        for tenant, group in tenants.sockets.items():
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise InvalidArgument(
+                    f"tenants.sockets.{tenant}", f"group {group!r} does not exist"
+                ) from None
+            directory = tenants.socket_dir / tenant
+            directory.mkdir(exist_ok=True)
+            os.chown(directory, 0, gid, follow_symlinks=False)
+            os.chmod(directory, 0o750, follow_symlinks=False)
+            sock = directory / "api.sock"
+            if sock.exists() or sock.is_symlink():
+                sock.unlink()
 
     def _warn_if_tcp_insecure(self) -> None:
         """config refuses TCP without TLS or a token unless the operator set
@@ -192,9 +253,18 @@ class Daemon:
     def start(self) -> None:
         """Serve (UNAVAILABLE until reconciled), reconcile, then open up."""
         started = time.perf_counter()
-        self.server.start()
+        if self.metrics_http is not None:
+            self.metrics_http.start()
+        for server in self.servers:
+            server.start()
         os.chmod(self.config.daemon.socket, 0o660)
+        for tenant, group in self.config.tenants.sockets.items():
+            sock = self._tenant_socket(tenant)
+            os.chown(sock, 0, grp.getgrnam(group).gr_gid)
+            os.chmod(sock, 0o660)
+        reconcile_started = time.perf_counter()
         counts = reconcile(self.ctx, self.branches)
+        self.metrics.reconciled(time.perf_counter() - reconcile_started)
         self._ensure_demo_base()
         self.gate.open()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -206,7 +276,9 @@ class Daemon:
             "serving",
             version=__version__,
             socket=str(self.config.daemon.socket),
+            tenant_sockets=sorted(self.config.tenants.sockets) or None,
             tcp=self.config.daemon.tcp_address or None,
+            metrics=self.config.daemon.metrics_address or None,
             driver=self.ctx.driver.kind,
             ms=round((time.perf_counter() - started) * 1000, 1),
             **counts,
@@ -256,11 +328,15 @@ class Daemon:
         self.stopping.set()
         self.gate.close("cowbranchd is shutting down; retry against the restarted daemon")
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace=self.config.daemon.drain_timeout.total_seconds()).wait()
+        grace = self.config.daemon.drain_timeout.total_seconds()
+        for drained in [server.stop(grace=grace) for server in self.servers]:
+            drained.wait()
         self.warm.stop()
         if stop_branches:
             stopped = self.branches.stop_all()
             log.info("branches_stopped", count=stopped)
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
         log.info("stopped")
 
 

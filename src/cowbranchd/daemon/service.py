@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from cowbranchd import __version__
-from cowbranchd.errors import InvalidArgument
+from cowbranchd import __version__, postgres
+from cowbranchd.errors import InvalidArgument, PermissionDenied
 from cowbranchd.model import Selector, parse_name
 from cowbranchd.v1 import (
     bases_pb2,
@@ -23,6 +23,7 @@ from cowbranchd.v1 import (
     daemon_pb2_grpc,
 )
 
+from .auth import ADMIN, Caller, current_caller
 from .bases import Bases, InitdbSpec
 from .branches import Branches, CreateSpec
 from .inventory import BaseEntry, BranchEntry
@@ -42,9 +43,17 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         self.gate = gate
         self.admission = admission
 
-    def to_proto(self, entry: BranchEntry, *, with_usage: bool = True) -> branches_pb2.Branch:
+    def to_proto(
+        self, entry: BranchEntry, caller: Caller, *, with_usage: bool = True
+    ) -> branches_pb2.Branch:
         record = entry.record
         conn = self.branches.connection(entry)
+        if not caller.owns(record.owner):  # listed to another owner: no secrets
+            conn = dataclasses.replace(
+                conn,
+                password="",
+                dsn=postgres.dsn(conn.host, conn.port, conn.user, "", conn.database),
+            )
         state = self.branches.state(entry)
         return branches_pb2.Branch(
             name=f"branches/{record.branch_id}",
@@ -58,6 +67,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             written_bytes=self.branches.written_bytes(entry) if with_usage else 0,
             request_id=record.request_id,
             failure=record.failure,
+            owner=record.owner or ADMIN.name,
         )
 
     @rpc
@@ -75,17 +85,21 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             postgres_settings=dict(request.postgres_settings),
             protected=request.protected,
             max_bytes=request.max_bytes,
+            owner=current_caller(),
+            role=request.role,
         )
         entry = self.branches.create(spec)
         if not context.is_active():  # cancelled, timed out or gone while we built it
             self.branches.mark_unclaimed(entry)
-        return self.to_proto(entry, with_usage=False)
+        return self.to_proto(entry, spec.owner, with_usage=False)
 
     @rpc
     def GetBranch(
         self, request: branches_pb2.GetBranchRequest, context: grpc.ServicerContext
     ) -> branches_pb2.Branch:
-        return self.to_proto(self.branches.get(parse_name("name", request.name, "branches")))
+        caller = current_caller()
+        name = parse_name("name", request.name, "branches")
+        return self.to_proto(self.branches.get(name, caller), caller)
 
     @rpc
     def ListBranches(
@@ -96,11 +110,17 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         size = request.page_size or DEFAULT_PAGE_SIZE
         after = _decode_token(request.page_token)
         selector = Selector.parse(request.label_selector)
-        entries = [e for e in self.branches.matching(selector) if e.branch_id > after]
+        caller = current_caller()
+        hide_others = self.branches.ctx.config.tenants.others == "hidden"
+        entries = [
+            e
+            for e in self.branches.matching(selector)
+            if e.branch_id > after and not (hide_others and not caller.owns(e.record.owner))
+        ]
         page = entries[:size]
         token = _encode_token(page[-1].branch_id) if len(entries) > size else ""
         return branches_pb2.ListBranchesResponse(
-            branches=[self.to_proto(e) for e in page], next_page_token=token
+            branches=[self.to_proto(e, caller) for e in page], next_page_token=token
         )
 
     @rpc
@@ -111,6 +131,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             parse_name("name", request.name, "branches"),
             allow_missing=request.allow_missing,
             force=request.force,
+            caller=current_caller(),
         )
         return branches_pb2.DeleteBranchResponse()
 
@@ -118,13 +139,15 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
     def ResetBranch(
         self, request: branches_pb2.ResetBranchRequest, context: grpc.ServicerContext
     ) -> branches_pb2.Branch:
-        entry = self.branches.reset(parse_name("name", request.name, "branches"))
-        return self.to_proto(entry, with_usage=False)
+        caller = current_caller()
+        entry = self.branches.reset(parse_name("name", request.name, "branches"), caller)
+        return self.to_proto(entry, caller, with_usage=False)
 
     @rpc
     def UpdateBranch(
         self, request: branches_pb2.UpdateBranchRequest, context: grpc.ServicerContext
     ) -> branches_pb2.Branch:
+        caller = current_caller()
         branch = request.branch
         paths = set(request.update_mask.paths)
         known = {"labels", "protected", "ttl", "expire_time"}
@@ -147,8 +170,9 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             ttl=ttl,
             set_ttl=bool({"ttl", "expire_time"} & paths),
             protected=branch.protected if "protected" in paths else None,
+            caller=caller,
         )
-        return self.to_proto(entry)
+        return self.to_proto(entry, caller)
 
 
 def _encode_token(after: str) -> str:
@@ -196,12 +220,23 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
             size_bytes=record.size_bytes,
             user=record.user,
             database=record.database,
+            branch_role=record.branch_role,
+            roles=record.roles,
         )
+
+    def _may_change_bases(self) -> None:
+        caller = current_caller()
+        if not (caller.admin or caller.name in self.bases.ctx.config.tenants.base_changes):
+            raise PermissionDenied(
+                f"{caller.name!r} may not create, version or delete bases: that is for admins "
+                "and the tenants named in tenants.base_changes"
+            )
 
     @rpc
     def CreateBase(
         self, request: bases_pb2.CreateBaseRequest, context: grpc.ServicerContext
     ) -> bases_pb2.Base:
+        self._may_change_bases()
         which = request.WhichOneof("source")
         initdb = None
         if which == "initdb" or which is None:
@@ -217,6 +252,8 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
             initdb=initdb,
             data_directory=request.data_directory if which == "data_directory" else "",
             labels=dict(request.labels),
+            branch_role=request.branch_role,
+            roles=tuple(request.roles),
         )
         return self.to_proto(self.bases.get(request.base_id))
 
@@ -236,6 +273,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
     def DeleteBase(
         self, request: bases_pb2.DeleteBaseRequest, context: grpc.ServicerContext
     ) -> bases_pb2.DeleteBaseResponse:
+        self._may_change_bases()
         self.bases.delete(
             parse_name("name", request.name, "bases"),
             force=request.force,
@@ -249,6 +287,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
     def CreateBaseVersion(
         self, request: bases_pb2.CreateBaseVersionRequest, context: grpc.ServicerContext
     ) -> bases_pb2.BaseVersion:
+        self._may_change_bases()
         base_id = parse_name("parent", request.parent, "bases")
         record, version = self.bases.create_version(base_id, request.data_directory)
         return bases_pb2.BaseVersion(
@@ -295,4 +334,5 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             start_time=timestamp(self.start_time),
             warnings=warnings,
             isolation=ctx.isolation,
+            caller=current_caller().name,
         )

@@ -15,7 +15,16 @@ checkpoint).
 
 from __future__ import annotations
 
-from .cluster import PG_HBA, SCRAM_ITERATIONS, checkpoint, dsn, initdb, scram_verifier, write_hba
+from .cluster import (
+    PG_HBA,
+    SCRAM_ITERATIONS,
+    checkpoint,
+    client_networks,
+    dsn,
+    initdb,
+    scram_verifier,
+    write_hba,
+)
 from .datadir import (
     DAEMON_OWNED_SETTINGS,
     Binaries,
@@ -39,6 +48,7 @@ __all__ = [
     "Postmaster",
     "check_clean_shutdown",
     "checkpoint",
+    "client_networks",
     "dsn",
     "find_binaries",
     "find_postmaster",

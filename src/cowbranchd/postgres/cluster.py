@@ -12,12 +12,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import pwd
 import shutil
+import socket
 import tempfile
+from collections.abc import Sequence
 from urllib.parse import quote
 
+import psutil
 import psycopg
 import structlog
 from psycopg import sql
@@ -31,7 +35,16 @@ from .datadir import Binaries, check_clean_shutdown
 from .postmaster import start
 from .process import stop
 
-__all__ = ["PG_HBA", "checkpoint", "dsn", "initdb", "scram_verifier", "write_hba"]
+__all__ = [
+    "PG_HBA",
+    "checkpoint",
+    "client_networks",
+    "dsn",
+    "hba_text",
+    "initdb",
+    "scram_verifier",
+    "write_hba",
+]
 
 log = structlog.get_logger("cowbranchd.postgres")
 
@@ -48,27 +61,77 @@ wal_recycle = off
 recovery_init_sync_method = syncfs
 """
 
-# The one pg_hba.conf of every base, and so of every branch. Local (socket)
-# connections are trusted: the per-branch socket directory's mode is the gate.
-# Over TCP, from anywhere the branch listens, the password.
-PG_HBA = """\
+# pg_hba.conf of bases and branches. Local (socket) connections are trusted:
+# the per-branch socket directory's mode (its own uid's) is the gate. Over TCP,
+# the password, and only from the networks of the addresses postgres listens
+# on (`client_networks`): loopback alone by default.
+_HBA_HEAD = """\
 # Written by cowbranchd.
 # TYPE  DATABASE     USER  ADDRESS     METHOD
 local   all          all               trust
 local   replication  all               trust
-host    all          all   0.0.0.0/0   scram-sha-256
-host    all          all   ::/0        scram-sha-256
-host    replication  all   0.0.0.0/0   scram-sha-256
-host    replication  all   ::/0        scram-sha-256
 """
+LOOPBACK = ("127.0.0.1/32", "::1/128")
 
 
-def write_hba(pgdata: str | os.PathLike[str], os_user: str) -> None:
-    """Replace pg_hba.conf with PG_HBA, owned by `os_user`, without following
-    whatever may sit at that name."""
+def hba_text(networks: Sequence[str] = LOOPBACK) -> str:
+    lines = [_HBA_HEAD]
+    for database in ("all", "replication"):
+        lines.extend(f"host    {database:<11}  all   {net:<11} scram-sha-256\n" for net in networks)
+    return "".join(lines)
+
+
+PG_HBA = hba_text()
+
+
+def client_networks(listen_addresses: str) -> tuple[str, ...]:
+    """Where TCP clients may come from, given postgres's listen_addresses:
+    a loopback address admits itself; another address the subnet of the
+    interface that carries it; `*`, `0.0.0.0` or `::` (listening everywhere)
+    any address; a host name the subnets the server is connected to."""
+    networks: list[str] = []
+    interfaces = [
+        (a.address.split("%")[0], a.netmask)
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6) and a.netmask
+    ]
+    for item in (part.strip() for part in listen_addresses.split(",")):
+        if not item:
+            continue
+        if item in ("*", "0.0.0.0", "::"):
+            networks += ["0.0.0.0/0", "::/0"] if item == "*" else [f"{item}/0"]
+            continue
+        if item == "localhost":
+            networks += LOOPBACK
+            continue
+        try:
+            address = ipaddress.ip_address(item)
+        except ValueError:
+            networks.append("samenet")
+            continue
+        if address.is_loopback:
+            networks.append(f"{address}/{address.max_prefixlen}")
+            continue
+        nets = [
+            ipaddress.ip_network(f"{addr}/{mask}", strict=False)
+            for addr, mask in interfaces
+            if addr == str(address)
+        ]
+        networks.append(str(nets[0]) if nets else f"{address}/{address.max_prefixlen}")
+    return tuple(dict.fromkeys(networks)) or LOOPBACK
+
+
+def write_hba(
+    pgdata: str | os.PathLike[str], os_user: str, networks: Sequence[str] = LOOPBACK
+) -> None:
+    """Replace pg_hba.conf with `hba_text(networks)`, owned by `os_user`,
+    without following whatever may sit at that name."""
     user = pwd.getpwnam(os_user)
     with open_dir(pgdata) as dir_fd:
-        replace_file(dir_fd, "pg_hba.conf", PG_HBA.encode(), uid=user.pw_uid, gid=user.pw_gid)
+        replace_file(
+            dir_fd, "pg_hba.conf", hba_text(networks).encode(), uid=user.pw_uid, gid=user.pw_gid
+        )
 
 
 # Iterations of the SCRAM-SHA-256 verifiers cowbranchd stores (PostgreSQL's

@@ -84,6 +84,8 @@ class Base(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     DATABASE_FIELD_NUMBER: _builtins.int
+    BRANCH_ROLE_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`bases/{base}`."""
     pg_version: _builtins.int
@@ -91,14 +93,20 @@ class Base(_message.Message):
     size_bytes: _builtins.int
     """Bytes the base's data occupies."""
     user: _builtins.str
-    """Database role and database branches connect as."""
+    """The superuser of the base's data directory, and its database."""
     database: _builtins.str
+    branch_role: _builtins.str
+    """The role branches hand out by default (empty: `user`), and the other
+    roles a CreateBranch may ask for.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseVersion]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -110,10 +118,12 @@ class Base(_message.Message):
         size_bytes: _builtins.int = ...,
         user: _builtins.str = ...,
         database: _builtins.str = ...,
+        branch_role: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "database", b"database", "labels", b"labels", "name", b"name", "pg_version", b"pg_version", "size_bytes", b"size_bytes", "user", b"user", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_role", b"branch_role", "create_time", b"create_time", "database", b"database", "labels", b"labels", "name", b"name", "pg_version", b"pg_version", "roles", b"roles", "size_bytes", b"size_bytes", "user", b"user", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -147,11 +157,18 @@ class CreateBaseRequest(_message.Message):
     INITDB_FIELD_NUMBER: _builtins.int
     DATA_DIRECTORY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    BRANCH_ROLE_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
     base_id: _builtins.str
     """`^[a-z][a-z0-9-]{0,62}$`."""
     data_directory: _builtins.str
     """Absolute path of a cleanly shut down data directory on this host; it is
     copied into the pool and left untouched.
+    """
+    branch_role: _builtins.str
+    """The role branches hand out by default, e.g. the application's own
+    non-superuser role (empty: the superuser). It must exist in the base by
+    the time a branch is made (init_sql can create it).
     """
     @_builtins.property
     def initdb(self) -> Global___InitdbSource:
@@ -159,6 +176,10 @@ class CreateBaseRequest(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other roles a CreateBranch may ask for."""
+
     def __init__(
         self,
         *,
@@ -166,10 +187,12 @@ class CreateBaseRequest(_message.Message):
         initdb: Global___InitdbSource | None = ...,
         data_directory: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        branch_role: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data_directory", b"data_directory", "initdb", b"initdb", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_id", b"base_id", "data_directory", b"data_directory", "initdb", b"initdb", "labels", b"labels", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_id", b"base_id", "branch_role", b"branch_role", "data_directory", b"data_directory", "initdb", b"initdb", "labels", b"labels", "roles", b"roles", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["initdb", "data_directory"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015

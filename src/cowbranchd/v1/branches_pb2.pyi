@@ -119,6 +119,7 @@ class Branch(_message.Message):
     WRITTEN_BYTES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`branches/{branch}`."""
     parent: _builtins.str
@@ -130,6 +131,12 @@ class Branch(_message.Message):
     request_id: _builtins.str
     failure: _builtins.str
     """Why the branch is FAILED, empty otherwise."""
+    owner: _builtins.str
+    """Who created it: a tenant's name, or `admin`. Only the owner or an admin
+    may see its connection secrets (`connection.password` and the password in
+    `connection.dsn` are empty for anyone else), delete, reset, update or
+    branch from it.
+    """
     @_builtins.property
     def connection(self) -> Global___Connection: ...
     @_builtins.property
@@ -154,10 +161,11 @@ class Branch(_message.Message):
         written_bytes: _builtins.int = ...,
         request_id: _builtins.str = ...,
         failure: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "failure", b"failure", "labels", b"labels", "name", b"name", "parent", b"parent", "protected", b"protected", "request_id", b"request_id", "state", b"state", "written_bytes", b"written_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "failure", b"failure", "labels", b"labels", "name", b"name", "owner", b"owner", "parent", b"parent", "protected", b"protected", "request_id", b"request_id", "state", b"state", "written_bytes", b"written_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +223,7 @@ class CreateBranchRequest(_message.Message):
     POSTGRES_SETTINGS_FIELD_NUMBER: _builtins.int
     PROTECTED_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     branch_id: _builtins.str
     """`^[a-z][a-z0-9-]{0,62}$`; empty means a generated id."""
     parent: _builtins.str
@@ -222,13 +231,20 @@ class CreateBranchRequest(_message.Message):
     `branches/{branch}`.
     """
     request_id: _builtins.str
-    """Idempotency key: at most 128 printable characters."""
+    """Idempotency key: at most 128 printable characters, scoped to the caller
+    (two owners using the same key get two branches).
+    """
     protected: _builtins.bool
     max_bytes: _builtins.int
     """The most this branch's own writes may take on storage (what it shares
     with its parent is not counted); a write beyond it fails with "Disk
     quota exceeded". 0: the daemon's default (storage.max_branch_bytes);
     above storage.max_branch_bytes_cap: INVALID_ARGUMENT.
+    """
+    role: _builtins.str
+    """The database role the connection hands out: empty means the parent
+    branch's role, or the base's `branch_role`; another role must be among
+    the base's `roles` (else INVALID_ARGUMENT).
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -251,10 +267,11 @@ class CreateBranchRequest(_message.Message):
         postgres_settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         protected: _builtins.bool = ...,
         max_bytes: _builtins.int = ...,
+        role: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

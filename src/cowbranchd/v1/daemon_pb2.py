@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63owbranchd/v1/daemon.proto\x12\rcowbranchd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xb8\x02\n\x0c\x44\x61\x65monStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64river\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x17\n\x0fpool_used_bytes\x18\x04 \x01(\x03\x12\x18\n\x10pool_total_bytes\x18\x05 \x01(\x03\x12\x12\n\nbase_count\x18\x06 \x01(\x05\x12\x14\n\x0c\x62ranch_count\x18\x07 \x01(\x05\x12\x14\n\x0cmax_branches\x18\x08 \x01(\x05\x12\x18\n\x10port_range_first\x18\t \x01(\x05\x12\x17\n\x0fport_range_last\x18\n \x01(\x05\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08warnings\x18\x0c \x03(\t\x12\x11\n\tisolation\x18\r \x01(\t2Z\n\rDaemonService\x12I\n\tGetStatus\x12\x1f.cowbranchd.v1.GetStatusRequest\x1a\x1b.cowbranchd.v1.DaemonStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63owbranchd/v1/daemon.proto\x12\rcowbranchd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xc8\x02\n\x0c\x44\x61\x65monStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64river\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x17\n\x0fpool_used_bytes\x18\x04 \x01(\x03\x12\x18\n\x10pool_total_bytes\x18\x05 \x01(\x03\x12\x12\n\nbase_count\x18\x06 \x01(\x05\x12\x14\n\x0c\x62ranch_count\x18\x07 \x01(\x05\x12\x14\n\x0cmax_branches\x18\x08 \x01(\x05\x12\x18\n\x10port_range_first\x18\t \x01(\x05\x12\x17\n\x0fport_range_last\x18\n \x01(\x05\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08warnings\x18\x0c \x03(\t\x12\x11\n\tisolation\x18\r \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x0e \x01(\t2Z\n\rDaemonService\x12I\n\tGetStatus\x12\x1f.cowbranchd.v1.GetStatusRequest\x1a\x1b.cowbranchd.v1.DaemonStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=78
   _globals['_GETSTATUSREQUEST']._serialized_end=96
   _globals['_DAEMONSTATUS']._serialized_start=99
-  _globals['_DAEMONSTATUS']._serialized_end=411
-  _globals['_DAEMONSERVICE']._serialized_start=413
-  _globals['_DAEMONSERVICE']._serialized_end=503
+  _globals['_DAEMONSTATUS']._serialized_end=427
+  _globals['_DAEMONSERVICE']._serialized_start=429
+  _globals['_DAEMONSERVICE']._serialized_end=519
 # @@protoc_insertion_point(module_scope)

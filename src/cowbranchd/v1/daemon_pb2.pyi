@@ -51,6 +51,7 @@ class DaemonStatus(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     driver: _builtins.str
     """Storage driver: `btrfs` or `zfs`."""
@@ -67,6 +68,10 @@ class DaemonStatus(_message.Message):
     """How branches are kept apart: `uid` (each postmaster its own OS user, on an
     idmapped mount of its clone) or `shared` (one OS user for all: a tenant's
     superuser can reach other branches; see docs/security.md).
+    """
+    caller: _builtins.str
+    """Who the daemon takes the caller of this request for: a tenant's name, or
+    `admin`.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -92,10 +97,11 @@ class DaemonStatus(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         isolation: _builtins.str = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_count", b"base_count", "branch_count", b"branch_count", "driver", b"driver", "isolation", b"isolation", "max_branches", b"max_branches", "pool", b"pool", "pool_total_bytes", b"pool_total_bytes", "pool_used_bytes", b"pool_used_bytes", "port_range_first", b"port_range_first", "port_range_last", b"port_range_last", "start_time", b"start_time", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_count", b"base_count", "branch_count", b"branch_count", "caller", b"caller", "driver", b"driver", "isolation", b"isolation", "max_branches", b"max_branches", "pool", b"pool", "pool_total_bytes", b"pool_total_bytes", "pool_used_bytes", b"pool_used_bytes", "port_range_first", b"port_range_first", "port_range_last", b"port_range_last", "start_time", b"start_time", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
