@@ -221,3 +221,39 @@ def test_a_cancelled_restore_leaves_nothing_running(postgres_dir: MakeDir) -> No
     assert seen
     assert [p.pid for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     assert postgres.find_postmaster(target) is None
+
+
+def test_a_cancelled_server_import_leaves_no_pg_basebackup(
+    production: Production, postgres_dir: MakeDir
+) -> None:
+    """Cancelling during the copy ends pg_basebackup and its WAL streamer (or,
+    if the copy won the race, stops before recovery): Cancelled, and no
+    process of the import is left."""
+    target = postgres_dir()
+    cancel = threading.Event()
+    tools: list[psutil.Process] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "copy" and not cancel.is_set():
+            tools.extend(p for p in psutil.process_iter(["name", "cmdline"])
+                         if p.info["name"] == "pg_basebackup" and target in p.info["cmdline"])
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        sources.from_server(production.replication_dsn, target, bin_dirs=BIN_DIRS,
+                            os_user=OS_USER, progress=progress, cancel=cancel)
+    assert [p.pid for p in tools if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert postgres.find_postmaster(target) is None
+
+
+def test_a_directory_archive_with_a_link_is_refused(
+    dumps: Callable[[str], str], postgres_dir: MakeDir
+) -> None:
+    """A link inside a directory archive (to a file the import user may read)
+    is refused before anything is restored."""
+    path = dumps("d")
+    data = sorted(n for n in os.listdir(path) if n.endswith(".dat.gz"))[0]
+    run(["ln", "-sf", "/etc/passwd", os.path.join(path, data)], user=OS_USER)
+    with pytest.raises(ImportFailed, match="holds only regular files"):
+        sources.from_dump(path, postgres_dir(), bin_dirs=BIN_DIRS, os_user=OS_USER,
+                          superuser=SUPERUSER, password=PASSWORD)

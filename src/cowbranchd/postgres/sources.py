@@ -46,7 +46,7 @@ from .datadir import (
     prepare_clone,
 )
 from .masking import scrub_leftovers, staging
-from .tools import ImportFailed, Progress, run_tool
+from .tools import Cancelled, ImportFailed, Progress, run_tool
 
 __all__ = [
     "DSN_KEYWORDS",
@@ -185,8 +185,8 @@ def from_server(
         if m and progress is not None:
             progress("copy", int(m.group(1)) * 1024, int(m.group(2)) * 1024)
 
-    # The server names the files pg_basebackup writes; the tool runs as the
-    # cluster's OS user, so that is all it could reach (docs/bases.md).
+    # The server names the files pg_basebackup writes (docs/bases.md: trusted
+    # servers only until it runs as a uid of its own).
     result = run_tool(
         [_tool(binaries, "pg_basebackup"), "-d", info, "-D", target, "-X", "stream",
          "--progress", "--no-password", "--no-manifest",
@@ -195,6 +195,7 @@ def from_server(
     )
     if result.returncode != 0:
         raise ImportFailed(f"pg_basebackup failed: {result.stderr_tail[-3000:]}")
+    _check(cancel)
     if progress is not None:
         progress("recover", 0, 0)
     imported = finish_import(target, binaries, os_user=os_user, cancel=cancel)
@@ -263,10 +264,10 @@ def dump_info(path: str, *, bin_dirs: Sequence[str], os_user: str) -> DumpInfo:
     # pg_dump's "ALTER ... OWNER TO name;" lines name the roles it needs.
     found = run_tool(["grep", "-ohE", "^ALTER .* OWNER TO .*;$", "--", path],
                      user=os_user, capture_stdout=True)
-    owners = {m.group(1).strip('"').replace('""', '"')
-              for m in _PLAIN_OWNER.finditer(found.stdout)}
+    named = {m.group(1).strip('"').replace('""', '"')
+             for m in _PLAIN_OWNER.finditer(found.stdout)}
     return DumpInfo("plain", int(version.group(1)) if version else None, None,
-                    tuple(sorted(owners)))
+                    tuple(sorted(named)))
 
 
 def _refuse_special_files(path: str, os_user: str) -> None:
@@ -317,6 +318,7 @@ def from_dump(
     if progress is not None:
         progress("initdb", 0, 0)
     initdb(target, binaries, os_user=os_user, superuser=superuser, password=password)
+    _check(cancel)
     size = _dump_bytes(path, os_user)
     with staging(target, binaries, os_user=os_user, superuser=superuser) as stage:
         with psycopg.connect(stage.dsn("postgres"), autocommit=True) as conn:
@@ -358,6 +360,12 @@ def from_dump(
     check_clean_shutdown(target, binaries, os_user=os_user)
     log.info("imported from dump", target=target, format=info.format, major=source_major)
     return Imported(source_major, superuser, databases)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    """Between phases: a cancel that came while a step finished anyway."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the import was cancelled")
 
 
 def _dump_bytes(path: str, os_user: str) -> int:
