@@ -6,7 +6,9 @@ row-level security policies, and nothing of the source's replication set-up."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import psutil
@@ -15,9 +17,10 @@ import pytest
 
 from cowbranchd import postgres
 from cowbranchd.errors import InvalidArgument, NotFound
+from cowbranchd.ports import PortAllocator
 from cowbranchd.postgres import masking, sources
 from cowbranchd.postgres.tools import Cancelled, ImportFailed
-from cowbranchd.run import run
+from cowbranchd.run import as_user, clean_env, run
 from tests.fix_postgres import (
     BIN_DIRS,
     OS_USER,
@@ -25,6 +28,7 @@ from tests.fix_postgres import (
     PROD_DATABASE,
     PROD_SUPERUSER,
     REPLICATION_PASSWORD,
+    REPLICATION_USER,
     SUPERUSER,
     Production,
 )
@@ -257,3 +261,58 @@ def test_a_directory_archive_with_a_link_is_refused(
     with pytest.raises(ImportFailed, match="holds only regular files"):
         sources.from_dump(path, postgres_dir(), bin_dirs=BIN_DIRS, os_user=OS_USER,
                           superuser=SUPERUSER, password=PASSWORD)
+
+
+@pytest.fixture
+def standby(
+    production: Production, pg_binaries: postgres.Binaries, pg_ports: PortAllocator,
+    postgres_dir: MakeDir,
+) -> Iterator[int]:
+    """A hot standby of production, streaming from it; yields its port."""
+    pgdata = postgres_dir()
+    run([f"{pg_binaries.bindir}/pg_basebackup", "-d",
+         f"host=127.0.0.1 port={production.port} user={REPLICATION_USER}",
+         "-D", pgdata, "-X", "stream", "-R", "--checkpoint=fast"],
+        user=OS_USER, env={"PGPASSWORD": REPLICATION_PASSWORD})
+    port = pg_ports.allocate()
+    # Started by hand: postgres.start waits for "ready", a standby says "standby".
+    proc = subprocess.Popen(
+        [*as_user(OS_USER), pg_binaries.postgres, "-D", pgdata, "-c", f"port={port}",
+         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={pgdata}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=clean_env(), start_new_session=True,
+    )
+    try:
+        dsn = postgres.dsn("127.0.0.1", port, PROD_SUPERUSER, PASSWORD, PROD_DATABASE)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with psycopg.connect(dsn, connect_timeout=5) as conn:
+                    assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+                break
+            except psycopg.OperationalError:
+                assert proc.poll() is None and time.monotonic() < deadline, "standby did not start"
+                time.sleep(0.05)
+        yield port
+    finally:
+        postgres.stop(proc.pid, fast_timeout=0)
+        proc.wait()
+        pg_ports.release(port)
+
+
+def test_from_server_copies_a_standby(
+    standby: int, pg_binaries: postgres.Binaries, postgres_dir: MakeDir
+) -> None:
+    """A standby is a source too: the copy is a primary of its own, with none
+    of the standby's replication set-up (its primary_conninfo holds a password)."""
+    target = postgres_dir()
+    dsn = postgres.dsn("127.0.0.1", standby, REPLICATION_USER, REPLICATION_PASSWORD,
+                       PROD_DATABASE)
+    imported = sources.from_server(dsn, target, bin_dirs=BIN_DIRS, os_user=OS_USER)
+    assert imported == sources.Imported(15, PROD_SUPERUSER, ("postgres", PROD_DATABASE))
+    assert not {"standby.signal", "recovery.signal"} & set(os.listdir(target))
+    for dirpath, _dirs, files in os.walk(target):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                assert REPLICATION_PASSWORD.encode() not in f.read(), name
+    check_production_shape(target, pg_binaries, PROD_SUPERUSER)
