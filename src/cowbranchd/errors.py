@@ -15,6 +15,7 @@ same class, so `except NotFound` reads the same on both sides::
     ├── Unavailable           UNAVAILABLE          (starting up, draining, unreachable)
     ├── DeadlineExceeded      DEADLINE_EXCEEDED
     ├── Unauthenticated       UNAUTHENTICATED
+    ├── Cancelled             CANCELLED            (a long-running operation was cancelled)
     └── Internal              INTERNAL
         ├── CommandError      an external command failed (argv, exit code, stderr)
         ├── StorageError      the copy-on-write pool misbehaved
@@ -32,6 +33,7 @@ import grpc
 
 __all__ = [
     "AlreadyExists",
+    "Cancelled",
     "CommandError",
     "CowbranchError",
     "DeadlineExceeded",
@@ -104,6 +106,12 @@ class Unauthenticated(CowbranchError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Cancelled(CowbranchError):
+    """Work was cancelled at the caller's request; nothing of it is left."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class Internal(CowbranchError):
     code = grpc.StatusCode.INTERNAL
 
@@ -145,6 +153,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CowbranchError]] = {
         Unavailable,
         DeadlineExceeded,
         Unauthenticated,
+        Cancelled,
         Internal,
     )
 }

@@ -321,6 +321,9 @@ class BaseRecord:
     # the other roles a CreateBranch may ask for.
     branch_role: str = ""
     roles: tuple[str, ...] = ()
+    # version -> how it was imported (source without secrets, transform
+    # hashes, times, bytes, PostgreSQL version); versions not imported have none.
+    provenance: dict[int, dict[str, object]] = field(default_factory=dict)
 
     def role_for(self, requested: str) -> str:
         """The role a branch asking for `requested` ("": the default) gets."""
@@ -354,6 +357,13 @@ class BaseRecord:
             ),
             "branch_role": self.branch_role,
             "roles": ",".join(self.roles),
+            "provenance": json.dumps(
+                {str(n): p for n, p in sorted(self.provenance.items())},
+                sort_keys=True,
+                separators=(",", ":"),
+            )
+            if self.provenance
+            else "",
         }
 
     @classmethod
@@ -375,6 +385,9 @@ class BaseRecord:
             },
             branch_role=meta.get("branch_role", ""),
             roles=tuple(r for r in meta.get("roles", "").split(",") if r),
+            provenance={
+                int(n): p for n, p in json.loads(meta.get("provenance") or "{}").items()
+            },
         )
 
     def evolve(self, **changes: object) -> BaseRecord:

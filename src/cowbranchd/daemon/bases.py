@@ -312,6 +312,95 @@ class Bases:
         shutil.rmtree(volume / OUTGOING, ignore_errors=True)  # never follows links
         return user
 
+    # -- imports (pipeline.py) -----------------------------------------------------
+
+    def begin(
+        self, base_id: str, labels: Mapping[str, str], branch_role: str, roles: tuple[str, ...]
+    ) -> BaseEntry:
+        """An empty volume (CREATING: removed by reconcile if the daemon dies)
+        for an import to fill; not in the inventory until `seal`."""
+        validate_id("base_id", base_id)
+        inv = self.ctx.inventory
+        with inv.lock:
+            if base_id in inv.bases or base_id in self._creating:
+                raise AlreadyExists(f"bases/{base_id} already exists")
+            self._creating.add(base_id)
+        record = BaseRecord(
+            base_id=base_id,
+            state=State.CREATING,
+            create_time=now(),
+            pg_version=0,
+            user="postgres",
+            database="postgres",
+            labels=dict(labels),
+            branch_role=branch_role,
+            roles=tuple(sorted(set(roles))),
+        )
+        try:
+            path = self.ctx.driver.create_volume(Kind.BASES, base_id, record.to_meta())
+            os.chmod(path, 0o755)
+            check_reachable(path, self.ctx.config.postgres.os_user)
+            pgdata = path / "pgdata"
+            pgdata.mkdir(mode=0o700)
+        except BaseException:
+            with inv.lock:
+                self._creating.discard(base_id)
+            raise
+        return BaseEntry(record=record, path=path)
+
+    def abandon(self, base_id: str) -> None:
+        """Undo `begin` after a failed or cancelled import of a new base."""
+        try:
+            self.ctx.driver.destroy(Kind.BASES, base_id)
+        finally:
+            with self.ctx.inventory.lock:
+                self._creating.discard(base_id)
+
+    def give_password(
+        self, pgdata: Path, binaries: postgres.Binaries, record: BaseRecord
+    ) -> str:
+        """The imported cluster answers with this base's password (see
+        `_set_password`); returns its superuser's name."""
+        return self._set_password(pgdata, binaries, self.ctx.base_password(record))
+
+    def swap_in(self, volume: Path, staging: Path) -> None:
+        """`staging` becomes the base's pgdata by two renames; the old one goes."""
+        os.rename(volume / "pgdata", volume / OUTGOING)
+        os.rename(staging, volume / "pgdata")
+        shutil.rmtree(volume / OUTGOING, ignore_errors=True)  # never follows links
+
+    def seal(
+        self,
+        entry: BaseEntry,
+        version: int,
+        *,
+        pg_version: int,
+        user: str,
+        database: str,
+        size: int,
+        provenance: dict[str, object],
+    ) -> BaseRecord:
+        """Snapshot the base's pgdata as `version`, record how it was made,
+        and serve it (a new base joins the inventory READY)."""
+        base_id = entry.record.base_id
+        self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))
+        record = entry.record.evolve(
+            state=State.READY,
+            pg_version=pg_version,
+            user=user,
+            database=database,
+            size_bytes=size,
+            versions={**entry.record.versions, version: now()},
+            provenance={**entry.record.provenance, version: provenance},
+        )
+        self.ctx.driver.set_meta(Kind.BASES, base_id, record.to_meta())
+        entry.record = record
+        with self.ctx.inventory.lock:
+            self.ctx.inventory.bases[base_id] = entry
+            self._creating.discard(base_id)
+        log.info("base_version_sealed", base=base_id, version=version, bytes=size)
+        return record
+
     # -- delete --------------------------------------------------------------
 
     def delete(

@@ -121,6 +121,8 @@ _KIND = {
     "CreateBase": "base writes",
     "CreateBaseVersion": "base writes",
     "DeleteBase": "base writes",
+    "ImportBase": "base writes",
+    "RefreshBase": "base writes",
 }
 
 
@@ -129,7 +131,7 @@ def rpc(
 ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
     """Gate, admit, bound by the caller's deadline, time, log, count (metrics)
     and translate errors for one servicer method. The servicer holds `gate`,
-    `admission` and `branches` (whose context holds the metrics)."""
+    `admission` and `metrics`."""
     name = method.__name__
     kind = _KIND.get(name)
 
@@ -180,8 +182,8 @@ def rpc(
 
 
 def _measure(servicer: Any, method: str, code: str, started: float) -> None:
-    """Count the call in the daemon's metrics (every servicer holds `branches`)."""
-    servicer.branches.ctx.metrics.rpc_done(method, code, time.perf_counter() - started)
+    """Count the call in the daemon's metrics (every servicer holds `metrics`)."""
+    servicer.metrics.rpc_done(method, code, time.perf_counter() - started)
 
 
 def _log_fields(request: object) -> dict[str, str]:

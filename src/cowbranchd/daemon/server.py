@@ -38,6 +38,8 @@ from cowbranchd.v1 import (
     branches_pb2_grpc,
     daemon_pb2,
     daemon_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
 )
 
 from .auth import ADMIN, Caller, IdentityInterceptor, TokenBook, read_token
@@ -47,9 +49,12 @@ from .inventory import Context, Inventory
 from .isolation import branch_uids
 from .logs import configure_logging
 from .metrics import Metrics, MetricsServer
+from .operations import Operations
+from .pipeline import Pipeline
 from .reconcile import reconcile
 from .rpc import Gate, admissions
 from .service import BaseServicer, BranchServicer, DaemonServicer
+from .service_ops import OperationServicer
 from .warm import WarmPool
 
 __all__ = ["Daemon", "main"]
@@ -63,6 +68,7 @@ SERVICE_NAMES = (
     bases_pb2.DESCRIPTOR.services_by_name["BaseService"].full_name,
     branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
     daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
+    operations_pb2.DESCRIPTOR.services_by_name["OperationService"].full_name,
 )
 
 DEMO_SQL = """
@@ -112,6 +118,8 @@ class Daemon:
         self.bases = Bases(self.ctx)
         self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
         self.branches = Branches(self.ctx, self.bases, self.warm)
+        self.operations = Operations()
+        self.pipeline = Pipeline(self.ctx, self.bases, self.operations)
         self.metrics.watch(self.branches, self.warm)
         self.admission = admissions(
             config.daemon.max_concurrent_writes, config.daemon.max_queued_writes
@@ -186,7 +194,11 @@ class Daemon:
             pool, options=options, interceptors=[identity], maximum_concurrent_rpcs=256
         )
         bases_pb2_grpc.add_BaseServiceServicer_to_server(
-            BaseServicer(self.bases, self.branches, self.gate, self.admission), server
+            BaseServicer(self.bases, self.branches, self.pipeline, self.gate, self.admission),
+            server,
+        )
+        operations_pb2_grpc.add_OperationServiceServicer_to_server(
+            OperationServicer(self.operations, self.gate, self.ctx.metrics), server
         )
         branches_pb2_grpc.add_BranchServiceServicer_to_server(
             BranchServicer(self.branches, self.gate, self.admission), server
@@ -331,6 +343,7 @@ class Daemon:
         grace = self.config.daemon.drain_timeout.total_seconds()
         for drained in [server.stop(grace=grace) for server in self.servers]:
             drained.wait()
+        self.operations.stop(grace)
         self.warm.stop()
         if stop_branches:
             stopped = self.branches.stop_all()

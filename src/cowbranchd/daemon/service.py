@@ -21,6 +21,7 @@ from cowbranchd.v1 import (
     branches_pb2_grpc,
     daemon_pb2,
     daemon_pb2_grpc,
+    operations_pb2,
 )
 
 from .auth import ADMIN, Caller, current_caller
@@ -28,7 +29,9 @@ from .bases import Bases, InitdbSpec
 from .branches import Branches, CreateSpec
 from .inventory import BaseEntry, BranchEntry
 from .isolation import SHARED_UID_WARNING
+from .pipeline import Pipeline
 from .rpc import Admission, Gate, duration, rpc, timestamp
+from .service_ops import import_spec, operation_proto, provenance_proto
 
 __all__ = ["BaseServicer", "BranchServicer", "DaemonServicer"]
 MAX_PAGE_SIZE = 1000
@@ -36,12 +39,11 @@ DEFAULT_PAGE_SIZE = 100
 
 
 class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
-    def __init__(
-        self, branches: Branches, gate: Gate, admission: dict[str, Admission]
-    ) -> None:
+    def __init__(self, branches: Branches, gate: Gate, admission: dict[str, Admission]) -> None:
         self.branches = branches
         self.gate = gate
         self.admission = admission
+        self.metrics = branches.ctx.metrics
 
     def to_proto(
         self, entry: BranchEntry, caller: Caller, *, with_usage: bool = True
@@ -193,12 +195,19 @@ def _decode_token(token: str) -> str:
 
 class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
     def __init__(
-        self, bases: Bases, branches: Branches, gate: Gate, admission: dict[str, Admission]
+        self,
+        bases: Bases,
+        branches: Branches,
+        pipeline: Pipeline,
+        gate: Gate,
+        admission: dict[str, Admission],
     ) -> None:
         self.bases = bases
         self.branches = branches
+        self.pipeline = pipeline
         self.gate = gate
         self.admission = admission
+        self.metrics = branches.ctx.metrics
 
     def to_proto(self, entry: BaseEntry) -> bases_pb2.Base:
         record = entry.record
@@ -212,6 +221,7 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
                     version=n,
                     create_time=timestamp(t),
                     branch_count=counts.get(n, 0),
+                    provenance=provenance_proto(record.provenance.get(n, {})),
                 )
                 for n, t in sorted(record.versions.items())
             ],
@@ -284,6 +294,22 @@ class BaseServicer(bases_pb2_grpc.BaseServiceServicer):
         return bases_pb2.DeleteBaseResponse()
 
     @rpc
+    def ImportBase(
+        self, request: bases_pb2.ImportBaseRequest, context: grpc.ServicerContext
+    ) -> operations_pb2.Operation:
+        self._may_change_bases()
+        op = self.pipeline.start_import(import_spec(request), current_caller())
+        return operation_proto(op)
+
+    @rpc
+    def RefreshBase(
+        self, request: bases_pb2.RefreshBaseRequest, context: grpc.ServicerContext
+    ) -> operations_pb2.Operation:
+        self._may_change_bases()
+        base_id = parse_name("name", request.name, "bases")
+        return operation_proto(self.pipeline.start_refresh(base_id, current_caller()))
+
+    @rpc
     def CreateBaseVersion(
         self, request: bases_pb2.CreateBaseVersionRequest, context: grpc.ServicerContext
     ) -> bases_pb2.BaseVersion:
@@ -303,6 +329,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
         self.branches = branches
         self.gate = gate
         self.start_time = start_time
+        self.metrics = branches.ctx.metrics
 
     @rpc
     def GetStatus(

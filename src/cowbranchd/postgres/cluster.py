@@ -36,6 +36,7 @@ from .postmaster import start
 from .process import stop
 
 __all__ = [
+    "CONF_DEFAULTS",
     "PG_HBA",
     "checkpoint",
     "client_networks",
@@ -50,7 +51,7 @@ log = structlog.get_logger("cowbranchd.postgres")
 
 # Appended to postgresql.conf of bases made here. Each one changes cost only,
 # never what a query returns or how the planner sees the data.
-_CONF_DEFAULTS = """
+CONF_DEFAULTS = """
 # --- cowbranchd: defaults for copy-on-write branches (query semantics unchanged) ---
 # On ZFS/btrfs, zero-filling and recycling WAL segments only costs extra
 # copy-on-write blocks (see the PostgreSQL docs for both settings).
@@ -248,7 +249,7 @@ def initdb(
             append_regular(
                 dir_fd,
                 "postgresql.conf",
-                _CONF_DEFAULTS.encode(),
+                CONF_DEFAULTS.encode(),
                 shown=os.path.join(pgdata, "postgresql.conf"),
             )
         write_hba(pgdata, os_user)

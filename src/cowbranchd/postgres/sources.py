@@ -37,7 +37,7 @@ from cowbranchd.errors import FailedPrecondition, InvalidArgument, NotFound
 from cowbranchd.run import RunAs, ids_of
 from cowbranchd.safefs import open_dir, replace_file, unlink_if_present
 
-from .cluster import _CONF_DEFAULTS, initdb, write_hba
+from .cluster import CONF_DEFAULTS, initdb, write_hba
 from .datadir import (
     Binaries,
     check_clean_shutdown,
@@ -213,7 +213,7 @@ def finish_import(
     uid, gid = ids_of(os_user)
     prepare_clone(target)
     with open_dir(target) as root:
-        for name, text in (("postgresql.conf", _CONF_DEFAULTS), ("postgresql.auto.conf", ""),
+        for name, text in (("postgresql.conf", CONF_DEFAULTS), ("postgresql.auto.conf", ""),
                            ("pg_ident.conf", "")):
             replace_file(root, name, text.encode(), uid=uid, gid=gid)
         unlink_if_present(root, "standby.signal")

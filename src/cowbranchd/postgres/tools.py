@@ -29,12 +29,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
-import grpc
 import structlog
 
-from cowbranchd.errors import CowbranchError, FailedPrecondition
+from cowbranchd.errors import Cancelled, FailedPrecondition
 from cowbranchd.run import RunAs, as_user, clean_env
 
 __all__ = ["Cancelled", "ImportFailed", "Progress", "ToolResult", "run_tool"]
@@ -48,12 +46,6 @@ _TAIL_LINES = 40
 _WAIT_SLICE_S = 0.1  # how often cancel and the tick run while a tool works
 _KILL_WAIT_S = 30.0
 _STDOUT_LIMIT = 256 << 20  # a schema dump of many tables
-
-
-class Cancelled(CowbranchError):
-    """The import or transform was cancelled; its child processes are gone."""
-
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.CANCELLED
 
 
 class ImportFailed(FailedPrecondition):

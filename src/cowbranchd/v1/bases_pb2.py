@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cowbranchd.v1 import operations_pb2 as cowbranchd_dot_v1_dot_operations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63owbranchd/v1/bases.proto\x12\rcowbranchd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0b\x42\x61seVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62ranch_count\x18\x04 \x01(\x05\"\xbf\x02\n\x04\x42\x61se\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npg_version\x18\x02 \x01(\x05\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.cowbranchd.v1.BaseVersion\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06labels\x18\x05 \x03(\x0b\x32\x1f.cowbranchd.v1.Base.LabelsEntry\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x08 \x01(\t\x12\x13\n\x0b\x62ranch_role\x18\t \x01(\t\x12\r\n\x05roles\x18\n \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x02\n\x11\x43reateBaseRequest\x12\x0f\n\x07\x62\x61se_id\x18\x01 \x01(\t\x12-\n\x06initdb\x18\x02 \x01(\x0b\x32\x1b.cowbranchd.v1.InitdbSourceH\x00\x12\x18\n\x0e\x64\x61ta_directory\x18\x03 \x01(\tH\x00\x12<\n\x06labels\x18\x04 \x03(\x0b\x32,.cowbranchd.v1.CreateBaseRequest.LabelsEntry\x12\x13\n\x0b\x62ranch_role\x18\x05 \x01(\t\x12\r\n\x05roles\x18\x06 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"F\n\x0cInitdbSource\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x12\n\npg_version\x18\x02 \x01(\x05\x12\x10\n\x08init_sql\x18\x03 \x01(\t\"\x1e\n\x0eGetBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10ListBasesRequest\"7\n\x11ListBasesResponse\x12\"\n\x05\x62\x61ses\x18\x01 \x03(\x0b\x32\x13.cowbranchd.v1.Base\"G\n\x11\x44\x65leteBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"\x14\n\x12\x44\x65leteBaseResponse\"B\n\x18\x43reateBaseVersionRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x61ta_directory\x18\x02 \x01(\t2\x8e\x03\n\x0b\x42\x61seService\x12\x43\n\nCreateBase\x12 .cowbranchd.v1.CreateBaseRequest\x1a\x13.cowbranchd.v1.Base\x12=\n\x07GetBase\x12\x1d.cowbranchd.v1.GetBaseRequest\x1a\x13.cowbranchd.v1.Base\x12N\n\tListBases\x12\x1f.cowbranchd.v1.ListBasesRequest\x1a .cowbranchd.v1.ListBasesResponse\x12Q\n\nDeleteBase\x12 .cowbranchd.v1.DeleteBaseRequest\x1a!.cowbranchd.v1.DeleteBaseResponse\x12X\n\x11\x43reateBaseVersion\x12\'.cowbranchd.v1.CreateBaseVersionRequest\x1a\x1a.cowbranchd.v1.BaseVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63owbranchd/v1/bases.proto\x12\rcowbranchd.v1\x1a\x1e\x63owbranchd/v1/operations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x01\n\x0b\x42\x61seVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62ranch_count\x18\x04 \x01(\x05\x12-\n\nprovenance\x18\x05 \x01(\x0b\x32\x19.cowbranchd.v1.Provenance\"\xe1\x01\n\nProvenance\x12\x13\n\x0bsource_kind\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\ntransforms\x18\x03 \x03(\t\x12\x19\n\x11transform_command\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12\x12\n\npg_version\x18\x08 \x01(\x05\"\xbf\x02\n\x04\x42\x61se\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npg_version\x18\x02 \x01(\x05\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.cowbranchd.v1.BaseVersion\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06labels\x18\x05 \x03(\x0b\x32\x1f.cowbranchd.v1.Base.LabelsEntry\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x08 \x01(\t\x12\x13\n\x0b\x62ranch_role\x18\t \x01(\t\x12\r\n\x05roles\x18\n \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x02\n\x11\x43reateBaseRequest\x12\x0f\n\x07\x62\x61se_id\x18\x01 \x01(\t\x12-\n\x06initdb\x18\x02 \x01(\x0b\x32\x1b.cowbranchd.v1.InitdbSourceH\x00\x12\x18\n\x0e\x64\x61ta_directory\x18\x03 \x01(\tH\x00\x12<\n\x06labels\x18\x04 \x03(\x0b\x32,.cowbranchd.v1.CreateBaseRequest.LabelsEntry\x12\x13\n\x0b\x62ranch_role\x18\x05 \x01(\t\x12\r\n\x05roles\x18\x06 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"F\n\x0cInitdbSource\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x12\n\npg_version\x18\x02 \x01(\x05\x12\x10\n\x08init_sql\x18\x03 \x01(\t\"\x1e\n\x0eGetBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10ListBasesRequest\"7\n\x11ListBasesResponse\x12\"\n\x05\x62\x61ses\x18\x01 \x03(\x0b\x32\x13.cowbranchd.v1.Base\"G\n\x11\x44\x65leteBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"\x14\n\x12\x44\x65leteBaseResponse\"\x80\x03\n\x11ImportBaseRequest\x12\x0f\n\x07\x62\x61se_id\x18\x01 \x01(\t\x12\x15\n\x0b\x66rom_server\x18\x02 \x01(\tH\x00\x12\x13\n\tfrom_dump\x18\x03 \x01(\tH\x00\x12\x18\n\x0e\x64\x61ta_directory\x18\x04 \x01(\tH\x00\x12,\n\ntransforms\x18\x05 \x03(\x0b\x32\x18.cowbranchd.v1.Transform\x12\x19\n\x11transform_command\x18\x06 \x03(\t\x12\x0c\n\x04jobs\x18\x07 \x01(\x05\x12\x10\n\x08keep_raw\x18\x08 \x01(\x08\x12<\n\x06labels\x18\t \x03(\x0b\x32,.cowbranchd.v1.ImportBaseRequest.LabelsEntry\x12\x13\n\x0b\x62ranch_role\x18\n \x01(\t\x12\r\n\x05roles\x18\x0b \x03(\t\x12\x10\n\x08\x64\x61tabase\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"&\n\tTransform\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03sql\x18\x02 \x01(\t\"\"\n\x12RefreshBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x18\x43reateBaseVersionRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x61ta_directory\x18\x02 \x01(\t2\xa4\x04\n\x0b\x42\x61seService\x12\x43\n\nCreateBase\x12 .cowbranchd.v1.CreateBaseRequest\x1a\x13.cowbranchd.v1.Base\x12=\n\x07GetBase\x12\x1d.cowbranchd.v1.GetBaseRequest\x1a\x13.cowbranchd.v1.Base\x12N\n\tListBases\x12\x1f.cowbranchd.v1.ListBasesRequest\x1a .cowbranchd.v1.ListBasesResponse\x12Q\n\nDeleteBase\x12 .cowbranchd.v1.DeleteBaseRequest\x1a!.cowbranchd.v1.DeleteBaseResponse\x12X\n\x11\x43reateBaseVersion\x12\'.cowbranchd.v1.CreateBaseVersionRequest\x1a\x1a.cowbranchd.v1.BaseVersion\x12H\n\nImportBase\x12 .cowbranchd.v1.ImportBaseRequest\x1a\x18.cowbranchd.v1.Operation\x12J\n\x0bRefreshBase\x12!.cowbranchd.v1.RefreshBaseRequest\x1a\x18.cowbranchd.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +37,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BASE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEBASEREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEBASEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_BASEVERSION']._serialized_start=77
-  _globals['_BASEVERSION']._serialized_end=192
-  _globals['_BASE']._serialized_start=195
-  _globals['_BASE']._serialized_end=514
-  _globals['_BASE_LABELSENTRY']._serialized_start=469
-  _globals['_BASE_LABELSENTRY']._serialized_end=514
-  _globals['_CREATEBASEREQUEST']._serialized_start=517
-  _globals['_CREATEBASEREQUEST']._serialized_end=781
-  _globals['_CREATEBASEREQUEST_LABELSENTRY']._serialized_start=469
-  _globals['_CREATEBASEREQUEST_LABELSENTRY']._serialized_end=514
-  _globals['_INITDBSOURCE']._serialized_start=783
-  _globals['_INITDBSOURCE']._serialized_end=853
-  _globals['_GETBASEREQUEST']._serialized_start=855
-  _globals['_GETBASEREQUEST']._serialized_end=885
-  _globals['_LISTBASESREQUEST']._serialized_start=887
-  _globals['_LISTBASESREQUEST']._serialized_end=905
-  _globals['_LISTBASESRESPONSE']._serialized_start=907
-  _globals['_LISTBASESRESPONSE']._serialized_end=962
-  _globals['_DELETEBASEREQUEST']._serialized_start=964
-  _globals['_DELETEBASEREQUEST']._serialized_end=1035
-  _globals['_DELETEBASERESPONSE']._serialized_start=1037
-  _globals['_DELETEBASERESPONSE']._serialized_end=1057
-  _globals['_CREATEBASEVERSIONREQUEST']._serialized_start=1059
-  _globals['_CREATEBASEVERSIONREQUEST']._serialized_end=1125
-  _globals['_BASESERVICE']._serialized_start=1128
-  _globals['_BASESERVICE']._serialized_end=1526
+  _globals['_IMPORTBASEREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_IMPORTBASEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_BASEVERSION']._serialized_start=110
+  _globals['_BASEVERSION']._serialized_end=272
+  _globals['_PROVENANCE']._serialized_start=275
+  _globals['_PROVENANCE']._serialized_end=500
+  _globals['_BASE']._serialized_start=503
+  _globals['_BASE']._serialized_end=822
+  _globals['_BASE_LABELSENTRY']._serialized_start=777
+  _globals['_BASE_LABELSENTRY']._serialized_end=822
+  _globals['_CREATEBASEREQUEST']._serialized_start=825
+  _globals['_CREATEBASEREQUEST']._serialized_end=1089
+  _globals['_CREATEBASEREQUEST_LABELSENTRY']._serialized_start=777
+  _globals['_CREATEBASEREQUEST_LABELSENTRY']._serialized_end=822
+  _globals['_INITDBSOURCE']._serialized_start=1091
+  _globals['_INITDBSOURCE']._serialized_end=1161
+  _globals['_GETBASEREQUEST']._serialized_start=1163
+  _globals['_GETBASEREQUEST']._serialized_end=1193
+  _globals['_LISTBASESREQUEST']._serialized_start=1195
+  _globals['_LISTBASESREQUEST']._serialized_end=1213
+  _globals['_LISTBASESRESPONSE']._serialized_start=1215
+  _globals['_LISTBASESRESPONSE']._serialized_end=1270
+  _globals['_DELETEBASEREQUEST']._serialized_start=1272
+  _globals['_DELETEBASEREQUEST']._serialized_end=1343
+  _globals['_DELETEBASERESPONSE']._serialized_start=1345
+  _globals['_DELETEBASERESPONSE']._serialized_end=1365
+  _globals['_IMPORTBASEREQUEST']._serialized_start=1368
+  _globals['_IMPORTBASEREQUEST']._serialized_end=1752
+  _globals['_IMPORTBASEREQUEST_LABELSENTRY']._serialized_start=777
+  _globals['_IMPORTBASEREQUEST_LABELSENTRY']._serialized_end=822
+  _globals['_TRANSFORM']._serialized_start=1754
+  _globals['_TRANSFORM']._serialized_end=1792
+  _globals['_REFRESHBASEREQUEST']._serialized_start=1794
+  _globals['_REFRESHBASEREQUEST']._serialized_end=1828
+  _globals['_CREATEBASEVERSIONREQUEST']._serialized_start=1830
+  _globals['_CREATEBASEVERSIONREQUEST']._serialized_end=1896
+  _globals['_BASESERVICE']._serialized_start=1899
+  _globals['_BASESERVICE']._serialized_end=2447
 # @@protoc_insertion_point(module_scope)

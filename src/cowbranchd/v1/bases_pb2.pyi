@@ -29,6 +29,7 @@ class BaseVersion(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     BRANCH_COUNT_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`bases/{base}/versions/{n}`."""
     version: _builtins.int
@@ -36,6 +37,10 @@ class BaseVersion(_message.Message):
     """Branches created from this version that still exist."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def provenance(self) -> Global___Provenance:
+        """How it was made, when it was imported (empty otherwise)."""
+
     def __init__(
         self,
         *,
@@ -43,14 +48,64 @@ class BaseVersion(_message.Message):
         version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         branch_count: _builtins.int = ...,
+        provenance: Global___Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_count", b"branch_count", "create_time", b"create_time", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_count", b"branch_count", "create_time", b"create_time", "name", b"name", "provenance", b"provenance", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BaseVersion: _TypeAlias = BaseVersion  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_KIND_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TRANSFORMS_FIELD_NUMBER: _builtins.int
+    TRANSFORM_COMMAND_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    PG_VERSION_FIELD_NUMBER: _builtins.int
+    source_kind: _builtins.str
+    """`server`, `dump` or `data_directory`."""
+    source: _builtins.str
+    """The DSN without its password, or the path."""
+    transform_command: _builtins.str
+    """`sha256:<hex>` of the transform command's argv, joined by NUL; empty: none."""
+    bytes: _builtins.int
+    """Size of the sealed data directory."""
+    pg_version: _builtins.int
+    @_builtins.property
+    def transforms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`name sha256:<hex>` of each SQL transform, in the order they ran."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        source_kind: _builtins.str = ...,
+        source: _builtins.str = ...,
+        transforms: _abc.Iterable[_builtins.str] | None = ...,
+        transform_command: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        bytes: _builtins.int = ...,
+        pg_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "end_time", b"end_time", "pg_version", b"pg_version", "source", b"source", "source_kind", b"source_kind", "start_time", b"start_time", "transform_command", b"transform_command", "transforms", b"transforms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
 
 @_typing.final
 class Base(_message.Message):
@@ -322,6 +377,147 @@ class DeleteBaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteBaseResponse: _TypeAlias = DeleteBaseResponse  # noqa: Y015
+
+@_typing.final
+class ImportBaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BASE_ID_FIELD_NUMBER: _builtins.int
+    FROM_SERVER_FIELD_NUMBER: _builtins.int
+    FROM_DUMP_FIELD_NUMBER: _builtins.int
+    DATA_DIRECTORY_FIELD_NUMBER: _builtins.int
+    TRANSFORMS_FIELD_NUMBER: _builtins.int
+    TRANSFORM_COMMAND_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    KEEP_RAW_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    BRANCH_ROLE_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    DATABASE_FIELD_NUMBER: _builtins.int
+    base_id: _builtins.str
+    """`^[a-z][a-z0-9-]{0,62}$`: a new base, or the next version of this one."""
+    from_server: _builtins.str
+    """libpq DSN of a primary or standby, with a replication role."""
+    from_dump: _builtins.str
+    """A `pg_dump` archive (custom, directory, tar) or a plain SQL file under
+    `daemon.import_roots`, read as the import user.
+    """
+    data_directory: _builtins.str
+    """A cleanly shut down data directory under `daemon.import_roots`."""
+    jobs: _builtins.int
+    """pg_restore -j; 0: the number of CPUs."""
+    keep_raw: _builtins.bool
+    """Admins only: keep the raw import as a snapshot `raw<n>` (never branchable)."""
+    branch_role: _builtins.str
+    database: _builtins.str
+    """For a dump: the database created and restored into (default `postgres`)."""
+    @_builtins.property
+    def transforms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transform]:
+        """SQL run as superuser on the staging copy, in order, each in one
+        transaction (in the base's database).
+        """
+
+    @_builtins.property
+    def transform_command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A command run after them with the staging DSN in its environment
+        (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, DATABASE_URL), as an
+        unprivileged user; argv, not a shell line. Admins only.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For a new base."""
+
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        base_id: _builtins.str = ...,
+        from_server: _builtins.str = ...,
+        from_dump: _builtins.str = ...,
+        data_directory: _builtins.str = ...,
+        transforms: _abc.Iterable[Global___Transform] | None = ...,
+        transform_command: _abc.Iterable[_builtins.str] | None = ...,
+        jobs: _builtins.int = ...,
+        keep_raw: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        branch_role: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        database: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_directory", b"data_directory", "from_dump", b"from_dump", "from_server", b"from_server", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_id", b"base_id", "branch_role", b"branch_role", "data_directory", b"data_directory", "database", b"database", "from_dump", b"from_dump", "from_server", b"from_server", "jobs", b"jobs", "keep_raw", b"keep_raw", "labels", b"labels", "roles", b"roles", "source", b"source", "transform_command", b"transform_command", "transforms", b"transforms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["from_server", "from_dump", "data_directory"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___ImportBaseRequest: _TypeAlias = ImportBaseRequest  # noqa: Y015
+
+@_typing.final
+class Transform(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SQL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Shown in errors and provenance, e.g. the file name."""
+    sql: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        sql: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sql", b"sql"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transform: _TypeAlias = Transform  # noqa: Y015
+
+@_typing.final
+class RefreshBaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`bases/{base}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshBaseRequest: _TypeAlias = RefreshBaseRequest  # noqa: Y015
 
 @_typing.final
 class CreateBaseVersionRequest(_message.Message):

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from cowbranchd.v1 import bases_pb2 as cowbranchd_dot_v1_dot_bases__pb2
+from cowbranchd.v1 import operations_pb2 as cowbranchd_dot_v1_dot_operations__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -59,6 +60,16 @@ class BaseServiceStub:
                 request_serializer=cowbranchd_dot_v1_dot_bases__pb2.CreateBaseVersionRequest.SerializeToString,
                 response_deserializer=cowbranchd_dot_v1_dot_bases__pb2.BaseVersion.FromString,
                 _registered_method=True)
+        self.ImportBase = channel.unary_unary(
+                '/cowbranchd.v1.BaseService/ImportBase',
+                request_serializer=cowbranchd_dot_v1_dot_bases__pb2.ImportBaseRequest.SerializeToString,
+                response_deserializer=cowbranchd_dot_v1_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.RefreshBase = channel.unary_unary(
+                '/cowbranchd.v1.BaseService/RefreshBase',
+                request_serializer=cowbranchd_dot_v1_dot_bases__pb2.RefreshBaseRequest.SerializeToString,
+                response_deserializer=cowbranchd_dot_v1_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class BaseServiceServicer:
@@ -96,6 +107,24 @@ class BaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportBase(self, request, context):
+        """Brings production in: copies a live server (pg_basebackup), restores a
+        dump (pg_restore / psql) or copies a data directory into a private
+        staging area, runs the transforms, scrubs every trace of what they
+        changed, and seals the result as the base's next version (version 1 of
+        a new base). A long-running operation: see OperationService.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshBase(self, request, context):
+        """Replays the recipe of the base's newest imported version into the next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +152,16 @@ def add_BaseServiceServicer_to_server(servicer, server):
                     servicer.CreateBaseVersion,
                     request_deserializer=cowbranchd_dot_v1_dot_bases__pb2.CreateBaseVersionRequest.FromString,
                     response_serializer=cowbranchd_dot_v1_dot_bases__pb2.BaseVersion.SerializeToString,
+            ),
+            'ImportBase': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportBase,
+                    request_deserializer=cowbranchd_dot_v1_dot_bases__pb2.ImportBaseRequest.FromString,
+                    response_serializer=cowbranchd_dot_v1_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'RefreshBase': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshBase,
+                    request_deserializer=cowbranchd_dot_v1_dot_bases__pb2.RefreshBaseRequest.FromString,
+                    response_serializer=cowbranchd_dot_v1_dot_operations__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +299,60 @@ class BaseService:
             '/cowbranchd.v1.BaseService/CreateBaseVersion',
             cowbranchd_dot_v1_dot_bases__pb2.CreateBaseVersionRequest.SerializeToString,
             cowbranchd_dot_v1_dot_bases__pb2.BaseVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportBase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowbranchd.v1.BaseService/ImportBase',
+            cowbranchd_dot_v1_dot_bases__pb2.ImportBaseRequest.SerializeToString,
+            cowbranchd_dot_v1_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshBase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowbranchd.v1.BaseService/RefreshBase',
+            cowbranchd_dot_v1_dot_bases__pb2.RefreshBaseRequest.SerializeToString,
+            cowbranchd_dot_v1_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

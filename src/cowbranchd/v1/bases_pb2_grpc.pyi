@@ -7,6 +7,7 @@ with immutable, numbered versions.
 
 from collections import abc as _abc
 from cowbranchd.v1 import bases_pb2 as _bases_pb2
+from cowbranchd.v1 import operations_pb2 as _operations_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -40,6 +41,15 @@ class BaseServiceStub:
     """FAILED_PRECONDITION while branches depend on the base, unless force."""
     CreateBaseVersion: _grpc.UnaryUnaryMultiCallable[_bases_pb2.CreateBaseVersionRequest, _bases_pb2.BaseVersion]
     """Snapshots the base's current data as version N+1."""
+    ImportBase: _grpc.UnaryUnaryMultiCallable[_bases_pb2.ImportBaseRequest, _operations_pb2.Operation]
+    """Brings production in: copies a live server (pg_basebackup), restores a
+    dump (pg_restore / psql) or copies a data directory into a private
+    staging area, runs the transforms, scrubs every trace of what they
+    changed, and seals the result as the base's next version (version 1 of
+    a new base). A long-running operation: see OperationService.
+    """
+    RefreshBase: _grpc.UnaryUnaryMultiCallable[_bases_pb2.RefreshBaseRequest, _operations_pb2.Operation]
+    """Replays the recipe of the base's newest imported version into the next."""
 
 @_typing.type_check_only
 class BaseServiceAsyncStub(BaseServiceStub):
@@ -51,6 +61,15 @@ class BaseServiceAsyncStub(BaseServiceStub):
     """FAILED_PRECONDITION while branches depend on the base, unless force."""
     CreateBaseVersion: _aio.UnaryUnaryMultiCallable[_bases_pb2.CreateBaseVersionRequest, _bases_pb2.BaseVersion]  # type: ignore[assignment]
     """Snapshots the base's current data as version N+1."""
+    ImportBase: _aio.UnaryUnaryMultiCallable[_bases_pb2.ImportBaseRequest, _operations_pb2.Operation]  # type: ignore[assignment]
+    """Brings production in: copies a live server (pg_basebackup), restores a
+    dump (pg_restore / psql) or copies a data directory into a private
+    staging area, runs the transforms, scrubs every trace of what they
+    changed, and seals the result as the base's next version (version 1 of
+    a new base). A long-running operation: see OperationService.
+    """
+    RefreshBase: _aio.UnaryUnaryMultiCallable[_bases_pb2.RefreshBaseRequest, _operations_pb2.Operation]  # type: ignore[assignment]
+    """Replays the recipe of the base's newest imported version into the next."""
 
 class BaseServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -89,5 +108,26 @@ class BaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bases_pb2.BaseVersion, _abc.Awaitable[_bases_pb2.BaseVersion]]:
         """Snapshots the base's current data as version N+1."""
+
+    @_abc_1.abstractmethod
+    def ImportBase(
+        self,
+        request: _bases_pb2.ImportBaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
+        """Brings production in: copies a live server (pg_basebackup), restores a
+        dump (pg_restore / psql) or copies a data directory into a private
+        staging area, runs the transforms, scrubs every trace of what they
+        changed, and seals the result as the base's next version (version 1 of
+        a new base). A long-running operation: see OperationService.
+        """
+
+    @_abc_1.abstractmethod
+    def RefreshBase(
+        self,
+        request: _bases_pb2.RefreshBaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
+        """Replays the recipe of the base's newest imported version into the next."""
 
 def add_BaseServiceServicer_to_server(servicer: BaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
