@@ -97,7 +97,8 @@ class BranchServiceServicer:
 
     def ResetBranch(self, request, context):
         """Throws away the branch's writes: back to the state it was created from,
-        on the same port with the same credentials.
+        on the same port with the same credentials (with `version`: to that
+        version of its base).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,8 @@ class BranchServiceStub:
     DeleteBranch: _grpc.UnaryUnaryMultiCallable[_branches_pb2.DeleteBranchRequest, _branches_pb2.DeleteBranchResponse]
     ResetBranch: _grpc.UnaryUnaryMultiCallable[_branches_pb2.ResetBranchRequest, _branches_pb2.Branch]
     """Throws away the branch's writes: back to the state it was created from,
-    on the same port with the same credentials.
+    on the same port with the same credentials (with `version`: to that
+    version of its base).
     """
     UpdateBranch: _grpc.UnaryUnaryMultiCallable[_branches_pb2.UpdateBranchRequest, _branches_pb2.Branch]
     """Changes labels, ttl and protected, as named by update_mask."""
@@ -59,7 +60,8 @@ class BranchServiceAsyncStub(BranchServiceStub):
     DeleteBranch: _aio.UnaryUnaryMultiCallable[_branches_pb2.DeleteBranchRequest, _branches_pb2.DeleteBranchResponse]  # type: ignore[assignment]
     ResetBranch: _aio.UnaryUnaryMultiCallable[_branches_pb2.ResetBranchRequest, _branches_pb2.Branch]  # type: ignore[assignment]
     """Throws away the branch's writes: back to the state it was created from,
-    on the same port with the same credentials.
+    on the same port with the same credentials (with `version`: to that
+    version of its base).
     """
     UpdateBranch: _aio.UnaryUnaryMultiCallable[_branches_pb2.UpdateBranchRequest, _branches_pb2.Branch]  # type: ignore[assignment]
     """Changes labels, ttl and protected, as named by update_mask."""
@@ -103,7 +105,8 @@ class BranchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_branches_pb2.Branch, _abc.Awaitable[_branches_pb2.Branch]]:
         """Throws away the branch's writes: back to the state it was created from,
-        on the same port with the same credentials.
+        on the same port with the same credentials (with `version`: to that
+        version of its base).
         """
 
     @_abc_1.abstractmethod
