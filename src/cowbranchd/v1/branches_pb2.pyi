@@ -79,6 +79,10 @@ class Branch(_message.Message):
         STOPPED: Branch._State.ValueType  # 3
         FAILED: Branch._State.ValueType  # 4
         DELETING: Branch._State.ValueType  # 5
+        SUSPENDED: Branch._State.ValueType  # 6
+        """Idle past its `idle_suspend`: no postgres runs; the daemon holds its
+        port, and the first connection to its DSN starts it again (READY).
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper): ...
     STATE_UNSPECIFIED: Branch.State.ValueType  # 0
@@ -87,6 +91,10 @@ class Branch(_message.Message):
     STOPPED: Branch.State.ValueType  # 3
     FAILED: Branch.State.ValueType  # 4
     DELETING: Branch.State.ValueType  # 5
+    SUSPENDED: Branch.State.ValueType  # 6
+    """Idle past its `idle_suspend`: no postgres runs; the daemon holds its
+    port, and the first connection to its DSN starts it again (READY).
+    """
 
     @_typing.final
     class LabelsEntry(_message.Message):
@@ -120,6 +128,7 @@ class Branch(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    IDLE_SUSPEND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`branches/{branch}`."""
     parent: _builtins.str
@@ -147,6 +156,13 @@ class Branch(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Unset when the branch never expires."""
 
+    @_builtins.property
+    def idle_suspend(self) -> _duration_pb2.Duration:
+        """How long the branch may go without a client connection before its
+        postgres is stopped (state SUSPENDED; the next connection to the same DSN
+        resumes it). Unset or zero: never.
+        """
+
     def __init__(
         self,
         *,
@@ -162,10 +178,11 @@ class Branch(_message.Message):
         request_id: _builtins.str = ...,
         failure: _builtins.str = ...,
         owner: _builtins.str = ...,
+        idle_suspend: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "idle_suspend", b"idle_suspend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "failure", b"failure", "labels", b"labels", "name", b"name", "owner", b"owner", "parent", b"parent", "protected", b"protected", "request_id", b"request_id", "state", b"state", "written_bytes", b"written_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "failure", b"failure", "idle_suspend", b"idle_suspend", "labels", b"labels", "name", b"name", "owner", b"owner", "parent", b"parent", "protected", b"protected", "request_id", b"request_id", "state", b"state", "written_bytes", b"written_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -224,6 +241,7 @@ class CreateBranchRequest(_message.Message):
     PROTECTED_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    IDLE_SUSPEND_FIELD_NUMBER: _builtins.int
     branch_id: _builtins.str
     """`^[a-z][a-z0-9-]{0,62}$`; empty means a generated id."""
     parent: _builtins.str
@@ -256,6 +274,13 @@ class CreateBranchRequest(_message.Message):
     def postgres_settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra `-c name=value` settings for this branch's postgres."""
 
+    @_builtins.property
+    def idle_suspend(self) -> _duration_pb2.Duration:
+        """Suspend the branch after this long without a client connection (see
+        Branch.idle_suspend). Unset: the daemon's default (daemon.idle_suspend);
+        zero: never.
+        """
+
     def __init__(
         self,
         *,
@@ -268,10 +293,11 @@ class CreateBranchRequest(_message.Message):
         protected: _builtins.bool = ...,
         max_bytes: _builtins.int = ...,
         role: _builtins.str = ...,
+        idle_suspend: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_suspend", b"idle_suspend", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "idle_suspend", b"idle_suspend", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,8 +453,8 @@ class UpdateBranchRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths among `labels`, `protected`, `expire_time`, `ttl`. Empty means
-        every field that was set.
+        """Paths among `labels`, `protected`, `expire_time`, `ttl`, `idle_suspend`.
+        Empty means every field that was set.
         """
 
     @_builtins.property
