@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -282,3 +283,57 @@ def test_import_requests_are_checked(importing_daemon: DaemonHandle) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.RefreshBase(bases_pb2.RefreshBaseRequest(name="bases/nosuch"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_diff_shows_a_migration_and_row_counts(importing_daemon: DaemonHandle) -> None:
+    """After a migration and some writes on a branch, DiffBranch shows the new
+    column in a unified schema diff and the rows inserted, updated and
+    deleted per table, not what the parent held before; cowbranchctl diff
+    prints both."""
+    d = importing_daemon
+    with d.channel() as ch:
+        d.bases(ch).CreateBase(
+            bases_pb2.CreateBaseRequest(
+                base_id="shop",
+                initdb=bases_pb2.InitdbSource(
+                    database="shop",
+                    init_sql="CREATE TABLE items (id int PRIMARY KEY, name text);"
+                    "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 10) g;",
+                ),
+            ),
+            timeout=120,
+        )
+    branch = branch_of(d, "bases/shop", "migrated")
+    with psycopg.connect(branch.connection.dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE items ADD COLUMN price numeric")
+        conn.execute("INSERT INTO items VALUES (11, 'new', 1), (12, 'newer', 2)")
+        conn.execute("UPDATE items SET price = 0 WHERE id <= 3")
+        conn.execute("DELETE FROM items WHERE id = 10")
+    end = time.monotonic() + 30  # counters reach the stats a moment after commit
+    while True:
+        with d.channel() as ch:
+            diff = d.branches(ch).DiffBranch(
+                branches_pb2.DiffBranchRequest(name="branches/migrated"), timeout=120
+            )
+        changes = {(t.schema, t.table): (t.inserted, t.updated, t.deleted) for t in diff.tables}
+        if changes.get(("public", "items")) == (2, 3, 1) or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert diff.parent == "bases/shop/versions/1"
+    assert "+    price numeric" in diff.schema_diff
+    assert diff.schema_diff.startswith("--- bases/shop/versions/1")
+    assert changes == {("public", "items"): (2, 3, 1)}
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cowbranchctl"),
+            "--address",
+            d.address,
+            "diff",
+            "migrated",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "price numeric" in result.stdout and "shop.public.items" in result.stdout

@@ -43,7 +43,15 @@ from .transport import (
     status_code,
     translate,
 )
-from .types import Base, BaseVersion, Branch, DurationLike, SelectorLike
+from .types import (
+    Base,
+    BaseVersion,
+    Branch,
+    BranchDiff,
+    DurationLike,
+    Operation,
+    SelectorLike,
+)
 
 __all__ = ["AsyncClient"]
 
@@ -182,6 +190,11 @@ class AsyncClient:
         )
         return await self._call(op, timeout)
 
+    async def diff_branch(self, name: str, *, timeout: float | None = None) -> BranchDiff:
+        """What the branch changed since it was made: its schema as a unified
+        diff against its parent's, and rows inserted/updated/deleted per table."""
+        return await self._call(ops.diff_branch(name), timeout)
+
     async def get_branch(self, name: str, *, timeout: float | None = None) -> Branch:
         """The branch `name` (`branches/{id}` or just the id)."""
         return await self._call(ops.get_branch(name), timeout)
@@ -316,6 +329,75 @@ class AsyncClient:
         `data_directory` (a cleanly shut down PGDATA on the daemon's host), a
         copy of it replaces the base's data first."""
         return await self._call(ops.create_base_version(name, data_directory), timeout)
+
+    async def import_base(
+        self,
+        base_id: str,
+        *,
+        from_server: str = "",
+        from_dump: str = "",
+        data_directory: str = "",
+        transforms: Sequence[tuple[str, str]] = (),
+        transform_command: Sequence[str] = (),
+        jobs: int = 0,
+        keep_raw: bool = False,
+        database: str = "",
+        labels: Mapping[str, str] | None = None,
+        branch_role: str = "",
+        roles: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Operation:
+        """Start importing a base (a new one, or the next version of `base_id`)
+        from a live server (a DSN with a replication role), a pg_dump archive
+        or SQL file, or a data directory on the daemon's host; `transforms`
+        are (name, sql) pairs run in order before the version is sealed.
+        Returns the operation at once: follow it with `wait_operation`."""
+        op = ops.import_base(
+            base_id,
+            from_server=from_server,
+            from_dump=from_dump,
+            data_directory=data_directory,
+            transforms=transforms,
+            transform_command=transform_command,
+            jobs=jobs,
+            keep_raw=keep_raw,
+            database=database,
+            labels=labels,
+            branch_role=branch_role,
+            roles=roles,
+        )
+        return await self._call(op, timeout)
+
+    async def refresh_base(self, name: str, *, timeout: float | None = None) -> Operation:
+        """Start replaying the recipe of the base's newest import into its next version."""
+        return await self._call(ops.refresh_base(name), timeout)
+
+    # -- operations ---------------------------------------------------------------
+
+    async def get_operation(self, name: str, *, timeout: float | None = None) -> Operation:
+        """The operation `name` (`operations/{id}` or just the id)."""
+        return await self._call(ops.get_operation(name), timeout)
+
+    async def list_operations(self, *, timeout: float | None = None) -> list[Operation]:
+        """The caller's operations (an admin's: all), newest first."""
+        return await self._call(ops.list_operations(), timeout)
+
+    async def wait_operation(self, name: str, *, wait_s: float = 60.0) -> Operation:
+        """The operation once it is done, or after `wait_s` seconds (at most
+        600), whichever comes first."""
+        return await self._call(ops.wait_operation(name, wait_s), wait_s + 30)
+
+    async def cancel_operation(self, name: str, *, timeout: float | None = None) -> Operation:
+        """Ask the operation to stop; it ends CANCELLED with nothing left behind."""
+        return await self._call(ops.cancel_operation(name), timeout)
+
+    async def finish(self, operation: Operation, *, wait_s: float = 10.0) -> Operation:
+        """Wait until `operation` is done, and raise its error if it failed
+        (the same error class the call itself would have raised)."""
+        while not operation.done:
+            operation = await self.wait_operation(operation.name, wait_s=wait_s)
+        operation.raise_if_failed()
+        return operation
 
     # -- daemon -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -25,13 +25,17 @@ from cowbranchd.v1 import (
     branches_pb2_grpc,
     daemon_pb2,
     daemon_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
 )
 
 from .types import (
     Base,
     BaseVersion,
     Branch,
+    BranchDiff,
     DurationLike,
+    Operation,
     SelectorLike,
     base_name,
     branch_name,
@@ -43,23 +47,30 @@ __all__ = [
     "HEALTH_SERVICE",
     "STUBS",
     "Op",
+    "cancel_operation",
     "create_base",
     "create_base_version",
     "create_branch",
     "delete_base",
     "delete_branch",
+    "diff_branch",
     "get_base",
     "get_branch",
+    "get_operation",
     "health",
+    "import_base",
     "list_bases",
     "list_branches_page",
+    "list_operations",
+    "refresh_base",
     "reset_branch",
     "status",
     "update_branch",
+    "wait_operation",
 ]
 
 T = TypeVar("T")
-Service = Literal["branches", "bases", "daemon", "health"]
+Service = Literal["branches", "bases", "daemon", "health", "operations"]
 HEALTH_SERVICE = "cowbranchd.v1.BranchService"
 # The stub class of each service; it takes a sync or an asyncio channel alike.
 STUBS: dict[Service, Callable[[Any], Any]] = {
@@ -67,6 +78,7 @@ STUBS: dict[Service, Callable[[Any], Any]] = {
     "bases": bases_pb2_grpc.BaseServiceStub,
     "daemon": daemon_pb2_grpc.DaemonServiceStub,
     "health": health_pb2_grpc.HealthStub,
+    "operations": operations_pb2_grpc.OperationServiceStub,
 }
 
 
@@ -287,3 +299,84 @@ def status() -> Op[dict[str, Any]]:
         }
 
     return Op("daemon", "GetStatus", daemon_pb2.GetStatusRequest(), convert)
+
+
+def import_base(
+    base_id: str,
+    *,
+    from_server: str = "",
+    from_dump: str = "",
+    data_directory: str = "",
+    transforms: Sequence[tuple[str, str]] = (),
+    transform_command: Sequence[str] = (),
+    jobs: int = 0,
+    keep_raw: bool = False,
+    database: str = "",
+    labels: Mapping[str, str] | None = None,
+    branch_role: str = "",
+    roles: Sequence[str] = (),
+) -> Op[Operation]:
+    """ImportBase: exactly one source; `transforms` are (name, sql) pairs.
+    Not retried: a repeat would start a second import."""
+    sources = {"from_server": from_server, "from_dump": from_dump, "data_directory": data_directory}
+    given = [k for k, v in sources.items() if v]
+    if len(given) != 1:
+        raise InvalidArgument(
+            "source", "give exactly one of from_server, from_dump, data_directory"
+        )
+    request = bases_pb2.ImportBaseRequest(
+        base_id=base_id,
+        transforms=[bases_pb2.Transform(name=n, sql=q) for n, q in transforms],
+        transform_command=list(transform_command),
+        jobs=jobs,
+        keep_raw=keep_raw,
+        database=database,
+        labels=dict(labels or {}),
+        branch_role=branch_role,
+        roles=list(roles),
+        **{given[0]: sources[given[0]]},
+    )
+    return Op("bases", "ImportBase", request, Operation.from_proto, retry=False)
+
+
+def refresh_base(name: str) -> Op[Operation]:
+    """RefreshBase: replay the recipe of the base's newest import."""
+    request = bases_pb2.RefreshBaseRequest(name=base_name(name))
+    return Op("bases", "RefreshBase", request, Operation.from_proto, retry=False)
+
+
+def _operation_name(name: str) -> str:
+    return name if name.startswith("operations/") else f"operations/{name}"
+
+
+def get_operation(name: str) -> Op[Operation]:
+    request = operations_pb2.GetOperationRequest(name=_operation_name(name))
+    return Op("operations", "GetOperation", request, Operation.from_proto)
+
+
+def wait_operation(name: str, timeout_s: float = 60.0) -> Op[Operation]:
+    """WaitOperation: returns when done or after `timeout_s` (at most 600)."""
+    request = operations_pb2.WaitOperationRequest(name=_operation_name(name))
+    request.timeout.FromTimedelta(timedelta(seconds=timeout_s))
+    return Op("operations", "WaitOperation", request, Operation.from_proto)
+
+
+def cancel_operation(name: str) -> Op[Operation]:
+    request = operations_pb2.CancelOperationRequest(name=_operation_name(name))
+    return Op("operations", "CancelOperation", request, Operation.from_proto)
+
+
+def list_operations() -> Op[list[Operation]]:
+    """The caller's operations, newest first."""
+
+    def convert(response: operations_pb2.ListOperationsResponse) -> list[Operation]:
+        return [Operation.from_proto(o) for o in response.operations]
+
+    request = operations_pb2.ListOperationsRequest()
+    return Op("operations", "ListOperations", request, convert)
+
+
+def diff_branch(name: str) -> Op[BranchDiff]:
+    """DiffBranch: the branch's schema and row changes since it was made."""
+    request = branches_pb2.DiffBranchRequest(name=branch_name(name))
+    return Op("branches", "DiffBranch", request, BranchDiff.from_proto)

@@ -31,7 +31,7 @@ from .transport import (
     status_code,
     translate,
 )
-from .types import Base, BaseVersion, Branch, DurationLike, SelectorLike
+from .types import Base, BaseVersion, Branch, BranchDiff, DurationLike, Operation, SelectorLike
 
 __all__ = ["Client"]
 T = TypeVar("T")
@@ -165,6 +165,11 @@ class Client:
         )
         return self._call(op, timeout)
 
+    def diff_branch(self, name: str, *, timeout: float | None = None) -> BranchDiff:
+        """What the branch changed since it was made: its schema as a unified
+        diff against its parent's, and rows inserted/updated/deleted per table."""
+        return self._call(ops.diff_branch(name), timeout)
+
     def get_branch(self, name: str, *, timeout: float | None = None) -> Branch:
         """The branch `name` (`branches/{id}` or just the id)."""
         return self._call(ops.get_branch(name), timeout)
@@ -296,6 +301,73 @@ class Client:
         `data_directory` (a cleanly shut down PGDATA on the daemon's host), a
         copy of it replaces the base's data first."""
         return self._call(ops.create_base_version(name, data_directory), timeout)
+
+    def import_base(
+        self,
+        base_id: str,
+        *,
+        from_server: str = "",
+        from_dump: str = "",
+        data_directory: str = "",
+        transforms: Sequence[tuple[str, str]] = (),
+        transform_command: Sequence[str] = (),
+        jobs: int = 0,
+        keep_raw: bool = False,
+        database: str = "",
+        labels: Mapping[str, str] | None = None,
+        branch_role: str = "",
+        roles: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Operation:
+        """Start importing a base (a new one, or the next version of `base_id`)
+        from a live server (a DSN with a replication role), a pg_dump archive
+        or SQL file, or a data directory on the daemon's host; `transforms`
+        are (name, sql) pairs run in order before the version is sealed.
+        Returns the operation at once: follow it with `wait_operation`."""
+        op = ops.import_base(
+            base_id,
+            from_server=from_server,
+            from_dump=from_dump,
+            data_directory=data_directory,
+            transforms=transforms,
+            transform_command=transform_command,
+            jobs=jobs,
+            keep_raw=keep_raw,
+            database=database,
+            labels=labels,
+            branch_role=branch_role,
+            roles=roles,
+        )
+        return self._call(op, timeout)
+
+    def refresh_base(self, name: str, *, timeout: float | None = None) -> Operation:
+        """Start replaying the recipe of the base's newest import into its next version."""
+        return self._call(ops.refresh_base(name), timeout)
+
+    def get_operation(self, name: str, *, timeout: float | None = None) -> Operation:
+        """The operation `name` (`operations/{id}` or just the id)."""
+        return self._call(ops.get_operation(name), timeout)
+
+    def list_operations(self, *, timeout: float | None = None) -> list[Operation]:
+        """The caller's operations (an admin's: all), newest first."""
+        return self._call(ops.list_operations(), timeout)
+
+    def wait_operation(self, name: str, *, wait_s: float = 60.0) -> Operation:
+        """The operation once it is done, or after `wait_s` seconds (at most
+        600), whichever comes first."""
+        return self._call(ops.wait_operation(name, wait_s), wait_s + 30)
+
+    def cancel_operation(self, name: str, *, timeout: float | None = None) -> Operation:
+        """Ask the operation to stop; it ends CANCELLED with nothing left behind."""
+        return self._call(ops.cancel_operation(name), timeout)
+
+    def finish(self, operation: Operation, *, wait_s: float = 10.0) -> Operation:
+        """Wait until `operation` is done, and raise its error if it failed
+        (the same error class the call itself would have raised)."""
+        while not operation.done:
+            operation = self.wait_operation(operation.name, wait_s=wait_s)
+        operation.raise_if_failed()
+        return operation
 
     def status(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The daemon's version, storage driver and pool usage, and capacity."""

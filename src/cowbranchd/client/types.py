@@ -16,10 +16,11 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from google.protobuf import timestamp_pb2
 
-from cowbranchd.errors import InvalidArgument
-from cowbranchd.v1 import bases_pb2, branches_pb2
+from cowbranchd.errors import InvalidArgument, error_for_code
+from cowbranchd.v1 import bases_pb2, branches_pb2, operations_pb2
 
 if TYPE_CHECKING:
     import psycopg
@@ -29,7 +30,9 @@ __all__ = [
     "Base",
     "BaseVersion",
     "Branch",
+    "BranchDiff",
     "DurationLike",
+    "Operation",
     "SelectorLike",
     "base_name",
     "branch_name",
@@ -332,4 +335,111 @@ class Base:
             "database": self.database,
             "branch_role": self.branch_role,
             "roles": list(self.roles),
+        }
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A long-running operation (an import or a refresh) as last seen."""
+
+    name: str
+    target: str
+    done: bool
+    phase: str
+    bytes_done: int
+    bytes_total: int
+    start_time: datetime | None
+    end_time: datetime | None
+    error_code: int
+    error_message: str
+    result: str
+    owner: str
+
+    @classmethod
+    def from_proto(cls, message: operations_pb2.Operation) -> Operation:
+        """The value of a `cowbranchd.v1.Operation` message."""
+        return cls(
+            name=message.name,
+            target=message.target,
+            done=message.done,
+            phase=message.phase,
+            bytes_done=message.bytes_done,
+            bytes_total=message.bytes_total,
+            start_time=_time(message, "start_time"),
+            end_time=_time(message, "end_time"),
+            error_code=message.error_code,
+            error_message=message.error_message,
+            result=message.result,
+            owner=message.owner,
+        )
+
+    @property
+    def failed(self) -> bool:
+        return self.done and self.error_code != 0
+
+    def raise_if_failed(self) -> None:
+        """Raise the error a failed operation ended with, as the class a call
+        failing with the same status raises (`except Cancelled`, ...)."""
+        if self.failed:
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == self.error_code),
+                grpc.StatusCode.UNKNOWN,
+            )
+            raise error_for_code(code, self.error_message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form."""
+        return {
+            "name": self.name,
+            "target": self.target,
+            "done": self.done,
+            "phase": self.phase,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "start_time": _iso(self.start_time),
+            "end_time": _iso(self.end_time),
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "result": self.result,
+            "owner": self.owner,
+        }
+
+
+@dataclass(frozen=True)
+class BranchDiff:
+    """What a branch changed since it was made: a unified diff of its schema
+    against its parent's, and per table the rows inserted, updated, deleted."""
+
+    name: str
+    parent: str
+    schema_diff: str
+    tables: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_proto(cls, message: branches_pb2.BranchDiff) -> BranchDiff:
+        """The value of a `cowbranchd.v1.BranchDiff` message."""
+        return cls(
+            name=message.name,
+            parent=message.parent,
+            schema_diff=message.schema_diff,
+            tables=tuple(
+                {
+                    "database": t.database,
+                    "schema": t.schema,
+                    "table": t.table,
+                    "inserted": t.inserted,
+                    "updated": t.updated,
+                    "deleted": t.deleted,
+                }
+                for t in message.tables
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form."""
+        return {
+            "name": self.name,
+            "parent": self.parent,
+            "schema_diff": self.schema_diff,
+            "tables": list(self.tables),
         }

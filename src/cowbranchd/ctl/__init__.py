@@ -30,6 +30,7 @@ from .commands import (
     Output,
 )
 from .doctor import add_parser as add_doctor_options
+from .imports import add_import_arguments
 
 __all__ = ["EXIT_FAILURE", "EXIT_NOT_FOUND", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", "list branches, optionally by label selector")
     _selector_args(p)
 
+    p = add("diff", "what a branch changed: schema diff and rows per table since it was made")
+    p.add_argument("name", help="branch id or branches/ID")
+
     p = add("show", "show one branch")
     p.add_argument("name", help="branch id or branches/ID")
     p.add_argument("--dsn-only", action="store_true", help="print only the DSN")
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another role a branch may ask for (repeatable)",
     )
     _labels_arg(p, "label")
+    add_import_arguments(p)
     add("list", "list bases", base_sub)
     p = add("show", "show a base and its versions", base_sub)
     p.add_argument("name", help="base id or bases/ID")
@@ -204,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="first replace the base's data with a copy of this cleanly shut down PGDATA",
     )
+    add_import_arguments(p)
+    p = add(
+        "refresh", "replay the recipe of a base's newest import into its next version", base_sub
+    )
+    p.add_argument("name", help="base id or bases/ID")
+    p.add_argument("--no-wait", action="store_true", help="print the operation and return")
+
+    ops = add("operations", "long-running operations (imports, refreshes)")
+    ops_sub = ops.add_subparsers(dest="operations_command", required=True, metavar="COMMAND")
+    add("list", "your operations, newest first", ops_sub)
+    p = add("show", "show one operation", ops_sub)
+    p.add_argument("name", help="operation id or operations/ID")
+    p = add("cancel", "cancel an operation (nothing of it is left)", ops_sub)
+    p.add_argument("name", help="operation id or operations/ID")
     return parser
 
 
@@ -218,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help is 0, bad usage 2
         return int(exc.code or 0)
-    command = args.command + (f" {args.base_command}" if args.command == "base" else "")
+    sub = getattr(args, f"{args.command}_command", None)
+    command = args.command + (f" {sub}" if sub else "")
     out = Output(args.output, sys.stdout)
     try:
         if command in OFFLINE:

@@ -18,6 +18,14 @@ from cowbranchd.client import Base, Branch, Client, NotFound, format_selector
 from cowbranchd.errors import InvalidArgument
 
 from .doctor import cmd_doctor
+from .imports import (
+    cmd_base_refresh,
+    cmd_import,
+    cmd_operation_cancel,
+    cmd_operation_show,
+    cmd_operations,
+    is_import,
+)
 from .render import (
     BASE_HEADERS,
     BRANCH_HEADERS,
@@ -121,6 +129,25 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_diff(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """`diff BRANCH`: its schema against its parent's (a unified diff) and
+    rows inserted/updated/deleted per table since it was made."""
+    diff = client.diff_branch(args.name)
+    rows = [
+        [f"{t['database']}.{t['schema']}.{t['table']}", *(str(t[k]) for k in _CHANGES)]
+        for t in diff.tables
+    ]
+    changes = (
+        table(("TABLE", "INSERTED", "UPDATED", "DELETED"), rows) if rows else "no rows changed"
+    )
+    schema = diff.schema_diff.rstrip("\n") or f"schema: same as {diff.parent}"
+    out.emit(diff.to_dict(), f"{schema}\n\n{changes}")
+    return EXIT_OK
+
+
+_CHANGES = ("inserted", "updated", "deleted")
+
+
 def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
     """`list`: branches matching the selector."""
     _show_branches(out, list(client.list_branches(selector_of(args))))
@@ -187,7 +214,10 @@ def cmd_update(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_base_create(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """`base create BASE_ID`: from --data-directory, or initdb."""
+    """`base create BASE_ID`: from --data-directory, or initdb; or an import
+    (--from-server, --from-dump, --transform)."""
+    if is_import(args):
+        return cmd_import(client, args, out, args.base_id)
     init_sql = args.init_sql or ""
     if args.init_sql_file:
         with open(args.init_sql_file, encoding="utf-8") as handle:
@@ -240,7 +270,10 @@ def cmd_base_delete(client: Client, args: argparse.Namespace, out: Output) -> in
 
 
 def cmd_base_version(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """`base version NAME [--data-directory PATH]`: the base's next version."""
+    """`base version NAME [--data-directory PATH]`: the base's next version
+    (an import with --from-server, --from-dump or --transform)."""
+    if is_import(args):
+        return cmd_import(client, args, out, args.name.removeprefix("bases/"))
     version = client.create_base_version(args.name, data_directory=args.data_directory or "")
     out.emit(version.to_dict(), f"created {version.name}")
     return EXIT_OK
@@ -317,6 +350,7 @@ Handler = Callable[[Any, argparse.Namespace, Output], int]
 COMMANDS: dict[str, Handler] = {
     "create": cmd_create,
     "list": cmd_list,
+    "diff": cmd_diff,
     "show": cmd_show,
     "delete": cmd_delete,
     "reset": cmd_reset,
@@ -329,6 +363,10 @@ COMMANDS: dict[str, Handler] = {
     "base show": cmd_base_show,
     "base delete": cmd_base_delete,
     "base version": cmd_base_version,
+    "base refresh": cmd_base_refresh,
+    "operations list": cmd_operations,
+    "operations show": cmd_operation_show,
+    "operations cancel": cmd_operation_cancel,
 }
 # Commands that never talk to the daemon.
 OFFLINE = frozenset({"doctor", "version"})

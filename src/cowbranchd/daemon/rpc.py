@@ -123,6 +123,7 @@ _KIND = {
     "DeleteBase": "base writes",
     "ImportBase": "base writes",
     "RefreshBase": "base writes",
+    "DiffBranch": "branch writes",  # clones and starts the parent: slow work
 }
 
 

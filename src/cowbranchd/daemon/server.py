@@ -45,6 +45,7 @@ from cowbranchd.v1 import (
 from .auth import ADMIN, Caller, IdentityInterceptor, TokenBook, read_token
 from .bases import Bases, InitdbSpec
 from .branches import Branches
+from .diff import Differ
 from .inventory import Context, Inventory
 from .isolation import branch_uids
 from .logs import configure_logging
@@ -119,6 +120,7 @@ class Daemon:
         self.warm = WarmPool(self.ctx, config.daemon.warm_branches)
         self.branches = Branches(self.ctx, self.bases, self.warm)
         self.operations = Operations()
+        self.differ = Differ(self.branches)
         self.pipeline = Pipeline(self.ctx, self.bases, self.operations)
         self.metrics.watch(self.branches, self.warm)
         self.admission = admissions(
@@ -201,7 +203,7 @@ class Daemon:
             OperationServicer(self.operations, self.gate, self.ctx.metrics), server
         )
         branches_pb2_grpc.add_BranchServiceServicer_to_server(
-            BranchServicer(self.branches, self.gate, self.admission), server
+            BranchServicer(self.branches, self.gate, self.admission, self.differ), server
         )
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonServicer(self.branches, self.gate, self.start_time), server

@@ -27,6 +27,7 @@ from cowbranchd.v1 import (
 from .auth import ADMIN, Caller, current_caller
 from .bases import Bases, InitdbSpec
 from .branches import Branches, CreateSpec
+from .diff import Differ
 from .inventory import BaseEntry, BranchEntry
 from .isolation import SHARED_UID_WARNING
 from .pipeline import Pipeline
@@ -39,8 +40,11 @@ DEFAULT_PAGE_SIZE = 100
 
 
 class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
-    def __init__(self, branches: Branches, gate: Gate, admission: dict[str, Admission]) -> None:
+    def __init__(
+        self, branches: Branches, gate: Gate, admission: dict[str, Admission], differ: Differ
+    ) -> None:
         self.branches = branches
+        self.differ = differ
         self.gate = gate
         self.admission = admission
         self.metrics = branches.ctx.metrics
@@ -175,6 +179,20 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             caller=caller,
         )
         return self.to_proto(entry, caller)
+
+
+    @rpc
+    def DiffBranch(
+        self, request: branches_pb2.DiffBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.BranchDiff:
+        branch_id = parse_name("name", request.name, "branches")
+        parent, schema_diff, tables = self.differ.diff(branch_id, current_caller())
+        return branches_pb2.BranchDiff(
+            name=f"branches/{branch_id}",
+            parent=parent,
+            schema_diff=schema_diff,
+            tables=[branches_pb2.TableChanges(**dataclasses.asdict(t)) for t in tables],
+        )
 
 
 def _encode_token(after: str) -> str:

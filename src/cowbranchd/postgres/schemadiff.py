@@ -28,6 +28,7 @@ import psycopg
 from psycopg import conninfo as libpq
 
 from cowbranchd.errors import CommandError
+from cowbranchd.run import RunAs
 
 from .datadir import Binaries
 from .tools import run_tool
@@ -83,7 +84,7 @@ def schema_dump(
     dsn: str,
     *,
     binaries: Binaries,
-    os_user: str,
+    os_user: RunAs,
     database: str | None = None,
     privileges: bool = True,
 ) -> str:

@@ -475,3 +475,94 @@ class UpdateBranchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateBranchRequest: _TypeAlias = UpdateBranchRequest  # noqa: Y015
+
+@_typing.final
+class DiffBranchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`branches/{branch}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffBranchRequest: _TypeAlias = DiffBranchRequest  # noqa: Y015
+
+@_typing.final
+class BranchDiff(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    SCHEMA_DIFF_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`branches/{branch}` and its parent, as in Branch."""
+    parent: _builtins.str
+    schema_diff: _builtins.str
+    """A unified diff of normalised `pg_dump --schema-only` dumps (every
+    connectable database), parent first; empty when the schema is the same.
+    """
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableChanges]:
+        """Tables with rows changed since the branch was made (from
+        pg_stat_user_tables; a crash restart of the branch loses its counts).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        schema_diff: _builtins.str = ...,
+        tables: _abc.Iterable[Global___TableChanges] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "parent", b"parent", "schema_diff", b"schema_diff", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BranchDiff: _TypeAlias = BranchDiff  # noqa: Y015
+
+@_typing.final
+class TableChanges(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    INSERTED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    database: _builtins.str
+    schema: _builtins.str
+    table: _builtins.str
+    inserted: _builtins.int
+    updated: _builtins.int
+    deleted: _builtins.int
+    def __init__(
+        self,
+        *,
+        database: _builtins.str = ...,
+        schema: _builtins.str = ...,
+        table: _builtins.str = ...,
+        inserted: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database", b"database", "deleted", b"deleted", "inserted", b"inserted", "schema", b"schema", "table", b"table", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TableChanges: _TypeAlias = TableChanges  # noqa: Y015

@@ -64,6 +64,11 @@ class BranchServiceStub:
                 request_serializer=cowbranchd_dot_v1_dot_branches__pb2.UpdateBranchRequest.SerializeToString,
                 response_deserializer=cowbranchd_dot_v1_dot_branches__pb2.Branch.FromString,
                 _registered_method=True)
+        self.DiffBranch = channel.unary_unary(
+                '/cowbranchd.v1.BranchService/DiffBranch',
+                request_serializer=cowbranchd_dot_v1_dot_branches__pb2.DiffBranchRequest.SerializeToString,
+                response_deserializer=cowbranchd_dot_v1_dot_branches__pb2.BranchDiff.FromString,
+                _registered_method=True)
 
 
 class BranchServiceServicer:
@@ -111,6 +116,15 @@ class BranchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DiffBranch(self, request, context):
+        """What the branch changed since it was made: its schema against the
+        snapshot it was cloned from, and rows inserted, updated and deleted per
+        table. The branch must be READY; owner or admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BranchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +157,11 @@ def add_BranchServiceServicer_to_server(servicer, server):
                     servicer.UpdateBranch,
                     request_deserializer=cowbranchd_dot_v1_dot_branches__pb2.UpdateBranchRequest.FromString,
                     response_serializer=cowbranchd_dot_v1_dot_branches__pb2.Branch.SerializeToString,
+            ),
+            'DiffBranch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffBranch,
+                    request_deserializer=cowbranchd_dot_v1_dot_branches__pb2.DiffBranchRequest.FromString,
+                    response_serializer=cowbranchd_dot_v1_dot_branches__pb2.BranchDiff.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +326,33 @@ class BranchService:
             '/cowbranchd.v1.BranchService/UpdateBranch',
             cowbranchd_dot_v1_dot_branches__pb2.UpdateBranchRequest.SerializeToString,
             cowbranchd_dot_v1_dot_branches__pb2.Branch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffBranch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowbranchd.v1.BranchService/DiffBranch',
+            cowbranchd_dot_v1_dot_branches__pb2.DiffBranchRequest.SerializeToString,
+            cowbranchd_dot_v1_dot_branches__pb2.BranchDiff.FromString,
             options,
             channel_credentials,
             insecure,

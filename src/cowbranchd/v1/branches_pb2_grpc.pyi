@@ -47,6 +47,11 @@ class BranchServiceStub:
     """
     UpdateBranch: _grpc.UnaryUnaryMultiCallable[_branches_pb2.UpdateBranchRequest, _branches_pb2.Branch]
     """Changes labels, ttl and protected, as named by update_mask."""
+    DiffBranch: _grpc.UnaryUnaryMultiCallable[_branches_pb2.DiffBranchRequest, _branches_pb2.BranchDiff]
+    """What the branch changed since it was made: its schema against the
+    snapshot it was cloned from, and rows inserted, updated and deleted per
+    table. The branch must be READY; owner or admin only.
+    """
 
 @_typing.type_check_only
 class BranchServiceAsyncStub(BranchServiceStub):
@@ -65,6 +70,11 @@ class BranchServiceAsyncStub(BranchServiceStub):
     """
     UpdateBranch: _aio.UnaryUnaryMultiCallable[_branches_pb2.UpdateBranchRequest, _branches_pb2.Branch]  # type: ignore[assignment]
     """Changes labels, ttl and protected, as named by update_mask."""
+    DiffBranch: _aio.UnaryUnaryMultiCallable[_branches_pb2.DiffBranchRequest, _branches_pb2.BranchDiff]  # type: ignore[assignment]
+    """What the branch changed since it was made: its schema against the
+    snapshot it was cloned from, and rows inserted, updated and deleted per
+    table. The branch must be READY; owner or admin only.
+    """
 
 class BranchServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -116,5 +126,16 @@ class BranchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_branches_pb2.Branch, _abc.Awaitable[_branches_pb2.Branch]]:
         """Changes labels, ttl and protected, as named by update_mask."""
+
+    @_abc_1.abstractmethod
+    def DiffBranch(
+        self,
+        request: _branches_pb2.DiffBranchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_branches_pb2.BranchDiff, _abc.Awaitable[_branches_pb2.BranchDiff]]:
+        """What the branch changed since it was made: its schema against the
+        snapshot it was cloned from, and rows inserted, updated and deleted per
+        table. The branch must be READY; owner or admin only.
+        """
 
 def add_BranchServiceServicer_to_server(servicer: BranchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
