@@ -337,3 +337,46 @@ def test_diff_shows_a_migration_and_row_counts(importing_daemon: DaemonHandle) -
     )
     assert result.returncode == 0, result.stderr
     assert "price numeric" in result.stdout and "shop.public.items" in result.stdout
+
+
+def test_scheduled_refresh_and_retention(
+    daemon_factory: DaemonFactory, production: Production
+) -> None:
+    """With `imports.refresh = { nightly = "10s" }` the daemon replays the
+    recipe on its own; with `keep_versions = 2` versions past the newest two
+    go, but not one a branch still uses: it goes once that branch is deleted."""
+    d = daemon_factory(start=False)
+    d.extra_config = (
+        'enabled = false\n\n[imports]\nkeep_versions = 2\nrefresh = { nightly = "10s" }\n'
+    )
+    d.start()
+    try:
+        assert (
+            run_import(
+                d,
+                bases_pb2.ImportBaseRequest(
+                    base_id="nightly", from_server=production.replication_dsn
+                ),
+            ).result
+            == "bases/nightly/versions/1"
+        )
+        pinned = branch_of(d, "bases/nightly/versions/1", "pinned")
+
+        def versions() -> list[int]:
+            with d.channel() as ch:
+                base = d.bases(ch).GetBase(bases_pb2.GetBaseRequest(name="bases/nightly"))
+            return [v.version for v in base.versions]
+
+        end = time.monotonic() + 180
+        while max(versions()) < 3 and time.monotonic() < end:
+            time.sleep(0.5)
+        assert versions() == [1, 2, 3]  # 1 is kept: "pinned" uses it
+        with d.channel() as ch:
+            d.branches(ch).DeleteBranch(branches_pb2.DeleteBranchRequest(name=pinned.name))
+        end = time.monotonic() + 60
+        while 1 in versions() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert 1 not in versions() and len(versions()) <= 3
+        assert not (Path(d.pool_root) / "bases" / "nightly@v1").exists()
+    finally:
+        d.cleanup()

@@ -151,6 +151,18 @@ class TenantsConfig:
 
 
 @dataclass(frozen=True)
+class ImportsConfig:
+    """Imported bases (ImportBase, docs/bases.md)."""
+
+    # Keep each base's newest K versions; older ones are removed once no
+    # branch depends on them. 0: keep all.
+    keep_versions: int = 0
+    # base -> how often its newest import's recipe is replayed (RefreshBase),
+    # counted from its newest version, e.g. { prod = "24h" }.
+    refresh: Mapping[str, timedelta] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     # A small base made at start when the pool has no base at all.
     enabled: bool = True
@@ -163,6 +175,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    imports: ImportsConfig = field(default_factory=ImportsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
@@ -173,7 +186,9 @@ class Config:
 # Size keys for which 0 means "no limit".
 _ZERO_MEANS_NONE = frozenset({"max_branch_bytes", "max_branch_bytes_cap", "max_written_bytes"})
 # Integer keys for which 0 is allowed (none, or no limit).
-_ZERO_ALLOWED = frozenset({"daemon.warm_branches", "tenants.max_branches"})
+_ZERO_ALLOWED = frozenset(
+    {"daemon.warm_branches", "tenants.max_branches", "imports.keep_versions"}
+)
 TENANT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
 
@@ -221,6 +236,8 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
         return tuple(value)
     if key == "sockets":
         return _tenant_sockets(where, value)
+    if key == "refresh":
+        return _refresh_schedule(where, value)
     if key == "base_changes":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidArgument(where, "must be a list of tenant names")
@@ -301,6 +318,20 @@ def _tenant_sockets(where: str, value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _refresh_schedule(where: str, value: Any) -> dict[str, timedelta]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArgument(where, 'must be a table of base = "interval", e.g. { prod = "24h" }')
+    schedule = {}
+    for base, text in value.items():
+        if not TENANT_NAME.fullmatch(base):
+            raise InvalidArgument(where, f"{base!r} is not a base id")
+        interval = parse_duration(f"{where}.{base}", text)
+        if interval < timedelta(seconds=10):
+            raise InvalidArgument(f"{where}.{base}", "must be at least 10s")
+        schedule[base] = interval
+    return schedule
+
+
 def _uid_range(where: str, value: Any) -> tuple[int, int] | None:
     if value == "":
         return None
@@ -320,6 +351,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageConfig,
     "postgres": PostgresConfig,
     "tenants": TenantsConfig,
+    "imports": ImportsConfig,
     "demo": DemoConfig,
 }
 

@@ -401,6 +401,42 @@ class Bases:
         log.info("base_version_sealed", base=base_id, version=version, bytes=size)
         return record
 
+    def prune_versions(self, base_id: str, keep: int) -> list[int]:
+        """Remove the base's versions older than its newest `keep` that no
+        branch depends on (and their raw imports); returns those removed."""
+        entry = self.get(base_id)
+        if keep <= 0 or len(entry.record.versions) <= keep:
+            return []
+        # Never waits: an import holds the lock for minutes, and this runs
+        # in the reaper (and again after every import).
+        if not entry.lock.acquire(blocking=False):
+            return []
+        try:
+            record = entry.record
+            old = sorted(record.versions)[:-keep]
+            with self.ctx.inventory.lock:
+                used = {
+                    child.source.snap
+                    for child in self.ctx.inventory.children_of(Kind.BASES, base_id)
+                    if child.source is not None
+                }
+            removed = [n for n in old if version_snap(n) not in used]
+            if not removed:
+                return []
+            for n in removed:
+                for snap in (version_snap(n), f"raw{n}"):
+                    self.ctx.driver.destroy_snapshot(SnapshotRef(Kind.BASES, base_id, snap))
+            record = record.evolve(
+                versions={n: t for n, t in record.versions.items() if n not in removed},
+                provenance={n: p for n, p in record.provenance.items() if n not in removed},
+            )
+            self.ctx.driver.set_meta(Kind.BASES, base_id, record.to_meta())
+            entry.record = record
+        finally:
+            entry.lock.release()
+        log.info("base_versions_removed", base=base_id, versions=removed, kept=keep)
+        return removed
+
     # -- delete --------------------------------------------------------------
 
     def delete(

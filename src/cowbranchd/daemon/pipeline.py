@@ -24,13 +24,19 @@ from typing import Any
 import structlog
 
 from cowbranchd import deadline, postgres
-from cowbranchd.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from cowbranchd.errors import (
+    CowbranchError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from cowbranchd.model import BaseRecord, now, validate_id, validate_labels, validate_role
 from cowbranchd.postgres import masking, sources
 from cowbranchd.safefs import open_dir, read_regular, replace_file
 from cowbranchd.storage.base import Kind
 
-from .auth import Caller
+from .auth import ADMIN, Caller
 from .bases import Bases
 from .imports import copy_in, read_source_version, tree_bytes, validate_data_directory
 from .inventory import BaseEntry, Context
@@ -187,6 +193,32 @@ class Pipeline:
         spec = self._read_recipe(base_id)
         return self.operations.start(f"bases/{base_id}", caller, lambda op: self._run(op, spec))
 
+    def tick(self) -> None:
+        """The reaper's turn: start the refreshes the schedule says are due,
+        and remove versions past imports.keep_versions that nothing uses."""
+        imports = self.ctx.config.imports
+        with self.ctx.inventory.lock:
+            bases = {b: e.record for b, e in self.ctx.inventory.bases.items()}
+        for base_id, interval in imports.refresh.items():
+            record = bases.get(base_id)
+            latest = record.latest_version if record is not None else None
+            if record is None or latest is None or now() - record.versions[latest] < interval:
+                continue
+            if any(
+                not o.done for o in self.operations.visible(ADMIN) if o.target == f"bases/{base_id}"
+            ):
+                continue
+            try:
+                self.start_refresh(base_id, ADMIN)
+            except CowbranchError as exc:
+                log.warning("scheduled_refresh_not_started", base=base_id, error=exc.message)
+        if imports.keep_versions:
+            for base_id in bases:
+                try:
+                    self.bases.prune_versions(base_id, imports.keep_versions)
+                except CowbranchError as exc:
+                    log.warning("prune_versions_failed", base=base_id, error=exc.message)
+
     # -- the work ------------------------------------------------------------------
 
     def _run(self, op: Operation, spec: ImportSpec) -> str:
@@ -206,6 +238,9 @@ class Pipeline:
                 self.bases.abandon(spec.base_id)
             raise
         self._write_recipe(spec)
+        keep = self.ctx.config.imports.keep_versions
+        if keep:
+            self.bases.prune_versions(spec.base_id, keep)
         return f"bases/{spec.base_id}/versions/{version}"
 
     def _stage_and_seal(
