@@ -30,8 +30,8 @@ from cowbranchd.errors import (
     Unavailable,
 )
 
-from .aio import AsyncClient
-from .sync import Client
+from .aio import AsyncClient, AsyncLease
+from .sync import Client, Lease
 from .transport import DEFAULT_ADDRESS, RetryPolicy
 from .types import (
     Base,
@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "AlreadyExists",
     "AsyncClient",
+    "AsyncLease",
     "Base",
     "BaseVersion",
     "Branch",
@@ -58,6 +59,7 @@ __all__ = [
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
+    "Lease",
     "NotFound",
     "ResourceExhausted",
     "RetryPolicy",
