@@ -85,6 +85,9 @@ class DaemonConfig:
     # kept for a retry with the same request_id before it is deleted.
     unclaimed_grace: timedelta = timedelta(seconds=60)
     reap_interval: timedelta = timedelta(seconds=5)
+    # Stop a branch's postgres after this long without a client connection
+    # (it resumes on the next one), for branches that do not choose; "0": never.
+    idle_suspend: timedelta | None = None
     drain_timeout: timedelta = timedelta(seconds=30)
     max_message_bytes: int = 4 * 1024 * 1024
     # Prometheus metrics over HTTP, e.g. "127.0.0.1:9187"; empty: off (daemon/metrics.py).
@@ -208,8 +211,8 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             raise InvalidArgument(where, f"must be an integer >= {lowest}")
         return value
-    if isinstance(default, timedelta) or key.endswith("_ttl"):
-        if value in ("", 0):
+    if isinstance(default, timedelta) or key.endswith("_ttl") or key == "idle_suspend":
+        if value in ("", 0) or (key == "idle_suspend" and value == "0"):
             return None
         if not isinstance(value, str):
             raise InvalidArgument(where, "must be a duration string like '30s'")

@@ -28,6 +28,7 @@ __all__ = [
     "meta_patch",
     "parse_parent",
     "validate_id",
+    "validate_idle_suspend",
     "validate_labels",
     "validate_request_id",
     "validate_role",
@@ -50,6 +51,9 @@ class State(enum.Enum):
     STOPPED = "stopped"
     FAILED = "failed"
     DELETING = "deleting"
+    # Its postgres stopped while idle; the daemon holds its port and starts
+    # it again on the first connection (daemon/suspend.py).
+    SUSPENDED = "suspended"
 
 
 def _shown(value: str) -> str:
@@ -111,6 +115,17 @@ def validate_ttl(field_name: str, ttl: timedelta | None) -> timedelta | None:
     if ttl > MAX_TTL:
         raise InvalidArgument(field_name, f"must be at most {MAX_TTL.days} days")
     return ttl
+
+
+def validate_idle_suspend(field_name: str, value: timedelta | None) -> timedelta | None:
+    """None or zero means never suspend."""
+    if value is None or value == timedelta(0):
+        return None
+    if value < timedelta(seconds=1):
+        raise InvalidArgument(field_name, "must be zero (never) or at least 1s")
+    if value > MAX_TTL:
+        raise InvalidArgument(field_name, f"must be at most {MAX_TTL.days} days")
+    return value
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,14 @@ def _parse_ts(value: str) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _seconds(value: timedelta | None) -> str:
+    return f"{value.total_seconds():g}" if value else ""
+
+
+def _parse_seconds(value: str) -> timedelta | None:
+    return timedelta(seconds=float(value)) if value and float(value) > 0 else None
+
+
 @dataclass(frozen=True)
 class BranchRecord:
     """A branch as stored in its volume's metadata (runtime facts excluded)."""
@@ -249,6 +272,8 @@ class BranchRecord:
     owner: str = ""
     # The database role its connection hands out; "": the base's branch role.
     role: str = ""
+    # Stop its postgres after this long without a client connection; None: never.
+    idle_suspend: timedelta | None = None
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -270,6 +295,7 @@ class BranchRecord:
             "max_bytes": str(self.max_bytes) if self.max_bytes else "",
             "owner": self.owner,
             "role": self.role,
+            "idle_suspend": _seconds(self.idle_suspend),
         }
 
     @classmethod
@@ -293,6 +319,7 @@ class BranchRecord:
             max_bytes=int(meta.get("max_bytes") or 0),
             owner=meta.get("owner", ""),
             role=meta.get("role", ""),
+            idle_suspend=_parse_seconds(meta.get("idle_suspend", "")),
         )
 
     def evolve(self, **changes: object) -> BranchRecord:

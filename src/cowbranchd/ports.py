@@ -19,7 +19,7 @@ from collections.abc import Collection
 
 from .errors import ResourceExhausted
 
-__all__ = ["PortAllocator", "UidAllocator", "port_free"]
+__all__ = ["PortAllocator", "UidAllocator", "bind_addresses", "port_free"]
 
 _Address = tuple[socket.AddressFamily, str]
 
@@ -60,6 +60,13 @@ def _can_bind(addresses: list[_Address], port: int) -> bool:
                     continue  # IPv6 disabled on this host: postgres skips it too
                 return False
     return True
+
+
+def bind_addresses(listen_addresses: str) -> list[tuple[socket.AddressFamily, str]]:
+    """The (family, address) pairs a port is held on for postgres with
+    `listen_addresses` (loopback always): what the bind probe checks, and
+    what the daemon listens on for a suspended branch."""
+    return _addresses(listen_addresses)
 
 
 def port_free(listen_addresses: str, port: int) -> bool:

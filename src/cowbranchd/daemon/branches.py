@@ -40,6 +40,7 @@ from cowbranchd.model import (
     now,
     parse_parent,
     validate_id,
+    validate_idle_suspend,
     validate_labels,
     validate_request_id,
     validate_role,
@@ -50,7 +51,6 @@ from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .auth import ADMIN, Caller
 from .bases import Bases
-from .changes import BranchChanges
 from .inventory import BranchEntry, Context
 from .lifecycle import (
     Connection,
@@ -64,6 +64,7 @@ from .lifecycle import (
 )
 from .limits import size_limit, size_limit_failure
 from .revert import Revert
+from .suspend import BranchSuspend
 from .warm import WarmPool
 
 __all__ = ["Branches", "Connection", "CreateSpec"]
@@ -85,14 +86,16 @@ class CreateSpec:
     max_bytes: int = 0  # 0: storage.max_branch_bytes
     owner: Caller = ADMIN
     role: str = ""  # "": the parent's role, or the base's branch role
+    idle_suspend: timedelta | None = None  # None: daemon.idle_suspend; zero: never
 
 
-class Branches(BranchChanges):
+class Branches(BranchSuspend):
     def __init__(self, ctx: Context, bases: Bases, warm: WarmPool | None = None) -> None:
         self.ctx = ctx
         self.bases = bases
         self.warm = warm
         self._usage_cache: dict[str, tuple[float, int]] = {}
+        self._idle_since: dict[str, tuple[float, int]] = {}
 
     def _check_space(self) -> None:
         """RESOURCE_EXHAUSTED below the configured free-space reserve, asked
@@ -209,6 +212,10 @@ class Branches(BranchChanges):
         settings = validate_client_settings(spec.postgres_settings)
         max_bytes = size_limit(self.ctx.config.storage, spec.max_bytes)
         role = validate_role("role", spec.role)
+        idle_suspend = validate_idle_suspend(
+            "idle_suspend",
+            self.ctx.config.daemon.idle_suspend if spec.idle_suspend is None else spec.idle_suspend,
+        )
         owner = spec.owner
         if parent.branch is not None:
             self.get(parent.branch, owner)  # only its owner (or an admin) branches from it
@@ -248,6 +255,7 @@ class Branches(BranchChanges):
                         max_bytes=max_bytes,
                         owner=owner.name,
                         role=role,
+                        idle_suspend=idle_suspend,
                     )
                     entry = BranchEntry(record=record, path=Path())
                     entry.lock.acquire()
@@ -375,15 +383,19 @@ class Branches(BranchChanges):
         return True
 
     def _snapshot_branch(self, parent_id: str, child_id: str) -> SnapshotRef:
-        """CHECKPOINT a running parent branch, then snapshot it for the child."""
+        """CHECKPOINT a running parent branch, then snapshot it for the child.
+        A suspended parent is snapshot as it is: shut down clean, its data
+        directory needs no checkpoint (and no start)."""
         parent = self.get(parent_id)
         with deadline.holding(parent.lock, f"branches/{parent_id}"):
-            if parent.deleting or self.state(parent) is not State.READY:
+            state = self.state(parent)
+            if parent.deleting or state not in (State.READY, State.SUSPENDED):
                 raise FailedPrecondition(
-                    f"branches/{parent_id} is {self.state(parent).name}, not READY: "
-                    "only a running branch can be branched"
+                    f"branches/{parent_id} is {state.name}, not READY: "
+                    "only a running or suspended branch can be branched"
                 )
-            postgres.checkpoint(socket_dsn(self.ctx, parent))
+            if state is State.READY:
+                postgres.checkpoint(socket_dsn(self.ctx, parent))
             return self.ctx.driver.snapshot(Kind.BRANCHES, parent.volume, f"c-{child_id}")
 
     def _base_record(self, base_id: str) -> BaseRecord | None:

@@ -21,6 +21,7 @@ from cowbranchd.model import (
     State,
     meta_patch,
     now,
+    validate_idle_suspend,
     validate_labels,
     validate_ttl,
 )
@@ -49,6 +50,9 @@ class BranchChanges:
         raise NotImplementedError
 
     def _stop(self, entry: BranchEntry, *, discard: bool = False) -> None:
+        raise NotImplementedError
+
+    def resume(self, entry: BranchEntry) -> bool:
         raise NotImplementedError
 
     # -- delete / reset / update ------------------------------------------------
@@ -118,6 +122,8 @@ class BranchChanges:
                 raise FailedPrecondition(
                     f"branches/{branch_id} cannot be reset while it is deleting"
                 )
+            # Its port back from the acceptor, and one path for what follows.
+            self.resume(entry)
             # A new volume first, the old one destroyed last: a crash midway
             # leaves the old volume (restarted at the next start) or both,
             # and then the higher `resets` count wins (reconcile.py). It also
@@ -197,10 +203,14 @@ class BranchChanges:
         ttl: timedelta | None = None,
         set_ttl: bool = False,
         protected: bool | None = None,
+        idle_suspend: timedelta | None = None,
+        set_idle_suspend: bool = False,
         caller: Caller | None = None,
     ) -> BranchEntry:
         entry = self.get(branch_id, caller)
         changes: dict[str, object] = {}
+        if set_idle_suspend:
+            changes["idle_suspend"] = validate_idle_suspend("branch.idle_suspend", idle_suspend)
         if labels is not None:
             changes["labels"] = validate_labels("branch.labels", labels)
         if set_ttl:

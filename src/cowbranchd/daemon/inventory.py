@@ -20,6 +20,7 @@ from cowbranchd.ports import PortAllocator, UidAllocator
 from cowbranchd.postgres import Postmaster
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 
+from .acceptor import Acceptor
 from .credentials import SecretKeeper
 from .metrics import Metrics
 
@@ -121,6 +122,8 @@ class Context:
     uids: UidAllocator | None = None
     # Events the orchestration records (latencies, size-limit stops).
     metrics: Metrics = field(default_factory=Metrics, repr=False)
+    # Listens on the ports of suspended branches and wakes them (suspend.py).
+    acceptor: Acceptor = field(default_factory=Acceptor, repr=False)
     # Made from config.daemon.state_dir: the daemon key every password derives from.
     secrets: SecretKeeper = field(init=False, repr=False)
 

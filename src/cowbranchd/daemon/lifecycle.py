@@ -255,6 +255,8 @@ def dismantle(ctx: Context, entry: BranchEntry, *, release: bool = True) -> None
     with `release` give back its port and uid and remove its socket directory
     and log (not for a volume a reset superseded: those are still the
     branch's). Idempotent."""
+    # A suspended branch's port is held by the daemon's acceptor, not postgres.
+    ctx.acceptor.disarm(entry.branch_id)
     stop_postmaster(ctx, entry, discard=True)
     withdraw(ctx, entry.volume)
     ctx.driver.destroy(Kind.BRANCHES, entry.volume)

@@ -279,14 +279,11 @@ class InventoryCollector(Collector):
             for state in State:
                 states.add_metric((state.name, owner), tally[(state.name, owner)])
         yield states
-        # A state of its own once branches can be suspended; until then 0.
-        suspended = getattr(State, "SUSPENDED", None)
         yield GaugeMetricFamily(
             "cowbranchd_branches_suspended",
-            "Branches whose postgres is suspended (always 0: no branch can be suspended yet).",
-            value=sum(n for (name, _), n in tally.items() if name == suspended.name)
-            if suspended is not None
-            else 0,
+            "Branches whose postgres is suspended while idle (no process; the daemon holds "
+            "the port).",
+            value=sum(n for (name, _), n in tally.items() if name == State.SUSPENDED.name),
         )
         yield GaugeMetricFamily(
             "cowbranchd_branch_slots",

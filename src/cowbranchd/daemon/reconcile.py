@@ -4,7 +4,8 @@ in line with the process table, before the daemon reports SERVING.
 Order (DESIGN.md): check driver -> ensure layout -> remove staging/trash ->
 list volumes -> remove half-built (`creating`) leftovers -> adopt live
 postmasters (pid + create time) or restart them, marking FAILED what will not
-start -> reserve ports in use. Branches outlive a daemon restart.
+start; listen again for suspended ones -> reserve ports in use. Branches
+outlive a daemon restart.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
     driver = ctx.driver
     driver.check()
     driver.ensure_layout()
-    counts = {"bases": 0, "adopted": 0, "restarted": 0, "failed": 0, "removed": 0}
+    counts = {
+        "bases": 0,
+        "adopted": 0,
+        "restarted": 0,
+        "suspended": 0,
+        "failed": 0,
+        "removed": 0,
+    }
     counts["removed"] += len(driver.gc())
     volumes = driver.list()
     branch_ids = {
@@ -218,8 +226,13 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
     master = postgres.find_postmaster(str(ctx.run_dir(entry)))
     if master is not None:
         entry.postmaster = master
+        if record.state is State.SUSPENDED:  # resumed as the last daemon stopped
+            branches._store(entry, record.evolve(state=State.READY))
         log.info("adopted_branch", branch=volume.name, pid=master.pid, port=record.port)
         return "adopted"
+    if record.state is State.SUSPENDED:
+        # Not started: the acceptor holds its port again, as before the restart.
+        return "suspended" if branches.rearm(entry) else "failed"
     if record.state is not State.READY:
         return "failed"
     try:

@@ -310,6 +310,7 @@ class Daemon:
             try:
                 self.branches.reap_expired()
                 self.branches.check_size_limits()
+                self.branches.suspend_idle()
                 self.pipeline.tick()
                 if self.ctx.driver.clones_pin_snapshots:
                     self.ctx.driver.gc()

@@ -10,6 +10,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import grpc
+from google.protobuf import duration_pb2
 
 from cowbranchd import __version__, postgres
 from cowbranchd.errors import InvalidArgument, PermissionDenied
@@ -74,6 +75,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             request_id=record.request_id,
             failure=record.failure,
             owner=record.owner or ADMIN.name,
+            idle_suspend=_duration_proto(record.idle_suspend),
         )
 
     @rpc
@@ -93,6 +95,9 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             max_bytes=request.max_bytes,
             owner=current_caller(),
             role=request.role,
+            idle_suspend=duration("idle_suspend", request.idle_suspend)
+            if request.HasField("idle_suspend")
+            else None,
         )
         entry = self.branches.create(spec)
         if not context.is_active():  # cancelled, timed out or gone while we built it
@@ -156,13 +161,14 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         caller = current_caller()
         branch = request.branch
         paths = set(request.update_mask.paths)
-        known = {"labels", "protected", "ttl", "expire_time"}
+        known = {"labels", "protected", "ttl", "expire_time", "idle_suspend"}
         if unknown := paths - known:
             raise InvalidArgument(
                 "update_mask", f"unknown path(s) {sorted(unknown)}; known: {sorted(known)}"
             )
         if not paths:
             paths = {"labels", "protected"} | ({"ttl"} if request.HasField("ttl") else set())
+            paths |= {"idle_suspend"} if branch.HasField("idle_suspend") else set()
         ttl: timedelta | None = None
         if "ttl" in paths:
             ttl = duration("ttl", request.ttl)
@@ -176,6 +182,10 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             ttl=ttl,
             set_ttl=bool({"ttl", "expire_time"} & paths),
             protected=branch.protected if "protected" in paths else None,
+            idle_suspend=duration("branch.idle_suspend", branch.idle_suspend)
+            if "idle_suspend" in paths
+            else None,
+            set_idle_suspend="idle_suspend" in paths,
             caller=caller,
         )
         return self.to_proto(entry, caller)
@@ -193,6 +203,14 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             schema_diff=schema_diff,
             tables=[branches_pb2.TableChanges(**dataclasses.asdict(t)) for t in tables],
         )
+
+
+def _duration_proto(value: timedelta | None) -> duration_pb2.Duration | None:
+    if value is None:
+        return None
+    message = duration_pb2.Duration()
+    message.FromTimedelta(value)
+    return message
 
 
 def _encode_token(after: str) -> str:
