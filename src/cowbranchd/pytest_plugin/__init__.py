@@ -3,7 +3,9 @@ test, in milliseconds. Registered through the `pytest11` entry point.
 
 Options (command line, else ini): `--cowbranch-address`, `--cowbranch-parent`,
 `--cowbranch-keep-failed=DURATION`; ini only: `cowbranch_ttl`,
-`cowbranch_unreachable`, `cowbranch_connect_timeout`. Fixtures: `cowbranch`,
+`cowbranch_unreachable`, `cowbranch_connect_timeout`, and for templates by
+migration hash (templates.py) `cowbranch_migrate`, `cowbranch_migrate_files`,
+`cowbranch_template_max_age`, `cowbranch_template_timeout`. Fixtures: `cowbranch`,
 `cowbranch_dsn`, `cowbranch_session`, `cowbranch_factory`,
 `cowbranch_session_factory`, `cowbranch_client`. Marker:
 `@pytest.mark.cowbranch(parent=..., settings=..., labels=..., ttl=...)`.
@@ -29,6 +31,8 @@ import pytest
 if TYPE_CHECKING:
     from cowbranchd.client import Branch, Client
 
+    from .templates import Templates
+
 __all__ = ["BranchFactory"]
 
 _OPTIONS = {
@@ -44,6 +48,16 @@ _INI_ONLY = {
         "error",
     ),
     "connect_timeout": ("seconds to keep retrying an unavailable daemon at the first use", "10"),
+    "migrate": (
+        "'package.module:function' migrating a template branch (called with its DSN): tests "
+        "then branch from a template per hash of parent version and cowbranch_migrate_files",
+        "",
+    ),
+    "template_max_age": ("delete templates unused for this long (0: never)", "7d"),
+    "template_timeout": (
+        "how long a template may stay 'building' before waiters rebuild it",
+        "10m",
+    ),
 }
 _BRANCHES = pytest.StashKey[list["Branch"]]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -65,6 +79,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"cowbranch_{name}", help_text, default=default)
     for name, (help_text, default) in _INI_ONLY.items():
         parser.addini(f"cowbranch_{name}", help_text, default=default)
+    parser.addini(
+        "cowbranch_migrate_files",
+        "globs (from the rootdir, ** recursive) of the files defining the migrations",
+        type="linelist",
+        default=[],
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -75,7 +95,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[_STATE] = _State(config)
     # Check durations now, so a typo is one usage error, not an error per test.
-    for name, default in (("ttl", "1h"), ("keep_failed", "")):
+    for name, default in (("ttl", "1h"), ("keep_failed", ""), ("template_max_age", "7d")):
         if _setting(config, name) != default:
             _duration_or_none(config, name)
 
@@ -101,6 +121,7 @@ class _State:
     _client: Client | None = None
     _verdict: str | None = None
     _serial: Iterator[int] = field(default_factory=itertools.count)
+    _templates: Templates | None = None
 
     def __post_init__(self) -> None:
         workerinput: dict[str, Any] | None = getattr(self.config, "workerinput", None)
@@ -140,7 +161,35 @@ class _State:
 
         return branch_id_for(self.worker, self.run_id, next(self._serial), hint)
 
+    def templates(self) -> Templates | None:
+        """The templates of this process, when `cowbranch_migrate` is set."""
+        migrate = _setting(self.config, "migrate")
+        if not migrate:
+            return None
+        if self._templates is None:
+            from .templates import Templates, load_migration  # noqa: PLC0415
+
+            try:
+                load_migration(migrate)  # a typo is one clear line, not a traceback per test
+            except ValueError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            self._templates = Templates(
+                self.client(),
+                migrate,
+                self.config.rootpath,
+                self.config.getini("cowbranch_migrate_files"),
+                max_age=_duration_or_none(self.config, "template_max_age"),
+                timeout=_duration_or_none(self.config, "template_timeout") or timedelta(minutes=10),
+                holder=self.holder(),
+            )
+        return self._templates
+
+    def holder(self) -> str:
+        """How this process's lease is named in the daemon's log."""
+        return f"pytest run {self.run_id} worker {self.worker} pid {os.getpid()}"
+
     def close(self) -> None:
+        """Close the lease (what it still holds is deleted, kept branches stay), then the client."""
         if self._client is not None:
             self._client.close()
 
@@ -224,6 +273,9 @@ class BranchFactory:
                 "@pytest.mark.cowbranch(parent='bases/NAME')",
                 pytrace=False,
             )
+        templates = self._state.templates()
+        if templates is not None:
+            parent = templates.parent_for(parent)
         nodeid = self._item.nodeid if self._item is not None else None
         hint = self._item.name if self._item is not None else "session"
         all_labels = {
@@ -240,6 +292,13 @@ class BranchFactory:
             postgres_settings={**mark.settings, **(settings or {})},
         )
         self.branches.append(branch)
+        # Held in the process's lease: a killed run's branches go within the
+        # daemon's lease grace instead of lingering for their TTL.
+        try:
+            client.lease(holder=self._state.holder()).hold(branch.name)
+        except Exception:
+            client.delete_branch(branch.name, allow_missing=True, force=True)
+            raise
         if self._item is not None:
             self._item.stash.setdefault(_BRANCHES, []).append(branch)
         return branch
@@ -257,6 +316,7 @@ class BranchFactory:
                 continue
             with contextlib.suppress(NotFound):  # the test deleted it itself
                 client.update_branch(branch.name, ttl=keep)
+            client.lease().keep(branch.name)  # the end of the run must not delete it
 
 
 def _test_failed(item: pytest.Item) -> bool:
