@@ -34,6 +34,7 @@ __all__ = [
     "UnsafePath",
     "append_regular",
     "open_dir",
+    "open_regular",
     "read_regular",
     "remove_tree_entries",
     "replace_file",
@@ -117,6 +118,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def open_regular(dir_fd: int, name: str, *, shown: str, writable: bool = False) -> int | None:
+    """A descriptor of regular file `name` in `dir_fd` (the caller closes
+    it), read-only unless `writable`; None if absent. For a file whose size
+    is not known in advance, such as a growing log. No link followed, no
+    FIFO opened."""
+    return _open_regular(dir_fd, name, os.O_RDWR if writable else os.O_RDONLY, shown)
 
 
 def read_regular(dir_fd: int, name: str, *, limit: int, shown: str) -> bytes | None:

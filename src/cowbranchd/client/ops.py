@@ -25,6 +25,8 @@ from cowbranchd.v1 import (
     branches_pb2_grpc,
     daemon_pb2,
     daemon_pb2_grpc,
+    logs_pb2,
+    logs_pb2_grpc,
     operations_pb2,
     operations_pb2_grpc,
 )
@@ -65,12 +67,13 @@ __all__ = [
     "refresh_base",
     "reset_branch",
     "status",
+    "stream_branch_log",
     "update_branch",
     "wait_operation",
 ]
 
 T = TypeVar("T")
-Service = Literal["branches", "bases", "daemon", "health", "operations"]
+Service = Literal["branches", "bases", "daemon", "health", "logs", "operations"]
 HEALTH_SERVICE = "cowbranchd.v1.BranchService"
 # The stub class of each service; it takes a sync or an asyncio channel alike.
 STUBS: dict[Service, Callable[[Any], Any]] = {
@@ -79,6 +82,7 @@ STUBS: dict[Service, Callable[[Any], Any]] = {
     "daemon": daemon_pb2_grpc.DaemonServiceStub,
     "health": health_pb2_grpc.HealthStub,
     "operations": operations_pb2_grpc.OperationServiceStub,
+    "logs": logs_pb2_grpc.LogServiceStub,
 }
 
 
@@ -169,10 +173,28 @@ def delete_branch(name: str, *, allow_missing: bool = False, force: bool = False
     return Op("branches", "DeleteBranch", request, _none, missing_ok_after_retry=True)
 
 
-def reset_branch(name: str) -> Op[Branch]:
-    """ResetBranch: throw away the branch's writes."""
-    request = branches_pb2.ResetBranchRequest(name=branch_name(name))
+def reset_branch(name: str, version: int = 0) -> Op[Branch]:
+    """ResetBranch: throw away the branch's writes (with `version`: move it
+    to that version of its base)."""
+    if version < 0:
+        raise InvalidArgument("version", "must be a positive version number (or 0)")
+    request = branches_pb2.ResetBranchRequest(name=branch_name(name), version=version)
     return Op("branches", "ResetBranch", request, Branch.from_proto)
+
+
+def _chunk_data(chunk: logs_pb2.LogChunk) -> bytes:
+    return chunk.data
+
+
+def stream_branch_log(name: str, *, tail_lines: int | None, follow: bool) -> Op[bytes]:
+    """StreamBranchLog (server streaming: `convert` maps each chunk). Not
+    retried: a stream that breaks midway is the caller's to restart."""
+    if tail_lines is not None and tail_lines < 0:
+        raise InvalidArgument("tail_lines", "must not be negative")
+    request = logs_pb2.StreamBranchLogRequest(name=branch_name(name), follow=follow)
+    if tail_lines is not None:
+        request.tail_lines = tail_lines
+    return Op("logs", "StreamBranchLog", request, _chunk_data, retry=False)
 
 
 def update_branch(

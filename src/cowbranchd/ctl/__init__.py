@@ -29,6 +29,7 @@ from .commands import (
     OFFLINE,
     Output,
 )
+from .dev import add_parsers as add_dev_commands
 from .doctor import add_parser as add_doctor_options
 from .imports import add_import_arguments
 
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reset", "throw away a branch's writes (same port and credentials)")
     p.add_argument("name", help="branch id or branches/ID")
+    p.add_argument(
+        "--to-version",
+        type=int,
+        metavar="N",
+        help="move the branch to version N of its base instead (a branch of a base only)",
+    )
 
     p = add("update", "change a branch's labels, ttl or protection")
     p.add_argument("name", help="branch id or branches/ID")
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "daemon health, bases, branches and space used")
     add("version", "print the version of cowbranchctl")
     add_doctor_options(add("doctor", "check that this host can run cowbranchd (no daemon needed)"))
+    add_dev_commands(add)
 
     base = add("base", "manage bases (the golden data directories)")
     base_sub = base.add_subparsers(dest="base_command", required=True, metavar="COMMAND")

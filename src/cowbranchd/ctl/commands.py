@@ -17,6 +17,7 @@ from cowbranchd import __version__
 from cowbranchd.client import Base, Branch, Client, NotFound, format_selector
 from cowbranchd.errors import InvalidArgument
 
+from .dev import cmd_checkout, cmd_logs, cmd_prune, cmd_psql
 from .doctor import cmd_doctor
 from .imports import (
     cmd_base_refresh,
@@ -190,8 +191,11 @@ def cmd_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_reset(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """`reset NAME`: throw away a branch's writes."""
-    _show_branch(out, client.reset_branch(args.name))
+    """`reset NAME [--to-version N]`: throw away a branch's writes (or move
+    it to another version of its base)."""
+    if args.to_version is not None and args.to_version < 1:
+        raise InvalidArgument("--to-version", "must be a version number (1 or more)")
+    _show_branch(out, client.reset_branch(args.name, version=args.to_version or 0))
     return EXIT_OK
 
 
@@ -358,6 +362,10 @@ COMMANDS: dict[str, Handler] = {
     "status": cmd_status,
     "version": cmd_version,
     "doctor": cmd_doctor,
+    "checkout": cmd_checkout,
+    "prune": cmd_prune,
+    "logs": cmd_logs,
+    "psql": cmd_psql,
     "base create": cmd_base_create,
     "base list": cmd_base_list,
     "base show": cmd_base_show,

@@ -18,6 +18,7 @@ from cowbranchd.errors import CowbranchError, FailedPrecondition, NotFound
 from cowbranchd.model import (
     META_SUPERSEDED,
     BranchRecord,
+    Parent,
     State,
     meta_patch,
     now,
@@ -25,9 +26,10 @@ from cowbranchd.model import (
     validate_labels,
     validate_ttl,
 )
-from cowbranchd.storage.base import Kind
+from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .auth import Caller
+from .bases import Bases
 from .inventory import BranchEntry, Context
 from .lifecycle import dismantle, materialise, withdraw
 from .revert import Revert
@@ -41,6 +43,7 @@ class BranchChanges:
     """What `Branches` provides to the methods below."""
 
     ctx: Context
+    bases: Bases
     _usage_cache: dict[str, tuple[float, int]]
 
     def get(self, branch_id: str, caller: Caller | None = None) -> BranchEntry:
@@ -112,7 +115,12 @@ class BranchChanges:
         self.ctx.metrics.branch_deleted(time.perf_counter() - started)
         return True
 
-    def reset(self, branch_id: str, caller: Caller | None = None) -> BranchEntry:
+    def reset(
+        self, branch_id: str, caller: Caller | None = None, *, version: int = 0
+    ) -> BranchEntry:
+        """Back to what the branch was made from; with `version`, to that
+        version of its base instead (a QA branch moved to newer data), which
+        becomes its parent. Same port, same password either way."""
         started = time.perf_counter()
         entry = self.get(branch_id, caller)
         driver = self.ctx.driver
@@ -133,6 +141,8 @@ class BranchChanges:
             record = entry.record.evolve(
                 state=State.CREATING, failure="", resets=entry.record.resets + 1
             )
+            if version:
+                source, record = self._moved_to_version(entry, source, record, version)
             self._stop(entry, discard=True)
             withdraw(self.ctx, old_volume)
             entry.volume = new_volume
@@ -166,9 +176,24 @@ class BranchChanges:
             except CowbranchError as exc:  # the next start's reconcile removes it
                 log.error("reset_old_volume_kept", branch=branch_id, error=exc.message)
             self._usage_cache.pop(branch_id, None)
-        log.info("branch_reset", branch=branch_id)
+        log.info("branch_reset", branch=branch_id, parent=entry.record.parent)
         self.ctx.metrics.branch_reset(time.perf_counter() - started)
         return entry
+
+    def _moved_to_version(
+        self, entry: BranchEntry, source: SnapshotRef, record: BranchRecord, version: int
+    ) -> tuple[SnapshotRef, BranchRecord]:
+        """The snapshot of `version` of the branch's base, and `record` with
+        that version as its parent. Only a branch of a base version can move:
+        a branch of a branch is a copy of that branch's data, not of a base."""
+        if source.kind is not Kind.BASES:
+            raise FailedPrecondition(
+                f"branches/{entry.branch_id} was made from {entry.record.parent}, not from a "
+                "base version: only a branch of a base can be reset to another version"
+            )
+        parent = Parent(base=source.name, version=version)
+        _, snapshot = self.bases.resolve(parent)
+        return snapshot, record.evolve(parent=str(parent), source_snapshot=str(snapshot))
 
     def _store(
         self,

@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from cowbranchd import deadline
 from cowbranchd.errors import CowbranchError, InvalidArgument, Unavailable
 
-__all__ = ["Admission", "Gate", "admissions", "duration", "rpc", "timestamp"]
+__all__ = ["Admission", "Gate", "admissions", "duration", "rpc", "rpc_stream", "timestamp"]
 
 log = structlog.get_logger("cowbranchd.rpc")
 
@@ -178,6 +178,48 @@ def rpc(
             **fields,
         )
         return response
+
+    return wrapper
+
+
+def rpc_stream(
+    method: Callable[[Any, Req, grpc.ServicerContext], Iterator[Resp]],
+) -> Callable[[Any, Req, grpc.ServicerContext], Iterator[Resp]]:
+    """`rpc` for a server-streaming method: gate, one log line, metrics and
+    errors to status codes, also for errors raised midway through the stream.
+    No admission turn and no deadline scope: a followed stream may last for
+    hours, so the servicer bounds how many run at once and the method itself
+    bounds every wait."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
+        started = time.perf_counter()
+        fields = _log_fields(request)
+        code, error = "OK", ""
+        try:
+            self.gate.check()
+            yield from method(self, request, context)
+        except CowbranchError as exc:
+            code, error = exc.code.name, exc.message
+            context.abort(exc.code, exc.message)
+        except GeneratorExit:  # the caller went away
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code, error = "INTERNAL", str(exc)
+            log.exception("rpc_stream_failed", method=name, **fields)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        finally:
+            _measure(self, name, code, started)
+            log.info(
+                "rpc",
+                method=name,
+                code=code,
+                **({"error": error} if error else {}),
+                ms=round((time.perf_counter() - started) * 1000, 2),
+                **fields,
+            )
 
     return wrapper
 

@@ -151,7 +151,11 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         self, request: branches_pb2.ResetBranchRequest, context: grpc.ServicerContext
     ) -> branches_pb2.Branch:
         caller = current_caller()
-        entry = self.branches.reset(parse_name("name", request.name, "branches"), caller)
+        if request.version < 0:
+            raise InvalidArgument("version", "must be a positive version number (or 0)")
+        entry = self.branches.reset(
+            parse_name("name", request.name, "branches"), caller, version=request.version
+        )
         return self.to_proto(entry, caller, with_usage=False)
 
     @rpc
