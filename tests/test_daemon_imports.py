@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -380,3 +381,78 @@ def test_scheduled_refresh_and_retention(
         assert not (Path(d.pool_root) / "bases" / "nightly@v1").exists()
     finally:
         d.cleanup()
+
+
+def test_ctl_import_shows_phases_and_ctrl_c_cancels(
+    importing_daemon: DaemonHandle, production: Production, tmp_path: Path
+) -> None:
+    """`cowbranchctl base create --from-server --transform` prints each phase
+    as it goes and exits 0 with the new version; Ctrl-C (SIGINT) during a
+    transform command cancels the operation: exit 130, and no base, volume,
+    staging postmaster or command is left."""
+    d = importing_daemon
+    ctl = str(Path(sys.executable).parent / "cowbranchctl")
+    mask = tmp_path / "mask.sql"
+    mask.write_text(MASK_SQL)
+    done = subprocess.run(
+        [
+            ctl,
+            "--address",
+            d.address,
+            "--timeout",
+            "300",
+            "base",
+            "create",
+            "via-ctl",
+            "--from-server",
+            production.replication_dsn,
+            "--transform",
+            str(mask),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "created bases/via-ctl/versions/1"
+    # Not a terminal: one line per phase seen (polled every second, so a quick
+    # phase may pass unseen).
+    phases = [line.split()[0] for line in done.stderr.splitlines() if line.strip()]
+    known = {"queued", "copying", "copy", "recover", "transforming", "scrubbing", "sealing"}
+    assert phases and set(phases) <= known, done.stderr
+    assert production.replication_dsn.split("password=")[-1] not in done.stderr
+
+    marker = f"{200 + os.getpid() % 1000}.5"
+    proc = subprocess.Popen(
+        [
+            ctl,
+            "--address",
+            d.address,
+            "base",
+            "create",
+            "ctl-cancelled",
+            "--from-server",
+            production.replication_dsn,
+            "--transform-cmd",
+            "/bin/sleep",
+            marker,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not any(
+        p.info["cmdline"] == ["/bin/sleep", marker] for p in psutil.process_iter(["cmdline"])
+    ):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "cancelling operations/" in err
+    assert not (Path(d.pool_root) / "bases" / "ctl-cancelled").exists()
+    assert [
+        p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["/bin/sleep", marker]
+    ] == []
+    assert staging_postmasters() == []
