@@ -115,12 +115,15 @@ TLS = 'tls_cert = "/etc/cb/cert.pem"\ntls_key = "/etc/cb/key.pem"\n'
 TOKEN = 'token_file = "/etc/cb/token"\n'
 
 
+NO_TOKEN = "a token (daemon.token_file or tenants.tokens_dir)"
+
+
 @pytest.mark.parametrize(
     ("lines", "missing"),
     [
         (TOKEN, "TLS (daemon.tls_cert, daemon.tls_key)"),
-        (TLS, "a token (daemon.token_file or tenants.tokens_dir)"),
-        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file or tenants.tokens_dir)"),
+        (TLS, NO_TOKEN),
+        ("", f"TLS (daemon.tls_cert, daemon.tls_key) or {NO_TOKEN}"),
     ],
 )
 def test_tcp_without_tls_or_token_is_refused(tmp_path: Path, lines: str, missing: str) -> None:

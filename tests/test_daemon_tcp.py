@@ -107,12 +107,15 @@ def test_tcp_tls_with_token(tls_daemon: tuple[DaemonHandle, str]) -> None:
         assert list(client.list_branches()) == []
 
 
+NO_TOKEN = "a token (daemon.token_file or tenants.tokens_dir)"
+
+
 @pytest.mark.parametrize(
     ("lines", "missing"),
     [
         ('token_file = "{token}"', "TLS (daemon.tls_cert, daemon.tls_key)"),
-        ('tls_cert = "{cert}"\ntls_key = "{key}"', "a token (daemon.token_file or tenants.tokens_dir)"),
-        ("", "TLS (daemon.tls_cert, daemon.tls_key) or a token (daemon.token_file or tenants.tokens_dir)"),
+        ('tls_cert = "{cert}"\ntls_key = "{key}"', NO_TOKEN),
+        ("", f"TLS (daemon.tls_cert, daemon.tls_key) or {NO_TOKEN}"),
     ],
     ids=["no-tls", "no-token", "neither"],
 )

@@ -85,6 +85,12 @@ class DaemonConfig:
     # kept for a retry with the same request_id before it is deleted.
     unclaimed_grace: timedelta = timedelta(seconds=60)
     reap_interval: timedelta = timedelta(seconds=5)
+    # After a client's lease stream breaks (process killed), how long before
+    # the branches it held are deleted (daemon/leases.py).
+    lease_grace: timedelta = timedelta(seconds=10)
+    # Lease streams open at once; each holds a gRPC worker thread of its own
+    # (the pool is sized for them on top of the other calls' threads).
+    max_leases: int = 64
     # Stop a branch's postgres after this long without a client connection
     # (it resumes on the next one), for branches that do not choose; "0": never.
     idle_suspend: timedelta | None = None
@@ -128,6 +134,10 @@ class PostgresConfig:
     branch_uids: tuple[int, int] | None = (300000, 365535)
     # Applied to every branch (before the client's own postgres_settings).
     settings: Mapping[str, str] = field(default_factory=dict)
+    # Each branch's postgres log: once it passes log_max_bytes the daemon
+    # moves it to <id>.log.1 (and .1 to .2, ...), keeping log_files of them.
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_files: int = 2
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,7 @@ _ZERO_ALLOWED = frozenset(
     {"daemon.warm_branches", "tenants.max_branches", "imports.keep_versions"}
 )
 TENANT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+MAX_LEASES = 128
 
 
 def _convert(section: str, key: str, default: object, value: Any) -> object:
@@ -394,6 +405,9 @@ def _check(config: Config) -> None:
     if len(str(config.daemon.socket)) > 100:
         raise InvalidArgument("daemon.socket", "Unix socket paths must be under 100 characters")
     _check_tcp(config.daemon, config.tenants)
+    if config.daemon.max_leases > MAX_LEASES:
+        # Each listener serves at most 256 calls at once; leases must leave room.
+        raise InvalidArgument("daemon.max_leases", f"must be at most {MAX_LEASES}")
     if config.tenants.others not in ("redacted", "hidden"):
         raise InvalidArgument("tenants.others", "must be redacted or hidden")
     if config.tenants.tokens_dir and not config.tenants.tokens_dir.startswith("/"):

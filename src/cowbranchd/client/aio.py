@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
-from cowbranchd.errors import CowbranchError
+from cowbranchd.errors import CowbranchError, NotFound
+from cowbranchd.v1 import leases_pb2
 
 from . import ops
+from .leases import AioLeaseStream, answer_error
 from .transport import (
     Endpoint,
     RetryPolicy,
@@ -53,7 +57,7 @@ from .types import (
     SelectorLike,
 )
 
-__all__ = ["AsyncClient"]
+__all__ = ["AsyncClient", "AsyncLease"]
 
 T = TypeVar("T")
 
@@ -87,6 +91,7 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stubs: dict[str, Any] = {}
         self._closed = False
+        self._lease: AsyncLease | None = None
 
     @property
     def address(self) -> str:
@@ -108,21 +113,47 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; calling it again does nothing."""
+        """Close the lease cleanly (see `lease`), then the channel.
+
+        Calling it again does nothing.
+        """
+        lease, self._lease = self._lease, None
+        if lease is not None and not self._closed:
+            # The daemon may be gone: then its TTLs and the lease grace clean up.
+            with suppress(CowbranchError):
+                await lease.close()
         self._closed = True
         channel, self._channel = self._channel, None
         self._stubs.clear()
         if channel is not None:
             await close_aio_channel(channel)
 
-    def _stub(self, service: ops.Service) -> Any:
+    def _open_channel(self) -> grpc.aio.Channel:
         if self._closed:
             raise CowbranchError("this AsyncClient is closed")
         if self._channel is None:
             self._channel = open_aio_channel(self.endpoint)
+        return self._channel
+
+    def _stub(self, service: ops.Service) -> Any:
+        channel = self._open_channel()
         if service not in self._stubs:
-            self._stubs[service] = ops.STUBS[service](self._channel)
+            self._stubs[service] = ops.STUBS[service](channel)
         return self._stubs[service]
+
+    async def lease(self, *, holder: str = "") -> AsyncLease:
+        """This client's lease, opened on first use: one stream for the client's life.
+
+        Branches it holds are deleted by the daemon when the process dies
+        without closing it (after `daemon.lease_grace`), and when `close()`
+        closes it; `keep` lets a branch outlive it. `branch()` and the pytest
+        plugin hold their branches in it. `holder` names it in the daemon's
+        log (default: program, pid and host).
+        """
+        if self._lease is None:
+            self._lease = AsyncLease(self, holder or _default_holder())
+        await self._lease.open()
+        return self._lease
 
     async def _call(self, op: ops.Op[T], timeout: float | None = None) -> T:
         """Send `op`, retrying UNAVAILABLE within the retry policy and the call's deadline."""
@@ -224,9 +255,45 @@ class AsyncClient:
         op = ops.delete_branch(name, allow_missing=allow_missing, force=force)
         await self._call(op, timeout)
 
-    async def reset_branch(self, name: str, *, timeout: float | None = None) -> Branch:
-        """Throw away the branch's writes; same port and credentials afterwards."""
-        return await self._call(ops.reset_branch(name), timeout)
+    async def reset_branch(
+        self, name: str, *, version: int = 0, timeout: float | None = None
+    ) -> Branch:
+        """Throw away the branch's writes; same port and credentials afterwards.
+
+        With `version`, the branch moves to that version of its base (its
+        parent then names it); only for a branch made from a base version.
+        """
+        return await self._call(ops.reset_branch(name, version), timeout)
+
+    async def stream_branch_log(
+        self,
+        name: str,
+        *,
+        tail_lines: int | None = None,
+        follow: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The branch's postgres log in chunks of bytes (`async for`): all
+        the daemon keeps of it, or only its last `tail_lines` lines; with
+        `follow`, then each line as postgres writes it, until you stop
+        iterating (break, or close the iterator). A followed log has no
+        deadline unless `timeout` is given. Only the branch's owner or an
+        admin may read it (PermissionDenied otherwise); a broken stream is
+        not retried.
+        """
+        op = ops.stream_branch_log(name, tail_lines=tail_lines, follow=follow)
+        budget = timeout if timeout is not None else None if follow else self.timeout
+        method = getattr(self._stub(op.service), op.method)
+        call = method(op.request, timeout=budget, metadata=self.endpoint.metadata())
+        try:
+            async for chunk in call:
+                data = op.convert(chunk)
+                if data:  # empty: a keepalive
+                    yield data
+        except grpc.RpcError as exc:
+            raise translate(exc, self.endpoint) from exc
+        finally:
+            call.cancel()
 
     async def update_branch(
         self,
@@ -257,8 +324,9 @@ class AsyncClient:
     ) -> AsyncIterator[Branch]:
         """A branch for the `async with` block, deleted when the block ends (also on error).
 
-        Give it a `ttl` too when the process may be killed: the daemon then
-        removes the branch even if the exit code never runs.
+        It is held in the client's lease (see `lease`): when the process is
+        killed, the daemon deletes it after its lease grace. A `ttl` is the
+        backstop should the daemon restart meanwhile.
         """
         created = await self.create_branch(
             parent,
@@ -269,6 +337,8 @@ class AsyncClient:
             timeout=timeout,
         )
         try:
+            lease = await self.lease()
+            await lease.hold(created.name)
             yield created
         finally:
             await self.delete_branch(created.name, allow_missing=True, force=True, timeout=timeout)
@@ -413,3 +483,107 @@ class AsyncClient:
         Unavailable (with what to do) when nothing answers at the address.
         """
         return await self._call(ops.health(service), timeout)
+
+
+def _default_holder() -> str:
+    program = os.path.basename(sys.argv[0]) or "python"
+    return f"{program} pid {os.getpid()} on {socket.gethostname()}"
+
+
+class AsyncLease:
+    """A lease: branches tied to this process's life (see `AsyncClient.lease`).
+
+    The stream opens on first use and again after it broke (a daemon
+    restart), holding again what it held. `hold` adds branches (only your
+    own: PermissionDenied otherwise, and then nothing is added); `keep` lets
+    them go so they outlive the lease (until their TTL); `close` ends the
+    lease and the daemon deletes what it still holds, except protected ones.
+    """
+
+    def __init__(self, client: AsyncClient, holder: str) -> None:
+        self.client = client
+        self.holder = holder
+        self.name = ""
+        self._stream: AioLeaseStream | None = None
+        self._held: set[str] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncLease({self.name or 'not open'!r}, holding {len(self._held)})"
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The branches the lease holds, as far as this client knows."""
+        return frozenset(self._held)
+
+    async def open(self) -> None:
+        """Open the stream now (else the first `hold` does); holds again what it held."""
+        if self._closed:
+            raise CowbranchError(f"lease {self.name} is closed")
+        if self._stream is not None:
+            return
+        stream = AioLeaseStream(self.client._open_channel(), self.client.endpoint.metadata())
+        try:
+            response = await stream.send(leases_pb2.LeaseRequest(holder=self.holder))
+            self.name = response.name
+            for name in sorted(self._held):  # one by one: one of them may be gone by now
+                error = answer_error(await stream.send(leases_pb2.LeaseRequest(hold=[name])))
+                if isinstance(error, NotFound):
+                    self._held.discard(name)
+                elif error is not None:
+                    raise error
+        except grpc.RpcError as exc:
+            await stream.close()
+            raise translate(exc, self.client.endpoint) from exc
+        except BaseException:
+            await stream.close()
+            raise
+        self._stream = stream
+
+    async def _send(self, request: leases_pb2.LeaseRequest) -> leases_pb2.LeaseResponse:
+        for attempt in range(2):
+            await self.open()
+            assert self._stream is not None
+            try:
+                response = await self._stream.send(request)
+            except (grpc.RpcError, CowbranchError) as exc:
+                stream, self._stream = self._stream, None
+                await stream.close()
+                if attempt or status_code(exc) not in (grpc.StatusCode.UNAVAILABLE,):
+                    if isinstance(exc, CowbranchError):
+                        raise
+                    raise translate(exc, self.client.endpoint) from exc
+                continue
+            error = answer_error(response)
+            if error is not None:
+                raise error
+            return response
+        raise AssertionError("unreachable")
+
+    async def hold(self, *names: str) -> None:
+        """Hold these branches (`branches/{id}` or ids): all of them, or none on error."""
+        full = [n if n.startswith("branches/") else f"branches/{n}" for n in names]
+        await self._send(leases_pb2.LeaseRequest(hold=full))
+        self._held.update(full)
+
+    async def keep(self, *names: str) -> None:
+        """Let these branches go: they outlive the lease (until their TTL)."""
+        full = [n if n.startswith("branches/") else f"branches/{n}" for n in names]
+        await self._send(leases_pb2.LeaseRequest(keep=full))
+        self._held.difference_update(full)
+
+    async def close(self) -> list[str]:
+        """End the lease; the daemon deletes what it still holds (not protected
+        ones) and this returns their names. Calling it again does nothing."""
+        if self._closed:
+            return []
+        deleted: list[str] = []
+        if self._stream is not None or self._held:
+            response = await self._send(leases_pb2.LeaseRequest(close=True))
+            deleted = list(response.deleted)
+        self._closed = True
+        self._held.clear()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
+        return deleted

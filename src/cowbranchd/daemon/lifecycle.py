@@ -30,6 +30,7 @@ from cowbranchd.errors import (
 from cowbranchd.storage import idmap
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
 
+from .branch_logs import remove_logs
 from .inventory import BranchEntry, Context
 from .revert import Revert
 
@@ -327,10 +328,10 @@ def _client_setting_error(
 
 
 def remove_runtime_files(ctx: Context, branch_id: str) -> None:
-    """The branch's socket directory and postgres log, once it is gone (after
+    """The branch's socket directory and postgres logs, once it is gone (after
     a warm hand-over they were renamed away, and this is a no-op)."""
     shutil.rmtree(ctx.socket_dir(branch_id), ignore_errors=True)
-    ctx.log_path(branch_id).unlink(missing_ok=True)
+    remove_logs(ctx, branch_id)
 
 
 def claim(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -38,16 +39,22 @@ from cowbranchd.v1 import (
     branches_pb2_grpc,
     daemon_pb2,
     daemon_pb2_grpc,
+    leases_pb2,
+    leases_pb2_grpc,
+    logs_pb2,
+    logs_pb2_grpc,
     operations_pb2,
     operations_pb2_grpc,
 )
 
 from .auth import ADMIN, Caller, IdentityInterceptor, TokenBook, read_token
 from .bases import Bases, InitdbSpec
+from .branch_logs import rotate_logs
 from .branches import Branches
 from .diff import Differ
 from .inventory import Context, Inventory
 from .isolation import branch_uids
+from .leases import Leases
 from .logs import configure_logging
 from .metrics import Metrics, MetricsServer
 from .operations import Operations
@@ -55,6 +62,8 @@ from .pipeline import Pipeline
 from .reconcile import reconcile
 from .rpc import Gate, admissions
 from .service import BaseServicer, BranchServicer, DaemonServicer
+from .service_leases import LeaseServicer
+from .service_logs import MAX_LOG_STREAMS, LogServicer
 from .service_ops import OperationServicer
 from .warm import WarmPool
 
@@ -70,6 +79,8 @@ SERVICE_NAMES = (
     branches_pb2.DESCRIPTOR.services_by_name["BranchService"].full_name,
     daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
     operations_pb2.DESCRIPTOR.services_by_name["OperationService"].full_name,
+    leases_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    logs_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
 )
 
 DEMO_SQL = """
@@ -123,10 +134,14 @@ class Daemon:
         self.differ = Differ(self.branches)
         self.pipeline = Pipeline(self.ctx, self.bases, self.operations)
         self.metrics.watch(self.branches, self.warm)
+        self.leases = Leases(
+            self.branches, config.daemon.lease_grace or timedelta(0), config.daemon.max_leases
+        )
         self.admission = admissions(
             config.daemon.max_concurrent_writes, config.daemon.max_queued_writes
         )
         self.start_time = now()
+        self.logs = LogServicer(self.branches, self.gate)  # one stream bound for all listeners
         self._prepare_tenant_sockets()
         self.servers = self._build_servers()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -153,10 +168,14 @@ class Daemon:
         and each tenant's socket. They share the servicers and one worker pool."""
         daemon = self.config.daemon
         # Enough workers for every admitted or queued write at once, plus a
-        # reserve that only reads and health checks can reach.
+        # reserve that only reads and health checks can reach, plus one per
+        # lease stream (each holds its thread for the client's life; more
+        # than daemon.max_leases are refused at once).
         writers = sum(a.running + a.queued for a in self.admission.values())
         pool = futures.ThreadPoolExecutor(
-            max_workers=writers + READ_WORKERS, thread_name_prefix="rpc"
+            # and one per open log stream (at most MAX_LOG_STREAMS).
+            max_workers=writers + READ_WORKERS + daemon.max_leases + MAX_LOG_STREAMS,
+            thread_name_prefix="rpc",
         )
         book = self._tokens
         main_identity = None if book.admin_required else ADMIN
@@ -208,6 +227,10 @@ class Daemon:
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonServicer(self.branches, self.gate, self.start_time), server
         )
+        leases_pb2_grpc.add_LeaseServiceServicer_to_server(
+            LeaseServicer(self.leases, self.gate, self.ctx.metrics), server
+        )
+        logs_pb2_grpc.add_LogServiceServicer_to_server(self.logs, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -284,6 +307,7 @@ class Daemon:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         notify_systemd("READY=1\nSTATUS=serving")
         threading.Thread(target=self._reaper, name="reaper", daemon=True).start()
+        self.leases.start()
         threading.Thread(target=self._watch_storage, name="storage-watch", daemon=True).start()
         self.warm.start()
         log.info(
@@ -312,6 +336,7 @@ class Daemon:
                 self.branches.check_size_limits()
                 self.branches.suspend_idle()
                 self.pipeline.tick()
+                rotate_logs(self.ctx)
                 if self.ctx.driver.clones_pin_snapshots:
                     self.ctx.driver.gc()
             except Exception:
@@ -344,6 +369,7 @@ class Daemon:
         self.stopping.set()
         self.gate.close("cowbranchd is shutting down; retry against the restarted daemon")
         self.health.enter_graceful_shutdown()
+        self.leases.stop()  # lease streams would hold the drain for its whole timeout
         grace = self.config.daemon.drain_timeout.total_seconds()
         for drained in [server.stop(grace=grace) for server in self.servers]:
             drained.wait()
