@@ -163,6 +163,7 @@ def test_creates_deletes_resets_and_errors_are_counted(
         "STOPPED": 0,
         "FAILED": 0,
         "DELETING": 0,
+        "SUSPENDED": 0,
     }
     assert value(after, "cowbranchd_branches_suspended") == 0
     assert value(after, "cowbranchd_branch_slots") == 500
