@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
@@ -330,17 +331,21 @@ class Daemon:
 
     def _reaper(self) -> None:
         interval = self.config.daemon.reap_interval.total_seconds()
+        chores: list[tuple[str, Callable[[], object]]] = [
+            ("expiry", self.branches.reap_expired),
+            ("size limits", self.branches.check_size_limits),
+            ("idle suspend", self.branches.suspend_idle),
+            ("imports", self.pipeline.tick),
+            ("log rotation", lambda: rotate_logs(self.ctx)),
+        ]
+        if self.ctx.driver.clones_pin_snapshots:
+            chores.append(("storage gc", self.ctx.driver.gc))
         while not self.stopping.wait(interval):
-            try:
-                self.branches.reap_expired()
-                self.branches.check_size_limits()
-                self.branches.suspend_idle()
-                self.pipeline.tick()
-                rotate_logs(self.ctx)
-                if self.ctx.driver.clones_pin_snapshots:
-                    self.ctx.driver.gc()
-            except Exception:
-                log.exception("reaper_failed")
+            for name, chore in chores:  # each on its own: one failing skips no other
+                try:
+                    chore()
+                except Exception:
+                    log.exception("reaper_failed", chore=name)
 
     def _watch_storage(self) -> None:
         """Health follows the storage backend: NOT_SERVING, with the reason in
