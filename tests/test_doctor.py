@@ -6,10 +6,15 @@ and through `cowbranchctl doctor`."""
 from __future__ import annotations
 
 import contextlib
+import encodings.raw_unicode_escape  # noqa: F401 - loaded before a child drops to nobody
 import json
+import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from cowbranchd.host.doctor import run_checks
 from cowbranchd.model import BaseRecord, State
 from cowbranchd.storage.base import Kind
 from cowbranchd.storage.btrfs import BtrfsDriver
@@ -169,7 +175,7 @@ def test_an_occupied_port_fails_naming_it(tmp_path: Path) -> None:
 
 def test_an_invalid_config_fails_and_skips_the_rest(tmp_path: Path) -> None:
     """An unknown key fails the config check naming it; nothing else is checked."""
-    config = write_config(tmp_path, tmp_path, extra="socket_grup = \"x\"\n")
+    config = write_config(tmp_path, tmp_path, extra='socket_grup = "x"\n')
     code, document = doctor(config)
     found = by_check(document)
     assert code == 1
@@ -206,3 +212,46 @@ def test_the_table_says_what_failed_and_how_to_fix_it(tmp_path: Path) -> None:
     assert lines[failed + 1].strip().startswith("why: branches are copy-on-write clones")
     assert lines[failed + 2].strip().startswith("fix: point storage.root at a directory")
     assert lines[-1].startswith("FAILED: pool")
+
+
+@pytest.mark.btrfs
+def test_a_non_root_user_gets_warnings_not_failures_for_what_it_cannot_read(
+    pool_root: Path,
+) -> None:
+    """A CI job's user runs doctor on a host whose pool only root may read:
+    what it cannot look at is a warning naming its uid, not a failure. (A
+    forked child drops to `nobody`, after the same checks ran once as root
+    so that every module they load is loaded: the interpreter's library may
+    lie where that user cannot read.)"""
+    directory = Path(tempfile.mkdtemp(prefix="cbt-doctor-", dir="/tmp"))
+    os.chmod(directory, 0o755)
+    config = write_config(directory, pool_root)
+    config.chmod(0o644)
+    assert run_checks(config)  # as root: loads every module the checks need
+    os.chmod(pool_root, 0o700)
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setegid(nobody.pw_gid)
+            os.seteuid(nobody.pw_uid)
+            found = [[f.check, f.status.value, f.summary] for f in run_checks(config)]
+            os.write(write_end, json.dumps(found).encode())
+        except BaseException as exc:  # said to the parent, which fails on it
+            os.write(write_end, json.dumps([["child", "crashed", repr(exc)]]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    os.chmod(pool_root, 0o755)
+    shutil.rmtree(directory, ignore_errors=True)
+    findings = json.loads(data)
+    unread = [f for f in findings if "could not check as uid" in f[2]]
+    assert unread, findings
+    assert {status for _, status, _ in unread} == {"warn"}
+    assert [name for name, status, _ in findings if status == "fail"] == []
