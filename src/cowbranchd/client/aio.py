@@ -198,6 +198,7 @@ class AsyncClient:
         request_id: str | None = None,
         max_bytes: int = 0,
         role: str = "",
+        idle_suspend: DurationLike | None = None,
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
@@ -206,7 +207,9 @@ class AsyncClient:
         id again, from the same caller, returns the same branch. `max_bytes`
         limits what the branch may write (0: the daemon's
         `storage.max_branch_bytes`). `role` asks for a database role other
-        than the base's default among those the base allows.
+        than the base's default among those the base allows. `idle_suspend`
+        stops its postgres after that long without a connection (it resumes
+        on the next one); 0: never; None: the daemon's default.
         """
         op = ops.create_branch(
             parent,
@@ -218,6 +221,7 @@ class AsyncClient:
             request_id=request_id,
             max_bytes=max_bytes,
             role=role,
+            idle_suspend=idle_suspend,
         )
         return await self._call(op, timeout)
 

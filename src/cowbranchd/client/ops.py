@@ -124,6 +124,7 @@ def create_branch(
     request_id: str | None = None,
     max_bytes: int = 0,
     role: str = "",
+    idle_suspend: DurationLike | None = None,
 ) -> Op[Branch]:
     """CreateBranch, always with a request id so a retry can never make two branches."""
     if not parent:
@@ -142,6 +143,8 @@ def create_branch(
     )
     if ttl is not None:
         request.ttl.CopyFrom(_duration(ttl))
+    if idle_suspend is not None:
+        request.idle_suspend.CopyFrom(_duration(idle_suspend))
     return Op("branches", "CreateBranch", request, Branch.from_proto)
 
 

@@ -172,6 +172,7 @@ class Client:
         request_id: str | None = None,
         max_bytes: int = 0,
         role: str = "",
+        idle_suspend: DurationLike | None = None,
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
@@ -180,7 +181,9 @@ class Client:
         id again, from the same caller, returns the same branch. `max_bytes`
         limits what the branch may write (0: the daemon's
         `storage.max_branch_bytes`). `role` asks for a database role other
-        than the base's default among those the base allows.
+        than the base's default among those the base allows. `idle_suspend`
+        stops its postgres after that long without a connection (it resumes
+        on the next one); 0: never; None: the daemon's default.
         """
         op = ops.create_branch(
             parent,
@@ -192,6 +195,7 @@ class Client:
             request_id=request_id,
             max_bytes=max_bytes,
             role=role,
+            idle_suspend=idle_suspend,
         )
         return self._call(op, timeout)
 

@@ -290,6 +290,8 @@ class BranchFactory:
             labels=all_labels,
             ttl=ttl or mark.ttl or _duration_or_none(config, "ttl"),
             postgres_settings={**mark.settings, **(settings or {})},
+            # A test's branch lives for the test: never suspended under it.
+            idle_suspend=0,
         )
         self.branches.append(branch)
         # Held in the process's lease: a killed run's branches go within the
