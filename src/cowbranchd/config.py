@@ -173,6 +173,15 @@ class ImportsConfig:
     # base -> how often its newest import's recipe is replayed (RefreshBase),
     # counted from its newest version, e.g. { prod = "24h" }.
     refresh: Mapping[str, timedelta] = field(default_factory=dict)
+    # Followed bases (ImportBase follow=DSN): how often the running standby
+    # is snapshot, how far back a branch's `at` may reach (older follow
+    # snapshots go once no branch uses them), how much WAL the standby keeps
+    # for branches between snapshots (its wal_keep_size), and the tenants
+    # besides admins that may branch them (they are not masked).
+    follow_snapshot_interval: timedelta = timedelta(minutes=1)
+    follow_window: timedelta = timedelta(hours=24)
+    follow_wal_keep: str = "1GB"
+    follow_branchers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -252,7 +261,7 @@ def _convert(section: str, key: str, default: object, value: Any) -> object:
         return _tenant_sockets(where, value)
     if key == "refresh":
         return _refresh_schedule(where, value)
-    if key == "base_changes":
+    if key in ("base_changes", "follow_branchers"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidArgument(where, "must be a list of tenant names")
         for name in value:

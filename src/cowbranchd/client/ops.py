@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -125,6 +125,7 @@ def create_branch(
     max_bytes: int = 0,
     role: str = "",
     idle_suspend: DurationLike | None = None,
+    at: datetime | None = None,
 ) -> Op[Branch]:
     """CreateBranch, always with a request id so a retry can never make two branches."""
     if not parent:
@@ -145,6 +146,8 @@ def create_branch(
         request.ttl.CopyFrom(_duration(ttl))
     if idle_suspend is not None:
         request.idle_suspend.CopyFrom(_duration(idle_suspend))
+    if at is not None:  # a followed base as it was then (aware, or UTC)
+        request.at.FromDatetime(at if at.tzinfo is None else at.astimezone(UTC))
     return Op("branches", "CreateBranch", request, Branch.from_proto)
 
 
@@ -340,14 +343,20 @@ def import_base(
     labels: Mapping[str, str] | None = None,
     branch_role: str = "",
     roles: Sequence[str] = (),
+    follow: str = "",
 ) -> Op[Operation]:
     """ImportBase: exactly one source; `transforms` are (name, sql) pairs.
     Not retried: a repeat would start a second import."""
-    sources = {"from_server": from_server, "from_dump": from_dump, "data_directory": data_directory}
+    sources = {
+        "from_server": from_server,
+        "from_dump": from_dump,
+        "data_directory": data_directory,
+        "follow": follow,
+    }
     given = [k for k, v in sources.items() if v]
     if len(given) != 1:
         raise InvalidArgument(
-            "source", "give exactly one of from_server, from_dump, data_directory"
+            "source", "give exactly one of from_server, from_dump, data_directory, follow"
         )
     request = bases_pb2.ImportBaseRequest(
         base_id=base_id,

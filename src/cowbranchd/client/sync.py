@@ -388,12 +388,15 @@ class Client:
         labels: Mapping[str, str] | None = None,
         branch_role: str = "",
         roles: Sequence[str] = (),
+        follow: str = "",
         timeout: float | None = None,
     ) -> Operation:
         """Start importing a base (a new one, or the next version of `base_id`)
         from a live server (a DSN with a replication role), a pg_dump archive
         or SQL file, or a data directory on the daemon's host; `transforms`
         are (name, sql) pairs run in order before the version is sealed.
+        `follow` (a DSN with a replication role) makes a new base that keeps
+        following the server (docs/bases.md, "Point in time").
         Returns the operation at once: follow it with `wait_operation`."""
         op = ops.import_base(
             base_id,
@@ -408,6 +411,7 @@ class Client:
             labels=labels,
             branch_role=branch_role,
             roles=roles,
+            follow=follow,
         )
         return self._call(op, timeout)
 

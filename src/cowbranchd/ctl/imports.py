@@ -42,6 +42,9 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("import (a long-running operation)")
     source.add_argument("--from-server", metavar="DSN", help="pg_basebackup of a live server")
     source.add_argument(
+        "--follow", metavar="DSN", help="a standby of a live server, for branches at a time"
+    )
+    source.add_argument(
         "--from-dump", metavar="PATH", help="pg_dump archive or SQL file on the daemon's host"
     )
     source.add_argument(
@@ -68,7 +71,13 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def is_import(args: argparse.Namespace) -> bool:
-    return bool(args.from_server or args.from_dump or args.transform or args.transform_cmd)
+    return bool(
+        args.from_server
+        or args.from_dump
+        or getattr(args, "follow", None)
+        or args.transform
+        or args.transform_cmd
+    )
 
 
 def _transforms(paths: list[str] | None) -> list[tuple[str, str]]:
@@ -90,6 +99,7 @@ def cmd_import(client: Client, args: argparse.Namespace, out: Output, base_id: s
     op = client.import_base(
         base_id,
         from_server=args.from_server or "",
+        follow=getattr(args, "follow", None) or "",
         from_dump=args.from_dump or "",
         data_directory=args.data_directory or "",
         transforms=_transforms(args.transform),

@@ -482,6 +482,10 @@ class Bases:
                 )
             drop_warm(base_id)
             with deadline.holding(entry.lock, f"bases/{base_id}"):
+                # A followed base's standby runs on its pgdata (follow.py).
+                standby = postgres.find_postmaster(str(entry.path / "pgdata"))
+                if standby is not None:
+                    postgres.stop(standby, fast_timeout=0)
                 self.ctx.driver.destroy(Kind.BASES, base_id)
         except BaseException:
             entry.record = ready

@@ -15,9 +15,9 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -27,6 +27,7 @@ from cowbranchd.errors import (
     AlreadyExists,
     CowbranchError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -49,6 +50,7 @@ from cowbranchd.model import (
 from cowbranchd.postgres.settings import validate_client_settings
 from cowbranchd.storage.base import Kind, SnapshotRef
 
+from . import follow
 from .auth import ADMIN, Caller
 from .bases import Bases
 from .inventory import BranchEntry, Context
@@ -87,6 +89,7 @@ class CreateSpec:
     owner: Caller = ADMIN
     role: str = ""  # "": the parent's role, or the base's branch role
     idle_suspend: timedelta | None = None  # None: daemon.idle_suspend; zero: never
+    at: datetime | None = None  # a followed base as it was then (follow.py); None: now
 
 
 class Branches(BranchSuspend):
@@ -219,6 +222,12 @@ class Branches(BranchSuspend):
         owner = spec.owner
         if parent.branch is not None:
             self.get(parent.branch, owner)  # only its owner (or an admin) branches from it
+            if spec.at is not None:
+                raise InvalidArgument("at", "only for a followed base (bases/{base})")
+        else:
+            assert parent.base is not None
+            base = self.bases.get(parent.base).record
+            follow.check_branch(self.ctx, base, parent.version, spec.at, owner)
         if self.ctx.config.tenants.max_written_bytes and not owner.admin:
             self._refresh_usage(owner)
         self._check_space()
@@ -268,7 +277,7 @@ class Branches(BranchSuspend):
                 existing.unclaimed_since = None  # the retry its caller never made
                 return existing
         try:
-            self._build(entry, parent.branch)
+            self._build(entry, parent.branch, spec.at)
         except BaseException as exc:
             entry.error = exc
             raise
@@ -280,12 +289,15 @@ class Branches(BranchSuspend):
     def _generate_id(self) -> str:
         return "br-" + secrets.token_hex(4)
 
-    def _build(self, entry: BranchEntry, parent_branch: str | None) -> None:
+    def _build(
+        self, entry: BranchEntry, parent_branch: str | None, at: datetime | None = None
+    ) -> None:
         started = time.perf_counter()
         inv = self.ctx.inventory
         driver = self.ctx.driver
         record = entry.record
         branch_id = record.branch_id
+        before_start: Callable[[BranchEntry], None] | None = None
         with Revert() as undo:
 
             def forget() -> None:
@@ -305,6 +317,10 @@ class Branches(BranchSuspend):
             else:
                 base_record, source = self.bases.resolve(parse_parent("parent", record.parent))
                 base_id = base_record.base_id
+                if follow.is_followed(base_record):
+                    source, before_start = follow.plan_branch(
+                        self.ctx, self.bases.get(base_id), at
+                    )
                 record = record.evolve(parent=f"bases/{base_id}/versions/{source.snap[1:]}")
             if base_record is not None:
                 record = record.evolve(role=base_record.role_for(record.role))
@@ -312,7 +328,12 @@ class Branches(BranchSuspend):
             record = record.evolve(base_id=base_id, source_snapshot=str(source))
             entry.record = record
             warm = None
-            if parent_branch is None and not record.settings and self.warm is not None:
+            if (
+                parent_branch is None
+                and not record.settings
+                and self.warm is not None
+                and before_start is None
+            ):
                 warm = self.warm.take(source, record.max_bytes)
             if warm is not None and self._hand_over(warm, entry):
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
@@ -335,7 +356,13 @@ class Branches(BranchSuspend):
                 entry.record = entry.record.evolve(port=port, uid=uid)
                 cloned = entry.record
                 t_clone = materialise(
-                    self.ctx, entry, source, cloned.to_meta(), undo, allow_new_port=True
+                    self.ctx,
+                    entry,
+                    source,
+                    cloned.to_meta(),
+                    undo,
+                    allow_new_port=True,
+                    before_start=before_start,
                 )
                 t_start = time.perf_counter()
                 # Usually one key (state; port too if a retry moved it).

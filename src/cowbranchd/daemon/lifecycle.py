@@ -9,7 +9,7 @@ import contextlib
 import pwd
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,7 @@ def materialise(
     *,
     allow_new_port: bool,
     release: bool = True,
+    before_start: Callable[[BranchEntry], None] | None = None,
 ) -> float:
     """The one way a volume becomes a running branch or warm clone: clone
     `source` as `entry.volume` with `meta` (and the record's size limit),
@@ -246,6 +247,8 @@ def materialise(
     # Whatever the parent allowed: TCP only from the networks postgres listens on.
     pg = ctx.config.postgres
     postgres.write_hba(entry.pgdata, pg.os_user, postgres.client_networks(pg.listen_addresses))
+    if before_start is not None:  # after prepare_clone: it may write recovery.signal
+        before_start(entry)
     start_postmaster(ctx, entry, allow_new_port=allow_new_port)
     return cloned
 

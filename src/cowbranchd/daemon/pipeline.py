@@ -38,6 +38,7 @@ from cowbranchd.storage.base import Kind
 
 from .auth import ADMIN, Caller
 from .bases import Bases
+from .follow import Followers, is_followed
 from .imports import copy_in, read_source_version, tree_bytes, validate_data_directory
 from .inventory import BaseEntry, Context
 from .operations import Operation, Operations
@@ -53,7 +54,12 @@ STAGING = ".pgdata.import"
 MAX_TRANSFORM_BYTES = 16 * 1024 * 1024
 MAX_RECIPE_BYTES = 64 * 1024 * 1024
 # Kind of source -> the request field that names it (for error messages).
-KINDS = {"server": "from_server", "dump": "from_dump", "data_directory": "data_directory"}
+KINDS = {
+    "server": "from_server",
+    "dump": "from_dump",
+    "data_directory": "data_directory",
+    "follow": "follow",
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class ImportSpec:
     """One import, as asked for (and as replayed by a refresh)."""
 
     base_id: str
-    kind: str  # server | dump | data_directory
+    kind: str  # server | dump | data_directory | follow
     source: str  # a DSN (maybe with its password) or a path
     transforms: tuple[masking.SqlTransform, ...] = ()
     command: tuple[str, ...] = ()
@@ -151,13 +157,16 @@ class Pipeline:
         self.bases = bases
         self.operations = operations
         self._recipes = ctx.config.daemon.state_dir / "recipes"
+        self.follow = Followers(ctx, bases)
 
     # -- requests ----------------------------------------------------------------
 
     def start_import(self, spec: ImportSpec, caller: Caller) -> Operation:
         validate_id("base_id", spec.base_id)
         if spec.kind not in KINDS:
-            raise InvalidArgument("source", "give one of from_server, from_dump, data_directory")
+            raise InvalidArgument(
+                "source", "give one of from_server, from_dump, data_directory, follow"
+            )
         if not spec.source:
             raise InvalidArgument(KINDS[spec.kind], "must not be empty")
         if (spec.command or spec.keep_raw) and not caller.admin:
@@ -180,7 +189,11 @@ class Pipeline:
                 raise InvalidArgument("transforms.name", "must be 1-200 characters")
         if total > MAX_TRANSFORM_BYTES:
             raise InvalidArgument("transforms", f"hold more than {MAX_TRANSFORM_BYTES} bytes")
-        if spec.kind != "server":
+        if spec.kind == "follow" and (spec.transforms or spec.command or spec.keep_raw):
+            raise InvalidArgument(
+                "follow", "a followed base is a standby of the server: it takes no transform"
+            )
+        if spec.kind not in ("server", "follow"):
             roots = self.ctx.config.daemon.import_roots
             validate_data_directory(KINDS[spec.kind], spec.source, roots)
         return self.operations.start(
@@ -212,8 +225,12 @@ class Pipeline:
                 self.start_refresh(base_id, ADMIN)
             except CowbranchError as exc:
                 log.warning("scheduled_refresh_not_started", base=base_id, error=exc.message)
+        try:
+            self.follow.tick()
+        except CowbranchError as exc:
+            log.warning("follow_tick_failed", error=exc.message)
         if imports.keep_versions:
-            for base_id in bases:
+            for base_id in [b for b, r in bases.items() if not is_followed(r)]:
                 try:
                     self.bases.prune_versions(base_id, imports.keep_versions)
                 except CowbranchError as exc:
@@ -230,6 +247,23 @@ class Pipeline:
             new = True
         else:
             new = False
+        if spec.kind == "follow":
+            if not new:
+                raise FailedPrecondition(
+                    f"bases/{spec.base_id} exists: only a new base can follow a server"
+                )
+            try:
+                with deadline.holding(entry.lock, f"bases/{spec.base_id}"):
+                    version = self.follow.run(
+                        op,
+                        entry,
+                        spec.source,
+                        lambda imported: _database(spec, imported, entry.record),
+                    )
+            except BaseException:
+                self.bases.abandon(spec.base_id)
+                raise
+            return f"bases/{spec.base_id}/versions/{version}"
         try:
             with deadline.holding(entry.lock, f"bases/{spec.base_id}"):
                 version = self._stage_and_seal(op, spec, entry, started)

@@ -98,6 +98,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             idle_suspend=duration("idle_suspend", request.idle_suspend)
             if request.HasField("idle_suspend")
             else None,
+            at=request.at.ToDatetime(tzinfo=UTC) if request.HasField("at") else None,
         )
         entry = self.branches.create(spec)
         if not context.is_active():  # cancelled, timed out or gone while we built it

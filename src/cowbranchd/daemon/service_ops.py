@@ -31,7 +31,9 @@ MAX_WAIT = timedelta(minutes=10)
 def import_spec(request: bases_pb2.ImportBaseRequest) -> ImportSpec:
     which = request.WhichOneof("source")
     if which is None:
-        raise InvalidArgument("source", "give one of from_server, from_dump, data_directory")
+        raise InvalidArgument(
+            "source", "give one of from_server, from_dump, data_directory, follow"
+        )
     kind = {"from_server": "server", "from_dump": "dump"}.get(which, which)
     return ImportSpec(
         base_id=request.base_id,

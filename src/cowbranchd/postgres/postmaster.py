@@ -145,9 +145,14 @@ class _Starting:
         return self.fail(problem)
 
     def wait_ready(
-        self, ready_dsn: str, ready_timeout: float, on_ready: OnReady | None = None
+        self,
+        ready_dsn: str,
+        ready_timeout: float,
+        on_ready: OnReady | None = None,
+        statuses: tuple[str, ...] = ("ready",),
     ) -> float:
-        """Wait for "ready" in postmaster.pid, then SELECT 1; return when the pid file said so."""
+        """Wait for one of `statuses` in postmaster.pid, then SELECT 1; return
+        when the pid file said so."""
         exited = self.proc_exited
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -155,7 +160,7 @@ class _Starting:
             if exited.wait(_POLL_INTERVAL):
                 raise self.exit_error()
             status = read_pid_file(self.pm.pgdata)
-            if status is not None and status.pid == self.pm.pid and status.status == "ready":
+            if status is not None and status.pid == self.pm.pid and status.status in statuses:
                 break
             if time.monotonic() > deadline:
                 raise self.fail(f"not ready within {ready_timeout}s")
@@ -191,9 +196,12 @@ def start(
     ready_dsn: str,
     ready_timeout: float = 60.0,
     on_ready: OnReady | None = None,
+    standby: bool = False,
 ) -> Postmaster:
     """Spawn postgres on `pgdata` and return once `SELECT 1` through `ready_dsn`
-    worked, and `on_ready` ran on that connection.
+    worked, and `on_ready` ran on that connection. With `standby` a hot
+    standby that accepts read-only connections counts as started (its pid
+    file says "standby", never "ready").
 
     Raises PortInUse if it could not listen on `port`, PostgresError (with the
     tail of `log_path`) if it exited or was not ready within `ready_timeout`;
@@ -245,7 +253,9 @@ def start(
     pm = Postmaster(proc.pid, ctime, port, socket_dir, pgdata, exited)
     starting = _Starting(pm, proc, log_path, offset, listen_addresses)
     try:
-        pid_ready = starting.wait_ready(ready_dsn, ready_timeout, on_ready)
+        pid_ready = starting.wait_ready(
+            ready_dsn, ready_timeout, on_ready, ("ready", "standby") if standby else ("ready",)
+        )
     except PostgresError:
         raise  # already stopped
     except BaseException:

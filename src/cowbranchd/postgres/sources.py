@@ -56,6 +56,7 @@ __all__ = [
     "finish_import",
     "from_dump",
     "from_server",
+    "standby_copy",
 ]
 
 log = structlog.get_logger("cowbranchd.postgres")
@@ -168,6 +169,27 @@ def from_server(
     from pg_basebackup --progress), "recover". `fast_checkpoint` asks the
     source for an immediate checkpoint instead of waiting for a spread one.
     """
+    binaries = _base_backup(dsn, target, bin_dirs=bin_dirs, os_user=os_user, progress=progress,
+                            cancel=cancel, fast_checkpoint=fast_checkpoint)
+    if progress is not None:
+        progress("recover", 0, 0)
+    imported = finish_import(target, binaries, os_user=os_user, cancel=cancel)
+    log.info("imported from server", target=target, major=binaries.major)
+    return imported
+
+
+def _base_backup(
+    dsn: str,
+    target: str,
+    *,
+    bin_dirs: Sequence[str],
+    os_user: str,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    fast_checkpoint: bool = True,
+) -> Binaries:
+    """pg_basebackup -X stream of `dsn` into the empty `target`, as `os_user`;
+    the source's major version is asked first and must be installed."""
     info, env = _conninfo(dsn)
     probe = run_tool(
         [_newest(bin_dirs).psql, "-X", "-A", "-t", "-w", "-d",
@@ -196,11 +218,53 @@ def from_server(
     if result.returncode != 0:
         raise ImportFailed(f"pg_basebackup failed: {result.stderr_tail[-3000:]}")
     _check(cancel)
-    if progress is not None:
-        progress("recover", 0, 0)
-    imported = finish_import(target, binaries, os_user=os_user, cancel=cancel)
-    log.info("imported from server", target=target, major=major)
-    return imported
+    return binaries
+
+
+def standby_copy(
+    dsn: str,
+    target: str,
+    *,
+    passfile: str,
+    bin_dirs: Sequence[str],
+    os_user: str,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> Binaries:
+    """Copy the server `dsn` names into the empty `target` (as `from_server`
+    does) and leave it a standby of that server, not yet started: cowbranchd's
+    postgresql.conf and pg_hba.conf, `standby.signal`, and in
+    postgresql.auto.conf only `primary_conninfo`: the DSN without its
+    password plus `passfile`, a 0600 file of `os_user` written here that holds
+    the password (never argv, never the data directory, which is snapshot
+    and cloned). The base backup's backup_label stays: the standby's first
+    start needs it."""
+    binaries = _base_backup(dsn, target, bin_dirs=bin_dirs, os_user=os_user, progress=progress,
+                            cancel=cancel)
+    info, env = _conninfo(dsn)
+    password = env.get("PGPASSWORD", "")
+    uid, gid = ids_of(os_user)
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    folder, name = os.path.split(passfile)
+    with open_dir(folder) as fd:
+        replace_file(fd, name, f"*:*:*:*:{escaped}\n".encode(), uid=uid, gid=gid, mode=0o600)
+    # Nothing from the postgres user's home either (as for the tools).
+    conninfo = libpq.make_conninfo(info, passfile=passfile, sslcert="/nonexistent",
+                                   sslkey="/nonexistent")
+    # A GUC string: backslashes are escapes there, quotes are doubled.
+    quoted = conninfo.replace("\\", "\\\\").replace("'", "''")
+    prepare_clone(target)  # the source's signal files, slots and pid file
+    with open_dir(target) as root:
+        for conf, text in (
+            ("postgresql.conf", CONF_DEFAULTS),
+            ("postgresql.auto.conf", f"primary_conninfo = '{quoted}'\n"),
+            ("pg_ident.conf", ""),
+            ("standby.signal", ""),
+        ):
+            replace_file(root, conf, text.encode(), uid=uid, gid=gid)
+    write_hba(target, os_user)
+    log.info("standby copied", target=target, major=binaries.major)
+    return binaries
 
 
 def finish_import(

@@ -406,6 +406,7 @@ class ImportBaseRequest(_message.Message):
     FROM_SERVER_FIELD_NUMBER: _builtins.int
     FROM_DUMP_FIELD_NUMBER: _builtins.int
     DATA_DIRECTORY_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
     TRANSFORMS_FIELD_NUMBER: _builtins.int
     TRANSFORM_COMMAND_FIELD_NUMBER: _builtins.int
     JOBS_FIELD_NUMBER: _builtins.int
@@ -424,6 +425,13 @@ class ImportBaseRequest(_message.Message):
     """
     data_directory: _builtins.str
     """A cleanly shut down data directory under `daemon.import_roots`."""
+    follow: _builtins.str
+    """libpq DSN of a server to follow (a replication role): a standby on the
+    pool keeps replaying it, snapshot every
+    `imports.follow_snapshot_interval` as the next version, so branches
+    can be made of it as it was at a time (CreateBranchRequest.at). Not
+    masked: only admins and `imports.follow_branchers` may branch it.
+    """
     jobs: _builtins.int
     """pg_restore -j; 0: the number of CPUs."""
     keep_raw: _builtins.bool
@@ -457,6 +465,7 @@ class ImportBaseRequest(_message.Message):
         from_server: _builtins.str = ...,
         from_dump: _builtins.str = ...,
         data_directory: _builtins.str = ...,
+        follow: _builtins.str = ...,
         transforms: _abc.Iterable[Global___Transform] | None = ...,
         transform_command: _abc.Iterable[_builtins.str] | None = ...,
         jobs: _builtins.int = ...,
@@ -466,11 +475,11 @@ class ImportBaseRequest(_message.Message):
         roles: _abc.Iterable[_builtins.str] | None = ...,
         database: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_directory", b"data_directory", "from_dump", b"from_dump", "from_server", b"from_server", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_directory", b"data_directory", "follow", b"follow", "from_dump", b"from_dump", "from_server", b"from_server", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_id", b"base_id", "branch_role", b"branch_role", "data_directory", b"data_directory", "database", b"database", "from_dump", b"from_dump", "from_server", b"from_server", "jobs", b"jobs", "keep_raw", b"keep_raw", "labels", b"labels", "roles", b"roles", "source", b"source", "transform_command", b"transform_command", "transforms", b"transforms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_id", b"base_id", "branch_role", b"branch_role", "data_directory", b"data_directory", "database", b"database", "follow", b"follow", "from_dump", b"from_dump", "from_server", b"from_server", "jobs", b"jobs", "keep_raw", b"keep_raw", "labels", b"labels", "roles", b"roles", "source", b"source", "transform_command", b"transform_command", "transforms", b"transforms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["from_server", "from_dump", "data_directory"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["from_server", "from_dump", "data_directory", "follow"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 

@@ -242,6 +242,7 @@ class CreateBranchRequest(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     IDLE_SUSPEND_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
     branch_id: _builtins.str
     """`^[a-z][a-z0-9-]{0,62}$`; empty means a generated id."""
     parent: _builtins.str
@@ -281,6 +282,14 @@ class CreateBranchRequest(_message.Message):
         zero: never.
         """
 
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """Only for a followed base (parent `bases/{base}`): the server as it was
+        at this time (the newest follow snapshot at or before it, recovered to
+        it). Unset: now. Before the first follow snapshot: FAILED_PRECONDITION;
+        in the future or on another base: INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -294,10 +303,11 @@ class CreateBranchRequest(_message.Message):
         max_bytes: _builtins.int = ...,
         role: _builtins.str = ...,
         idle_suspend: _duration_pb2.Duration | None = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_suspend", b"idle_suspend", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "idle_suspend", b"idle_suspend", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_id", b"branch_id", "idle_suspend", b"idle_suspend", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "branch_id", b"branch_id", "idle_suspend", b"idle_suspend", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
