@@ -311,3 +311,16 @@ def test_base_commands_in_both_outputs(
     assert [v["version"] for v in run_json(ctl, "base", "show", base_id)["versions"]] == [1, 2, 3]
     assert run(ctl, "base", "delete", base_id) == (EXIT_OK, f"deleted bases/{base_id}\n", "")
     assert run(ctl, "base", "delete", base_id)[0] == EXIT_NOT_FOUND
+
+
+def test_create_at_takes_an_iso_time_and_only_for_followed_bases(
+    ctl: pytest.CaptureFixture[str], daemon: DaemonHandle
+) -> None:
+    """`create --at` parses an ISO 8601 time here (a bad one is a usage error
+    naming the option); the daemon refuses `at` on a base that is not
+    followed, naming it."""
+    code, _, err = run(ctl, "create", f"bases/{daemon.base}", "--at", "yesterday")
+    assert code == EXIT_USAGE and "--at" in err and "'yesterday'" in err
+    code, _, err = run(ctl, "create", f"bases/{daemon.base}", "--at", "2026-01-01T00:00:00Z")
+    assert code == EXIT_USAGE, err
+    assert "at" in err and "follow" in err

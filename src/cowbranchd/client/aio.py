@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -199,6 +200,7 @@ class AsyncClient:
         max_bytes: int = 0,
         role: str = "",
         idle_suspend: DurationLike | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
@@ -209,7 +211,8 @@ class AsyncClient:
         `storage.max_branch_bytes`). `role` asks for a database role other
         than the base's default among those the base allows. `idle_suspend`
         stops its postgres after that long without a connection (it resumes
-        on the next one); 0: never; None: the daemon's default.
+        on the next one); 0: never; None: the daemon's default. `at` (a
+        followed base only) gives the server as it was at that time.
         """
         op = ops.create_branch(
             parent,
@@ -222,6 +225,7 @@ class AsyncClient:
             max_bytes=max_bytes,
             role=role,
             idle_suspend=idle_suspend,
+            at=at,
         )
         return await self._call(op, timeout)
 

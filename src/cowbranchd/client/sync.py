@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -173,6 +174,7 @@ class Client:
         max_bytes: int = 0,
         role: str = "",
         idle_suspend: DurationLike | None = None,
+        at: datetime | None = None,
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
@@ -183,7 +185,8 @@ class Client:
         `storage.max_branch_bytes`). `role` asks for a database role other
         than the base's default among those the base allows. `idle_suspend`
         stops its postgres after that long without a connection (it resumes
-        on the next one); 0: never; None: the daemon's default.
+        on the next one); 0: never; None: the daemon's default. `at` (a
+        followed base only) gives the server as it was at that time.
         """
         op = ops.create_branch(
             parent,
@@ -196,6 +199,7 @@ class Client:
             max_bytes=max_bytes,
             role=role,
             idle_suspend=idle_suspend,
+            at=at,
         )
         return self._call(op, timeout)
 

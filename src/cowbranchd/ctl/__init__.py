@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protected", action="store_true", help="refuse deletion without --force")
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: random)")
     p.add_argument("--role", metavar="ROLE", help="database role to hand out (the base allows it)")
+    p.add_argument(
+        "--at",
+        metavar="TIME",
+        help="a followed base as it was at this ISO 8601 time (e.g. 2026-11-21T23:00:00Z)",
+    )
     p.add_argument("--dsn-only", action="store_true", help="print only the DSN")
 
     p = add("list", "list branches, optionally by label selector")

@@ -125,6 +125,7 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         protected=args.protected,
         request_id=args.request_id,
         role=args.role or "",
+        at=_timestamp("--at", args.at) if args.at else None,
     )
     _show_branch(out, branch, args.dsn_only)
     return EXIT_OK
@@ -147,6 +148,15 @@ def cmd_diff(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 _CHANGES = ("inserted", "updated", "deleted")
+
+
+def _timestamp(option: str, text: str) -> datetime:
+    """An ISO 8601 time; without a zone, UTC."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(option, f"{text!r} is not a time like 2026-11-21T23:00:00Z") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
