@@ -56,7 +56,6 @@ __all__ = [
     "scrub_files",
     "scrub_leftovers",
     "staging",
-    "tree_bytes",
 ]
 
 log = structlog.get_logger("cowbranchd.postgres")
@@ -337,13 +336,3 @@ def _remove(dir_fd: int, name: str) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         unlink_if_present(dir_fd, name)
-
-
-def tree_bytes(root: str) -> int:
-    """Apparent size of the files under `root` (lstat only, no link followed)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
