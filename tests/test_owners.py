@@ -258,8 +258,17 @@ def test_base_changes_are_for_admins_and_named_tenants(tenant_daemon: DaemonHand
         version = stub.CreateBaseVersion(
             bases_pb2.CreateBaseVersionRequest(parent="bases/demo"), metadata=ALICE, timeout=120
         )
+        # Even a tenant who may change bases does not pick the server whose
+        # pg_basebackup writes on this host: that is the admins' call.
+        from_server = code_of(
+            stub.ImportBase,
+            bases_pb2.ImportBaseRequest(base_id="alices", from_server="host=192.0.2.1"),
+            metadata=ALICE,
+        )
     assert [code for code, _ in codes] == [grpc.StatusCode.PERMISSION_DENIED] * 3
     assert version.version >= 2
+    assert from_server[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert "from_server is for admins" in from_server[1]
 
 
 ROLES_SQL = """

@@ -169,6 +169,13 @@ class Pipeline:
             )
         if not spec.source:
             raise InvalidArgument(KINDS[spec.kind], "must not be empty")
+        if spec.kind in ("server", "follow") and not caller.admin:
+            # pg_basebackup writes the files the server names, as the user
+            # who owns every base: only a server the operator trusts.
+            raise PermissionDenied(
+                f"{KINDS[spec.kind]} is for admins: the source server decides what "
+                "pg_basebackup writes on this host; tenants import from dumps"
+            )
         if (spec.command or spec.keep_raw) and not caller.admin:
             raise PermissionDenied(
                 "transform_command and keep_raw are for admins: a command runs on this host, "
