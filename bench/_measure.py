@@ -42,6 +42,7 @@ __all__ = [
     "parallel_creates",
     "reset_series",
     "storm",
+    "warm_series",
 ]
 
 RPC_TIMEOUT = 300.0
@@ -105,6 +106,23 @@ def create_delete_series(daemon: BenchDaemon, parent: str, runs: int, warmup: in
     out = Series()
     for i in range(warmup + runs):
         timing = create(daemon, parent, new_branch_id("cd"))
+        gone = delete(daemon, timing.branch_id)
+        if i >= warmup:
+            out.creates.append(timing)
+            out.deletes.append(gone)
+    return out
+
+
+def warm_series(
+    daemon: BenchDaemon, parent: str, runs: int, gap_s: float, warmup: int = 2
+) -> Series:
+    """`runs` create-to-ready + delete pairs, each after a pause of `gap_s`:
+    a test's own work, during which the warm pool refills (back to back, the
+    loop outruns the refill and measures cold creates)."""
+    out = Series()
+    for i in range(warmup + runs):
+        time.sleep(gap_s)
+        timing = create(daemon, parent, new_branch_id("wm"))
         gone = delete(daemon, timing.branch_id)
         if i >= warmup:
             out.creates.append(timing)

@@ -39,6 +39,7 @@ from _measure import (
     parallel_creates,
     reset_series,
     storm,
+    warm_series,
 )
 from _pg import stop_postmasters_under
 from _pools import open_pool
@@ -69,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=20, help="creates issued at once")
     p.add_argument("--parallel-rounds", type=int, default=3)
     p.add_argument("--aux-runs", type=int, default=15,
-                   help="branch-from-branch and reset runs per size")
+                   help="branch-from-branch and reset runs per size (0 skips them)")
     p.add_argument("--baseline-runs", type=int, default=5)
     p.add_argument("--density-max", type=int, default=100,
                    help="at most this many idle branches in the density test (0 skips it)")
@@ -80,6 +81,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--warm", type=int, default=0, metavar="N",
                    help="daemon.warm_branches: started clones kept per base (btrfs only)")
+    p.add_argument("--warm-gap", type=float, default=0.3, metavar="S",
+                   help="with --warm: pause before each create of the warm series (a test's "
+                        "own work, during which the pool refills)")
     p.add_argument("--shared-uid", action="store_true",
                    help="postgres.branch_uids = \"\": no per-branch OS user (to measure "
                         "what isolation costs)")
@@ -165,6 +169,13 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
                 round(statistics.median(daemon_delete), 2) if daemon_delete else None
             )
             save()
+            if args.warm > 0:
+                r["warm"] = bench_warm(daemon, parent, args.runs, args.warm_gap)
+                w = r["warm"]
+                _say(f"{driver} s{scale}: warm hand-out ({w['warm_n']} of {w['n']} warm) RPC "
+                     f"p50 {w['rpc']['median_ms']} ms, create-to-first-query p50 "
+                     f"{w['ready']['median_ms']} ms; steps {w['steps_ms']}")
+                save()
             rounds = parallel_creates(daemon, parent, args.parallel, args.parallel_rounds)
             r["parallel"] = {
                 "width": args.parallel,
@@ -179,14 +190,16 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
                  + ", ".join(f"{x.wall_s * 1000:.0f} ms ({len(x.each)} ready"
                              + (f", failed {x.failed}" if x.failed else "") + ")"
                              for x in rounds))
-            bfb = from_branch_series(daemon, parent, args.aux_runs)
-            r["from_branch"] = {"create": summary(bfb.ready()), "delete": summary(bfb.deletes)}
-            resets = reset_series(daemon, parent, args.aux_runs)
-            r["reset"] = {"rpc": summary(a for a, _ in resets),
-                          "ready": summary(a + b for a, b in resets)}
-            _say(f"{driver} s{scale}: branch-from-branch median "
-                 f"{r['from_branch']['create']['median_ms']} ms, reset median "
-                 f"{r['reset']['ready']['median_ms']} ms")
+            if args.aux_runs > 0:
+                bfb = from_branch_series(daemon, parent, args.aux_runs)
+                r["from_branch"] = {"create": summary(bfb.ready()),
+                                    "delete": summary(bfb.deletes)}
+                resets = reset_series(daemon, parent, args.aux_runs)
+                r["reset"] = {"rpc": summary(a for a, _ in resets),
+                              "ready": summary(a + b for a, b in resets)}
+                _say(f"{driver} s{scale}: branch-from-branch median "
+                     f"{r['from_branch']['create']['median_ms']} ms, reset median "
+                     f"{r['reset']['ready']['median_ms']} ms")
             r["load_after"] = os.getloadavg()
             save()
         if args.storm > 0:
@@ -227,6 +240,40 @@ def bench_driver(args: argparse.Namespace, driver: str, sources: dict[int, Path]
         if not args.keep:
             pool.release()
             _say(f"{driver}: pool released (images kept in {args.data_dir})")
+
+
+def bench_warm(daemon: BenchDaemon, parent: str, runs: int, gap_s: float) -> dict[str, Any]:
+    """Creates that find a warm clone ready: the client's figures over the
+    creates the daemon logged `warm`, and the median ms of each hand-out step
+    (the daemon's `branch_created` ms_* fields; the servicer's `rpc` ms; the
+    rest of the client's RPC time is gRPC itself)."""
+    series = warm_series(daemon, parent, runs, gap_s)
+    created = {e["branch"]: e for e in daemon.events("branch_created")}
+    served = {e["branch_id"]: float(e["ms"]) for e in daemon.events("rpc")
+              if e.get("method") == "CreateBranch" and "branch_id" in e}
+    warm = [c for c in series.creates if created.get(c.branch_id, {}).get("warm")]
+    steps: dict[str, list[float]] = {}
+    for c in warm:
+        line = created[c.branch_id]
+        for key, value in line.items():
+            if key.startswith("ms_") and key not in ("ms_clone", "ms_start"):
+                steps.setdefault(key[3:], []).append(float(value))
+        if c.branch_id in served:
+            steps.setdefault("servicer_after_build", []).append(
+                served[c.branch_id] - float(line["ms_total"]))
+            steps.setdefault("grpc_transport", []).append(c.rpc_s * 1000 - served[c.branch_id])
+        steps.setdefault("client_select1", []).append(c.verify_s * 1000)
+    return {
+        "gap_s": gap_s,
+        "n": len(series.creates),
+        "warm_n": len(warm),
+        "rpc": summary(c.rpc_s for c in warm),
+        "ready": summary(c.ready_s for c in warm),
+        "verify": summary(c.verify_s for c in warm),
+        "delete": summary(series.deletes),
+        "steps_ms": {k: round(statistics.median(v), 2) for k, v in steps.items()},
+        "load": os.getloadavg(),
+    }
 
 
 def bench_storm(args: argparse.Namespace, daemon: BenchDaemon, out: dict[str, Any],

@@ -4,15 +4,19 @@ branch is the same as a cold one. On btrfs and on zfs-fuse."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
 
 from cowbranchd import postgres
+from cowbranchd.config import load_config
+from cowbranchd.storage import btrfs as btrfs_module
 from cowbranchd.v1 import bases_pb2, branches_pb2
 from tests.fix_daemon import DaemonHandle
 from tests.fix_storage import branch_volumes, volume_meta
@@ -170,3 +174,94 @@ def test_a_warm_branch_can_be_branched(warm_daemon: DaemonHandle) -> None:
             branches_pb2.CreateBranchRequest(parent=parent.name, branch_id="c"), timeout=120
         )
         assert len(rows(child.connection.dsn)) == 3 + 991
+
+
+def test_a_hand_over_the_pool_lost_in_a_crash_comes_back_from_its_record(
+    warm_daemon: DaemonHandle,
+) -> None:
+    """A warm hand-out whose volume metadata the pool had not flushed when the
+    host went down (the volume reads as the warm clone again) is the branch
+    again after a restart: same name, connection, labels and data; deleting it
+    removes its hand-over record."""
+    d = warm_daemon
+    if d.driver != "btrfs":
+        pytest.skip("only btrfs writes a hand-over's volume metadata without waiting for it")
+    before = {v: volume_meta(d, v) for v in volumes(d)}
+    with d.channel() as ch:
+        kept = d.branches(ch).CreateBranch(
+            branches_pb2.CreateBranchRequest(
+                parent="bases/demo", branch_id="kept", labels={"team": "db"}
+            ),
+            timeout=120,
+        )
+    assert [e["warm"] for e in events(d, "branch_created")] == [True]
+    with psycopg.connect(kept.connection.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (7, 'kept')")
+    [volume] = [v for v in volumes(d) if volume_meta(d, v).get("id") == "kept"]
+    record = d.workdir / "state" / "handovers" / f"{volume}.json"
+    assert json.loads(record.read_text())["meta"]["id"] == "kept"
+    d.kill()
+    # What a power loss before the pool's commit leaves: the clone's metadata.
+    sidecar = Path(d.pool_root) / "branches" / volume / btrfs_module.SIDECAR
+    body = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**body, "meta": before[volume]}))
+    assert volume_meta(d, volume)["warm"] == "1"
+    d.start()
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        got = stub.GetBranch(branches_pb2.GetBranchRequest(name="branches/kept"))
+        assert (got.state, got.connection, dict(got.labels)) == (
+            Branch.READY,
+            kept.connection,
+            {"team": "db"},
+        )
+        assert rows(got.connection.dsn) == [1, 2, 3, 7]
+        assert volume_meta(d, volume).get("warm", "") == ""
+        stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=got.name), timeout=120)
+    assert not record.exists()
+
+
+def test_a_warm_clone_whose_session_ended_is_still_handed_out(warm_daemon: DaemonHandle) -> None:
+    """The daemon's open session to a warm clone may end meanwhile (a base's
+    idle_session_timeout, an administrator): the hand-out opens a new one and
+    the branch is READY, warm, with its own password."""
+    d = warm_daemon
+    with d.channel() as ch:
+        base = d.bases(ch).GetBase(bases_pb2.GetBaseRequest(name="bases/demo"))
+    ended = 0
+    for volume in volumes(d):
+        with psycopg.connect(
+            host=str(d.workdir / "pg" / volume),
+            port=int(volume_meta(d, volume)["port"]),
+            user=base.user,
+            dbname=base.database,
+            autocommit=True,
+        ) as conn:
+            ended += len(
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                ).fetchall()
+            )
+    assert ended == 2  # one session per warm clone
+    with d.channel() as ch:
+        got = d.branches(ch).CreateBranch(
+            branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="after-loss"),
+            timeout=120,
+        )
+    assert [(e["branch"], e["warm"]) for e in events(d, "branch_created")] == [
+        ("after-loss", True)
+    ]
+    assert [e["branch"] for e in events(d, "warm_session_lost")] == ["after-loss"]
+    assert rows(got.connection.dsn) == [1, 2, 3]
+
+
+def test_the_quickstart_runs_with_warm_branches() -> None:
+    """`bash .ci/dev daemon` passes .ci/quickstart.toml: warm branches on, and
+    otherwise the built-in defaults (the loop-file pool, the demo base)."""
+    quickstart = load_config(Path(__file__).resolve().parent.parent / ".ci" / "quickstart.toml")
+    defaults = load_config(None)
+    assert quickstart.daemon.warm_branches == 2
+    assert defaults.daemon.warm_branches == 0
+    assert dataclasses.replace(quickstart.daemon, warm_branches=0) == defaults.daemon
+    assert (quickstart.storage, quickstart.demo) == (defaults.storage, defaults.demo)

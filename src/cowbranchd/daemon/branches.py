@@ -38,6 +38,7 @@ from cowbranchd.model import (
     BranchRecord,
     Selector,
     State,
+    meta_patch,
     now,
     parse_parent,
     validate_id,
@@ -60,6 +61,7 @@ from .lifecycle import (
     connection,
     dismantle,
     materialise,
+    record_hand_over,
     socket_dsn,
     start_postmaster,
     stop_postmaster,
@@ -67,7 +69,7 @@ from .lifecycle import (
 from .limits import size_limit, size_limit_failure
 from .revert import Revert
 from .suspend import BranchSuspend
-from .warm import WarmPool
+from .warm import WarmClone, WarmPool
 
 __all__ = ["Branches", "Connection", "CreateSpec"]
 
@@ -328,6 +330,7 @@ class Branches(BranchSuspend):
             record = record.evolve(base_id=base_id, source_snapshot=str(source))
             entry.record = record
             warm = None
+            steps: dict[str, float] = {}
             if (
                 parent_branch is None
                 and not record.settings
@@ -335,17 +338,23 @@ class Branches(BranchSuspend):
                 and before_start is None
             ):
                 warm = self.warm.take(source, record.max_bytes)
-            if warm is not None and self._hand_over(warm, entry):
+            if warm is not None and self._hand_over(warm, entry, steps):
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
                 t_clone = t_start = time.perf_counter()
                 # Over the warm clone's metadata, only what differs: the id,
-                # times, labels, request_id; and it is no longer warm.
-                self._store(
-                    entry,
-                    entry.record.evolve(state=State.READY),
-                    before=warm.record,
-                    flags={META_WARM: ""},
+                # times, labels, request_id; and it is no longer warm. Made
+                # durable by its hand-over record (host filesystem, one
+                # fsync), then written to the volume without waiting for the
+                # pool's flush; start-up replays the record if need be.
+                ready = entry.record.evolve(state=State.READY)
+                flags = {META_WARM: ""}
+                record_hand_over(
+                    self.ctx, entry.volume, {**meta_patch(warm.entry.record, ready), **flags}
                 )
+                t_record = time.perf_counter()
+                self._store(entry, ready, before=warm.entry.record, flags=flags, durable=False)
+                steps["record"] = (t_record - t_start) * 1000
+                steps["store"] = (time.perf_counter() - t_record) * 1000
             else:
                 warm = None
                 port = self.ctx.ports.allocate()
@@ -377,17 +386,22 @@ class Branches(BranchSuspend):
             ms_source=round((t_source - started) * 1000, 1),
             ms_clone=round((t_clone - t_source) * 1000, 1),
             ms_start=round((t_start - t_clone) * 1000, 1),
+            **{f"ms_{step}": round(ms, 2) for step, ms in steps.items()},
             ms_total=round((time.perf_counter() - started) * 1000, 1),
         )
         self.ctx.metrics.branch_created(time.perf_counter() - started, warm=warm is not None)
 
-    def _hand_over(self, warm: BranchEntry, entry: BranchEntry) -> bool:
+    def _hand_over(self, clone: WarmClone, entry: BranchEntry, steps: dict[str, float]) -> bool:
         """Make a warm clone this branch: it keeps its volume and its running
         postgres; its socket directory and log take the branch's name (the
         socket's path is resolved when clients connect; the log is an open
-        descriptor). Checks SELECT 1 through the DSN. False (the warm clone
-        destroyed, nothing else changed) if that fails: the caller goes cold."""
+        descriptor). `claim` sets its own password and checks SELECT 1 over
+        the daemon's session to the clone. False (the warm clone destroyed,
+        nothing else changed) if that fails: the caller goes cold. Fills
+        `steps` with ms per step, for the create's timing log."""
         ctx = self.ctx
+        warm = clone.entry
+        t0 = time.perf_counter()
         entry.volume, entry.path, entry.postmaster = warm.volume, warm.path, warm.postmaster
         entry.record = entry.record.evolve(port=warm.record.port, uid=warm.record.uid)
         for src, dst in (
@@ -397,12 +411,17 @@ class Branches(BranchSuspend):
             shutil.rmtree(dst, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.rename(src, dst)
+        steps["rename"] = (time.perf_counter() - t0) * 1000
+        # The commit of the password may skip its WAL flush only where the
+        # role's password before it is the clone's own (see claim).
+        same_role = connection(ctx, warm).user == connection(ctx, entry).user
+        session, clone.session = clone.session, None
         try:
-            claim(ctx, entry)
+            claim(ctx, entry, session=session, durable=not same_role, steps=steps)
         except CowbranchError as exc:
             log.warning("warm_hand_over_failed", branch=entry.branch_id, error=exc.message)
             assert self.warm is not None
-            self.warm.discard(warm)
+            self.warm.discard(clone)
             shutil.rmtree(ctx.socket_dir(entry.branch_id), ignore_errors=True)
             entry.volume, entry.path, entry.postmaster = entry.branch_id, Path(), None
             entry.record = entry.record.evolve(port=0, uid=0)

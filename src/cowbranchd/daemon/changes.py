@@ -202,14 +202,16 @@ class BranchChanges:
         *,
         before: BranchRecord | None = None,
         flags: Mapping[str, str] | None = None,
+        durable: bool = True,
     ) -> None:
         """The one way a branch's metadata changes: `after` becomes its record,
         and what differs from `before` (default: its record now) is written to
         its own volume (never to a volume named by its id: after a reset or a
-        warm hand-over they differ), with any volume `flags`."""
+        warm hand-over they differ), with any volume `flags`. `durable` False
+        only where the patch was made durable elsewhere (StorageDriver.set_meta)."""
         patch = {**meta_patch(before or entry.record, after), **(flags or {})}
         if patch:
-            self.ctx.driver.set_meta(Kind.BRANCHES, entry.volume, patch)
+            self.ctx.driver.set_meta(Kind.BRANCHES, entry.volume, patch, durable=durable)
         entry.record = after
 
     def _mark_failed(self, entry: BranchEntry, why: str) -> None:

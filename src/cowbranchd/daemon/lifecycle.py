@@ -6,6 +6,9 @@ postgres. Shared by branches.py (create, reset, restart, delete) and warm.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
 import pwd
 import shutil
 import time
@@ -27,8 +30,9 @@ from cowbranchd.errors import (
     PostgresError,
     StorageError,
 )
+from cowbranchd.model import META_WARM
 from cowbranchd.storage import idmap
-from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver
+from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver, Volume
 
 from .branch_logs import remove_logs
 from .inventory import BranchEntry, Context
@@ -40,8 +44,12 @@ __all__ = [
     "clone_or_clean_up",
     "connection",
     "dismantle",
+    "forget_hand_over",
+    "open_session",
     "present",
+    "record_hand_over",
     "remove_runtime_files",
+    "replay_hand_overs",
     "socket_dsn",
     "start_postmaster",
     "stop_postmaster",
@@ -109,28 +117,41 @@ def socket_dsn(ctx: Context, entry: BranchEntry) -> str:
     )
 
 
+# Options of the daemon's own sessions: nothing they run is in the branch's
+# log, whatever its log_statement says (a password verifier is not for logs).
+QUIET_SESSION = "-c log_statement=none -c log_min_duration_statement=-1"
+
+
+def _password_statement(ctx: Context, entry: BranchEntry) -> tuple[str, sql.Composed]:
+    """(role, ALTER ROLE giving it the branch's own password)."""
+    user, password, _, _ = _credentials(ctx, entry)
+    verifier = postgres.scram_verifier(password)
+    return user, sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+        sql.Identifier(user), sql.Literal(verifier)
+    )
+
+
+def _no_role(entry: BranchEntry, user: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"role {user!r} does not exist in bases/{entry.record.base_id}: create it in "
+        "the base (init_sql, or before its next version) or ask for another role"
+    )
+
+
 def _give_password(ctx: Context, entry: BranchEntry) -> postgres.OnReady:
     """Set the branch's own password on its role, over the daemon's socket
     connection: a clone comes with its parent's (a base's or another
     branch's), which must open only the parent."""
-    user, password, _, _ = _credentials(ctx, entry)
-    verifier = postgres.scram_verifier(password)
+    user, statement = _password_statement(ctx, entry)
 
     def apply(conn: psycopg.Connection[Any]) -> None:
         # Not in the branch's log, whatever its log_statement says.
         conn.execute("SET log_statement = 'none'")
         conn.execute("SET log_min_duration_statement = -1")
         try:
-            conn.execute(
-                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(user), sql.Literal(verifier)
-                )
-            )
+            conn.execute(statement)
         except psycopg.errors.UndefinedObject as exc:
-            raise FailedPrecondition(
-                f"role {user!r} does not exist in bases/{entry.record.base_id}: create it in "
-                "the base (init_sql, or before its next version) or ask for another role"
-            ) from exc
+            raise _no_role(entry, user) from exc
 
     return apply
 
@@ -264,6 +285,7 @@ def dismantle(ctx: Context, entry: BranchEntry, *, release: bool = True) -> None
     stop_postmaster(ctx, entry, discard=True)
     withdraw(ctx, entry.volume)
     ctx.driver.destroy(Kind.BRANCHES, entry.volume)
+    forget_hand_over(ctx, entry.volume)
     if not release:
         return
     ctx.ports.release(entry.record.port)
@@ -337,14 +359,150 @@ def remove_runtime_files(ctx: Context, branch_id: str) -> None:
     remove_logs(ctx, branch_id)
 
 
-def claim(ctx: Context, entry: BranchEntry, timeout: float = 10.0) -> None:
-    """Make a running clone the branch it was handed to: its own password set,
-    `SELECT 1` answered (as CreateBranch promises), over one socket connection."""
+def open_session(
+    ctx: Context, entry: BranchEntry, timeout: float = 10.0
+) -> psycopg.Connection[Any]:
+    """The daemon's own connection to a running clone, over its socket (trusted,
+    no password), kept out of its log: the warm pool opens one per clone as
+    it starts, so a hand-out does not wait for a backend to start."""
     try:
-        with psycopg.connect(
-            socket_dsn(ctx, entry), connect_timeout=max(1, int(timeout)), autocommit=True
-        ) as conn:
-            conn.execute("SELECT 1")
-            _give_password(ctx, entry)(conn)
+        return psycopg.connect(
+            socket_dsn(ctx, entry),
+            connect_timeout=max(1, int(timeout)),
+            autocommit=True,
+            options=QUIET_SESSION,
+        )
+    except psycopg.Error as exc:
+        raise PostgresError(f"branches/{entry.branch_id} does not answer: {exc}") from exc
+
+
+def claim(
+    ctx: Context,
+    entry: BranchEntry,
+    timeout: float = 10.0,
+    *,
+    session: psycopg.Connection[Any] | None = None,
+    durable: bool = True,
+    steps: dict[str, float] | None = None,
+) -> None:
+    """Make a running clone the branch it was handed to: `SELECT 1` answered
+    (as CreateBranch promises) and its own password set, in one round trip
+    over `session` (an `open_session`) if it still works, else over a new
+    one; closed after, so the daemon holds no backend of a branch.
+
+    Without `durable`, the password's commit does not wait for its WAL flush
+    (the WAL writer flushes it within wal_writer_delay, and the client's own
+    first commit flushes it too). Only for a role whose password before was
+    the warm clone's own, which nobody was ever given: a postgres crash in
+    that window loses the branch's password (its DSN fails until the daemon
+    next starts it, which sets it again), never lets another one in.
+
+    With `steps`, ms per step go there (for the create's timing log)."""
+    timing = steps if steps is not None else {}
+    user, password = _password_statement(ctx, entry)
+    batch = sql.SQL("; ").join(
+        [sql.SQL("SELECT 1")]
+        + ([] if durable else [sql.SQL("SET synchronous_commit = off")])
+        + [password]
+    )
+
+    def run(conn: psycopg.Connection[Any]) -> None:
+        # No parameters: one simple query, one round trip. The session's own
+        # options keep it out of the log (a SET here would come too late:
+        # postgres logs a simple query before running any of it).
+        t0 = time.perf_counter()
+        try:
+            conn.execute(batch)
+        except psycopg.errors.UndefinedObject as exc:
+            raise _no_role(entry, user) from exc
+        timing["claim_sql"] = (time.perf_counter() - t0) * 1000
+
+    try:
+        if session is not None:
+            with session:
+                try:
+                    run(session)
+                    return
+                except psycopg.OperationalError as exc:  # its backend went away meanwhile
+                    log.warning("warm_session_lost", branch=entry.branch_id, error=str(exc))
+        t0 = time.perf_counter()
+        conn = open_session(ctx, entry, timeout)
+        timing["connect"] = (time.perf_counter() - t0) * 1000
+        with conn:
+            run(conn)
     except psycopg.Error as exc:
         raise PostgresError(f"branches/{entry.branch_id} does not answer SELECT 1: {exc}") from exc
+
+
+# -- hand-over records ----------------------------------------------------------
+#
+# A warm hand-over rewrites the clone's metadata (its id, times, labels; no
+# longer warm). On a loop-file pool that fsync is most of the hand-out, so the
+# patch is first made durable in a small file of the daemon's state directory
+# (one fsync on the host filesystem), and the volume's metadata is written
+# without waiting for its own flush. A crash before the pool's next commit can
+# leave the volume as it was (a warm clone, which start-up would destroy):
+# start-up replays the record first, so every branch handed out comes back.
+# A record goes with its volume (`dismantle`); one whose volume is gone is
+# dropped at start-up.
+
+
+def _hand_overs_dir(ctx: Context) -> Path:
+    return ctx.config.daemon.state_dir / "handovers"
+
+
+def record_hand_over(ctx: Context, volume: str, meta: Mapping[str, str]) -> None:
+    """Make the hand-over of warm volume `volume` durable: the metadata patch
+    that turns it into its branch, written and fsynced before it is applied."""
+    folder = _hand_overs_dir(ctx)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = folder / f"{volume}.json"
+    tmp = folder / f".{volume}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"volume": volume, "meta": dict(meta)}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, target)
+    dirfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def forget_hand_over(ctx: Context, volume: str) -> None:
+    """Drop the hand-over record of `volume`, if any (with the volume)."""
+    with contextlib.suppress(FileNotFoundError):
+        (_hand_overs_dir(ctx) / f"{volume}.json").unlink()
+
+
+def replay_hand_overs(ctx: Context, volumes: list[Volume]) -> list[Volume]:
+    """Start-up: `volumes` with every recorded hand-over applied (durably)
+    to a volume still marked warm; records of volumes that are gone are
+    dropped, unreadable ones logged and kept for a person to look at."""
+    folder = _hand_overs_dir(ctx)
+    if not folder.is_dir():
+        return volumes
+    records: dict[str, dict[str, str]] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            body = json.loads(path.read_text())
+            records[str(body["volume"])] = {str(k): str(v) for k, v in body["meta"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("hand_over_record_unreadable", path=str(path), error=str(exc))
+    present = {v.name for v in volumes if v.kind is Kind.BRANCHES}
+    for name in sorted(set(records) - present):
+        forget_hand_over(ctx, name)
+    out = []
+    for volume in volumes:
+        patch = records.get(volume.name) if volume.kind is Kind.BRANCHES else None
+        if patch is None or volume.meta.get(META_WARM) != "1":
+            out.append(volume)
+            continue
+        ctx.driver.set_meta(Kind.BRANCHES, volume.name, patch)
+        merged = {k: v for k, v in {**volume.meta, **patch}.items() if v != ""}
+        out.append(dataclasses.replace(volume, meta=merged))
+        log.warning("hand_over_replayed", volume=volume.name)
+    return out

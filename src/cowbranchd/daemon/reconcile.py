@@ -21,7 +21,7 @@ from cowbranchd.storage.base import Kind, SnapshotRef, Volume
 
 from .branches import Branches
 from .inventory import BaseEntry, BranchEntry, Context
-from .lifecycle import dismantle, withdraw
+from .lifecycle import dismantle, replay_hand_overs, withdraw
 
 __all__ = ["reconcile"]
 
@@ -42,7 +42,8 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
         "removed": 0,
     }
     counts["removed"] += len(driver.gc())
-    volumes = driver.list()
+    # Warm hand-overs whose metadata the pool had not yet flushed at a crash.
+    volumes = replay_hand_overs(ctx, driver.list())
     branch_ids = {
         record.branch_id
         for v in volumes

@@ -6,9 +6,13 @@ PostgreSQL's own start is about half of a cold create. With
 a create from that base version with no per-branch settings takes one: the
 branch keeps the clone's volume (`branches/warm_<hex>`; postgres holds its
 data directory's absolute path, so a live clone is never renamed), its socket
-directory and log take the branch's name, `SELECT 1` is checked through the
-DSN and the branch's metadata (with its id) is written over the clone's: no
-clone and no postgres start on the request's path. Warm clones are not
+directory and log take the branch's name, its own password is set and
+`SELECT 1` answered over the daemon's socket connection to the clone, opened
+when the clone started and kept (so no backend starts on the request's
+path), and the branch's metadata (with its id) is written over the clone's:
+no clone and no postgres start on the request's path. The refill starts
+REFILL_DELAY after a take, so the hand-out, its answer and the client's first
+connection do not share the CPU and the disk with a clone's start. Warm clones are not
 branches: they are not listed, hold no branch slot, and are destroyed at
 start-up (meta `warm=1`) and shutdown.
 
@@ -19,10 +23,14 @@ than changing a running clone's limit at hand-over.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import structlog
 
 from cowbranchd.errors import CowbranchError
@@ -30,10 +38,10 @@ from cowbranchd.model import META_WARM, BranchRecord, State, meta_patch, now
 from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .inventory import BranchEntry, Context
-from .lifecycle import dismantle, materialise, remove_runtime_files
+from .lifecycle import dismantle, materialise, open_session, remove_runtime_files
 from .revert import Revert
 
-__all__ = ["WarmPool"]
+__all__ = ["WarmClone", "WarmPool"]
 
 log = structlog.get_logger("cowbranchd.warm")
 
@@ -41,6 +49,18 @@ log = structlog.get_logger("cowbranchd.warm")
 REFILL_INTERVAL = 5.0
 # After a failed warm start, wait this long before trying that base again.
 FAILURE_BACKOFF = 30.0
+# Seconds between a take and the refill it wakes: the hand-out's answer and
+# the client's first query go first.
+REFILL_DELAY = 0.05
+
+
+@dataclass
+class WarmClone:
+    """A started clone and the daemon's open socket connection to it (None
+    once given away to `claim`, which closes it)."""
+
+    entry: BranchEntry
+    session: psycopg.Connection[Any] | None = None
 
 
 class WarmPool:
@@ -48,7 +68,7 @@ class WarmPool:
         self.ctx = ctx
         self.size = size
         self._lock = threading.Lock()
-        self._ready: dict[SnapshotRef, list[BranchEntry]] = {}
+        self._ready: dict[SnapshotRef, list[WarmClone]] = {}
         self._failed_at: dict[SnapshotRef, float] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -69,7 +89,7 @@ class WarmPool:
         """The size limit every warm clone is made with: the default."""
         return self.ctx.config.storage.max_branch_bytes
 
-    def take(self, source: SnapshotRef, max_bytes: int) -> BranchEntry | None:
+    def take(self, source: SnapshotRef, max_bytes: int) -> WarmClone | None:
         """A warm clone of `source` limited to `max_bytes`, now the caller's, or None."""
         if not self.enabled or max_bytes != self.max_bytes:
             return None
@@ -89,8 +109,8 @@ class WarmPool:
         with self._lock:
             doomed = [k for k in self._ready if k.name == base_id]
             entries = [e for k in doomed for e in self._ready.pop(k)]
-        for entry in entries:
-            self.discard(entry)
+        for clone in entries:
+            self.discard(clone)
 
     def stop(self) -> None:
         """Stop refilling and destroy every warm clone (they are cheap to
@@ -102,14 +122,17 @@ class WarmPool:
         with self._lock:
             entries = [e for group in self._ready.values() for e in group]
             self._ready.clear()
-        for entry in entries:
-            self.discard(entry)
+        for clone in entries:
+            self.discard(clone)
 
-    def discard(self, entry: BranchEntry) -> None:
+    def discard(self, clone: WarmClone) -> None:
+        if clone.session is not None:
+            with contextlib.suppress(psycopg.Error):
+                clone.session.close()
         try:
-            dismantle(self.ctx, entry)
+            dismantle(self.ctx, clone.entry)
         except CowbranchError as exc:
-            log.error("warm_discard_failed", branch=entry.branch_id, error=exc.message)
+            log.error("warm_discard_failed", branch=clone.entry.branch_id, error=exc.message)
 
     # -- refill ------------------------------------------------------------------
 
@@ -119,7 +142,8 @@ class WarmPool:
                 self._refill()
             except Exception:
                 log.exception("warm_refill_failed")
-            self._wake.wait(REFILL_INTERVAL)
+            if self._wake.wait(REFILL_INTERVAL):
+                self._stopping.wait(REFILL_DELAY)
             self._wake.clear()
 
     def _wanted(self) -> dict[SnapshotRef, str]:
@@ -140,8 +164,8 @@ class WarmPool:
         with self._lock:
             stale = [k for k in self._ready if k not in wanted]
             old = [e for k in stale for e in self._ready.pop(k)]
-        for entry in old:
-            self.discard(entry)
+        for clone in old:
+            self.discard(clone)
         for source in wanted:
             while not self._stopping.is_set():
                 with self._lock:
@@ -158,8 +182,9 @@ class WarmPool:
                 with self._lock:
                     self._ready.setdefault(source, []).append(made)
 
-    def _make(self, source: SnapshotRef) -> BranchEntry | None:
-        """Clone `source` and start its postgres; None (logged) on failure."""
+    def _make(self, source: SnapshotRef) -> WarmClone | None:
+        """Clone `source`, start its postgres and open the daemon's session
+        to it; None (logged) on failure."""
         ctx = self.ctx
         # Not a valid branch id ('_'), so it can never collide with one.
         warm_id = "warm_" + secrets.token_hex(4)
@@ -197,10 +222,11 @@ class WarmPool:
                 moved = meta_patch(record, entry.record)  # a retry may have moved its port
                 if moved:
                     ctx.driver.set_meta(Kind.BRANCHES, warm_id, moved)
+                session = open_session(ctx, entry)
                 undo.success()
         except CowbranchError as exc:
             log.warning("warm_start_failed", base=source.name, error=exc.message)
             remove_runtime_files(ctx, warm_id)
             return None
         log.debug("warm_ready", base=source.name, version=source.snap, branch=warm_id)
-        return entry
+        return WarmClone(entry, session)

@@ -150,9 +150,14 @@ class StorageDriver(abc.ABC):
         mountpoint."""
 
     @abc.abstractmethod
-    def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
+    def set_meta(
+        self, kind: Kind, name: str, meta: Mapping[str, str], *, durable: bool = True
+    ) -> None:
         """Merge `meta` into a volume's metadata (a value of "" removes the
-        key), durably. NotFound if the volume is missing."""
+        key), durably. NotFound if the volume is missing. With `durable`
+        False, visible at once but durable only at the filesystem's next
+        commit, where the driver can save the wait: for a caller that made
+        the change durable elsewhere (the warm hand-over's record)."""
 
     @abc.abstractmethod
     def destroy(self, kind: Kind, name: str) -> None:

@@ -223,14 +223,16 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
             kind, name, meta, what="clone", make=make, origin=str(source), durable=False
         )
 
-    def set_meta(self, kind: Kind, name: str, meta: Mapping[str, str]) -> None:
+    def set_meta(
+        self, kind: Kind, name: str, meta: Mapping[str, str], *, durable: bool = True
+    ) -> None:
         check_meta(meta)
         path = self._require_volume(kind, name)
         data = self._sidecar_or_empty(path)
         merged = {**data.get("meta", {}), **meta}
         merged = {key: value for key, value in merged.items() if value != ""}
         with translated(f"set meta of {kind.value}/{name}"):
-            self._write_sidecar(path, merged, data.get("origin"))
+            self._write_sidecar(path, merged, data.get("origin"), durable=durable)
 
     def _snapshot_names(self, kind: Kind, name: str) -> list[str]:
         prefix = f"{name}@"
