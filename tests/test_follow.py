@@ -101,8 +101,10 @@ def test_branch_at_a_time_holds_what_was_committed_before_it(
         at = conn.execute("SELECT clock_timestamp()").fetchone()
         assert at is not None
         time.sleep(0.5)
-        conn.execute("INSERT INTO follow_marks VALUES ('after')")
+        # Read before the insert: its commit, the newest the standby can
+        # replay while nothing else commits, is later than this.
         last = conn.execute("SELECT clock_timestamp()").fetchone()
+        conn.execute("INSERT INTO follow_marks VALUES ('after')")
     assert last is not None
     end = time.monotonic() + 60
     while not _standby_replayed(d, "live", last[0]) or len(_versions(d, "live")) < 2:
@@ -149,3 +151,5 @@ def test_branch_at_a_time_holds_what_was_committed_before_it(
             bases_pb2.DeleteBaseRequest(name="bases/live", force=True), timeout=120
         )
     assert _standby_pids(d, "live") == []
+    with psycopg.connect(production.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE follow_marks")  # production is shared by the session

@@ -94,7 +94,9 @@ def test_scrub_leaves_no_original_value_in_any_file(
             "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables "
             "ORDER BY relname"
         ).fetchall()
-        assert counters == [("customers", 0, 0, 0), ("orders", 0, 0, 0), ("work", 0, 0, 0)]
+        # Every counter zero (production is shared: other tests may add tables).
+        assert {"customers", "orders", "work"} <= {name for name, *_ in counters}
+        assert [c for c in counters if c[1:] != (0, 0, 0)] == []
 
 
 def test_a_failing_transform_names_file_and_statement_and_stops(
