@@ -6,9 +6,11 @@ the test's own ("production")."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import psutil
@@ -44,6 +46,7 @@ tokens_dir = "{tokens_dir}"
 follow_snapshot_interval = "2s"
 follow_branchers = ["alice"]
 """
+    d.sections = {"daemon": "warm_branches = 1"}
     d.start()
     yield d
     d.cleanup()
@@ -70,6 +73,16 @@ def _standby_pids(d: DaemonHandle, base: str) -> list[int]:
             str(d.pool_root) in arg and f"bases/{base}" in arg for arg in cmdline
         ):
             found.append(proc.pid)
+    return found
+
+
+def _warm_clones_of(d: DaemonHandle, base: str) -> list[Path]:
+    """Warm clones (volumes `warm_*`) cloned from a version of `base`."""
+    found = []
+    for volume in (Path(d.pool_root) / "branches").glob("warm_*"):
+        with contextlib.suppress(OSError):  # one going away meanwhile
+            if f'"bases/{base}@v' in (volume / "cowbranch.json").read_text():
+                found.append(volume)
     return found
 
 
@@ -110,6 +123,15 @@ def test_branch_at_a_time_holds_what_was_committed_before_it(
     while not _standby_replayed(d, "live", last[0]) or len(_versions(d, "live")) < 2:
         assert time.monotonic() < end, "the standby did not replay and snapshot in time"
         time.sleep(0.2)
+
+    # The warm pool keeps started clones of other bases, never of a followed
+    # one (its branches recover to a time): a plain base gets one meanwhile.
+    with d.channel() as ch:
+        d.bases(ch).CreateBase(bases_pb2.CreateBaseRequest(base_id="plain"), timeout=120)
+    end = time.monotonic() + 60
+    while not _warm_clones_of(d, "plain") and time.monotonic() < end:
+        time.sleep(0.2)
+    assert _warm_clones_of(d, "plain") and _warm_clones_of(d, "live") == []
 
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(at[0].astimezone(UTC))

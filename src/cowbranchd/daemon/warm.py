@@ -37,6 +37,7 @@ from cowbranchd.errors import CowbranchError
 from cowbranchd.model import META_WARM, BranchRecord, State, meta_patch, now
 from cowbranchd.storage.base import Kind, SnapshotRef
 
+from .follow import is_followed
 from .inventory import BranchEntry, Context
 from .lifecycle import dismantle, materialise, open_session, remove_runtime_files
 from .revert import Revert
@@ -147,13 +148,18 @@ class WarmPool:
             self._wake.clear()
 
     def _wanted(self) -> dict[SnapshotRef, str]:
-        """The latest version of every ready base -> its base id."""
+        """The latest version of every ready base -> its base id; not of a
+        followed base (its branches recover to a time: never warm)."""
         with self.ctx.inventory.lock:
             bases = list(self.ctx.inventory.bases.values())
         wanted: dict[SnapshotRef, str] = {}
         for base in bases:
             latest = base.record.latest_version
-            if base.record.state is State.READY and latest is not None:
+            if (
+                base.record.state is State.READY
+                and latest is not None
+                and not is_followed(base.record)
+            ):
                 wanted[SnapshotRef(Kind.BASES, base.record.base_id, f"v{latest}")] = (
                     base.record.base_id
                 )
