@@ -11,10 +11,13 @@ branch is FAILED with a reason where it cannot run, and the daemon SERVING.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pwd
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -103,7 +106,6 @@ def kill_and_wait(pid: int) -> None:
 
 def volumes(d: DaemonHandle) -> list[str]:
     return sorted(p.name for p in (Path(d.pool_root) / "branches").iterdir())
-
 
 
 def test_links_planted_by_a_tenant_are_never_followed(
@@ -263,3 +265,93 @@ def test_garbage_metadata_fails_the_branch_and_quarantines_the_base(
         )
     assert (pool / "bases" / "other" / "pgdata" / "PG_VERSION").exists()
     assert "garbled" not in volumes(d)
+
+
+@pytest.mark.btrfs
+def test_diff_starts_a_tenants_snapshot_only_as_that_tenants_uid(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """DiffBranch starts the snapshot a branch was cloned from, which for a
+    branch of a branch is tenant data: postgresql.auto.conf may run a
+    command at start (here ssl_passphrase_command). It must run as the
+    branch's own uid, never as the shared postgres user who owns every base."""
+    d = daemon_factory()
+    marker = Path(tempfile.mkdtemp(prefix="cbt-ssl-", dir="/tmp")) / "uids"
+    marker.parent.chmod(0o755)
+    marker.touch(mode=0o666)
+    marker.chmod(0o666)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tenant",
+            "-passout",
+            "pass:secretpass",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        with d.channel() as ch:
+            parent = d.branches(ch).CreateBranch(
+                branches_pb2.CreateBranchRequest(parent="bases/demo", branch_id="ssl-parent"),
+                timeout=120,
+            )
+        with psycopg.connect(parent.connection.dsn, autocommit=True) as conn:
+            for name, path in (("server.key", key), ("server.crt", cert)):
+                # As the tenant would: a program of its own, in its pgdata.
+                encoded = base64.b64encode(path.read_bytes()).decode()
+                conn.execute(
+                    sql.SQL("COPY (SELECT {}) TO PROGRAM {}").format(
+                        sql.Literal(encoded),
+                        sql.Literal(f"base64 -d > {name} && chmod 600 {name}"),
+                    )
+                )
+            command = f'/bin/sh -c "id -u >> {marker}; echo secretpass"'
+            for setting, value in (
+                ("ssl", "on"),
+                ("ssl_cert_file", "server.crt"),
+                ("ssl_key_file", "server.key"),
+                ("ssl_passphrase_command", command),
+            ):
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(setting), sql.Literal(value)
+                    )
+                )
+        with d.channel() as ch:
+            child = d.branches(ch).CreateBranch(
+                branches_pb2.CreateBranchRequest(
+                    parent="branches/ssl-parent", branch_id="ssl-child"
+                ),
+                timeout=120,
+            )
+            d.branches(ch).DiffBranch(
+                branches_pb2.DiffBranchRequest(name="branches/ssl-child"), timeout=120
+            )
+        child_uid = psutil.Process(_postmaster_pid(child)).uids().real
+        ran_as = {int(line) for line in marker.read_text().split()}
+        assert child_uid in ran_as  # the child's own start ran it: the attack is live
+        assert ran_as == {child_uid}, f"ran as {ran_as}; postgres is {pwd.getpwnam('postgres')}"
+    finally:
+        shutil.rmtree(marker.parent, ignore_errors=True)
+        d.cleanup()
+
+
+def _postmaster_pid(branch: Branch) -> int:
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == branch.connection.port and conn.status == "LISTEN":
+            assert conn.pid is not None
+            return conn.pid
+    raise AssertionError(f"nothing listens on {branch.connection.port}")

@@ -73,7 +73,7 @@ def run(
     input: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float | None = 300.0,
-    user: str | None = None,
+    user: RunAs | None = None,
     cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv` and return its completed process (stdout/stderr as text).
@@ -127,7 +127,7 @@ def run(
     log.debug(
         "command",
         argv=list(argv),
-        user=user,
+        user=user if user is None or isinstance(user, str) else ids_of(user),
         returncode=proc.returncode,
         ms=round((time.perf_counter() - started) * 1000, 2),
     )

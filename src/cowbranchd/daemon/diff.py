@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import structlog
@@ -20,12 +21,13 @@ from cowbranchd import postgres
 from cowbranchd.errors import FailedPrecondition
 from cowbranchd.model import State
 from cowbranchd.postgres import masking, schemadiff
+from cowbranchd.run import RunAs
 from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .auth import Caller
 from .branches import Branches
 from .inventory import BranchEntry
-from .lifecycle import socket_dsn
+from .lifecycle import present_as, socket_dsn, withdraw
 
 __all__ = ["Differ", "TableChange"]
 
@@ -124,13 +126,24 @@ class Differ:
         try:
             pgdata = path / "pgdata"
             postgres.prepare_clone(pgdata)
+            # A branch's snapshot is its tenant's data (postgresql.auto.conf can
+            # run commands at start): it runs as that branch's uid, as the
+            # branch itself does, never as the os_user who owns every base.
+            uid = entry.record.uid
+            run_dir: Path = pgdata
+            runner: RunAs = pg.os_user
+            if uid:
+                run_dir = self.ctx.mount_root / name
+                present_as(self.ctx, pgdata, run_dir, uid)
+                runner = (uid, uid)
             with masking.staging(
-                str(pgdata), binaries, os_user=pg.os_user, superuser=base.user
+                str(run_dir), binaries, os_user=runner, superuser=base.user
             ) as stage:
                 dsn = stage.dsn(base.database)
-                schema = schemadiff.schema_dump(dsn, binaries=binaries, os_user=pg.os_user)
+                schema = schemadiff.schema_dump(dsn, binaries=binaries, os_user=runner)
                 counts = _counts(dsn)
         finally:
+            withdraw(self.ctx, name)
             driver.destroy(Kind.BRANCHES, name)
         return _Parent(schema, counts)
 
@@ -156,4 +169,3 @@ def _counts(dsn: str) -> Counts:
                     change.deleted,
                 )
     return counts
-

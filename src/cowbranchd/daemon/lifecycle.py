@@ -47,6 +47,7 @@ __all__ = [
     "forget_hand_over",
     "open_session",
     "present",
+    "present_as",
     "record_hand_over",
     "remove_runtime_files",
     "replay_hand_overs",
@@ -164,12 +165,18 @@ def present(ctx: Context, entry: BranchEntry) -> Path:
     run_dir = ctx.run_dir(entry)
     uid = entry.record.uid
     if uid and not (run_dir.exists() and idmap.is_idmapped_mount(run_dir)):
-        disk = pwd.getpwnam(ctx.config.postgres.os_user)
-        ctx.mount_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        idmap.idmapped_mount(
-            entry.pgdata, run_dir, disk_uid=disk.pw_uid, disk_gid=disk.pw_gid, uid=uid, gid=uid
-        )
+        present_as(ctx, entry.pgdata, run_dir, uid)
     return run_dir
+
+
+def present_as(ctx: Context, pgdata: Path, run_dir: Path, uid: int) -> None:
+    """Mount `pgdata` idmapped at `run_dir` (under ctx.mount_root; `withdraw`
+    takes it away): its on-disk os_user files appear as `uid`'s."""
+    disk = pwd.getpwnam(ctx.config.postgres.os_user)
+    ctx.mount_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    idmap.idmapped_mount(
+        pgdata, run_dir, disk_uid=disk.pw_uid, disk_gid=disk.pw_gid, uid=uid, gid=uid
+    )
 
 
 def withdraw(ctx: Context, volume: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from cowbranchd.errors import FailedPrecondition, InvalidArgument, NotFound
-from cowbranchd.run import run
+from cowbranchd.run import RunAs, run
 from cowbranchd.safefs import (
     UnsafePath,
     open_dir,
@@ -134,7 +134,7 @@ def pg_version(pgdata: str | os.PathLike[str]) -> int:
 
 
 def check_clean_shutdown(
-    pgdata: str | os.PathLike[str], binaries: Binaries, *, os_user: str
+    pgdata: str | os.PathLike[str], binaries: Binaries, *, os_user: RunAs
 ) -> None:
     """Raise FailedPrecondition unless pg_controldata says the cluster was shut down.
 

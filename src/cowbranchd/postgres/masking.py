@@ -35,7 +35,7 @@ import psycopg
 import structlog
 
 from cowbranchd.errors import FailedPrecondition
-from cowbranchd.run import run
+from cowbranchd.run import RunAs, run
 from cowbranchd.safefs import open_dir, remove_tree_entries, unlink_if_present
 
 from .cluster import dsn
@@ -104,7 +104,7 @@ class Staging:
 
     pgdata: str
     binaries: Binaries
-    os_user: str
+    os_user: RunAs
     superuser: str
     socket_dir: str
     postmaster: Postmaster
@@ -131,7 +131,7 @@ def staging(
     pgdata: str,
     binaries: Binaries,
     *,
-    os_user: str,
+    os_user: RunAs,
     superuser: str,
     settings: Mapping[str, str] | None = None,
 ) -> Iterator[Staging]:
@@ -289,7 +289,7 @@ def scrub(stage: Staging) -> None:
     log.info("scrubbed", pgdata=stage.pgdata, databases=databases)
 
 
-def scrub_files(pgdata: str, binaries: Binaries, *, os_user: str) -> None:
+def scrub_files(pgdata: str, binaries: Binaries, *, os_user: RunAs) -> None:
     """On a cleanly shut down cluster: drop its WAL (pg_resetwal writes one
     fresh segment holding only a checkpoint; nothing is lost after a clean
     shutdown) and remove server logs, backup leftovers, `*.old` files,
