@@ -91,12 +91,6 @@ def client_networks(listen_addresses: str) -> tuple[str, ...]:
     interface that carries it; `*`, `0.0.0.0` or `::` (listening everywhere)
     any address; a host name the subnets the server is connected to."""
     networks: list[str] = []
-    interfaces = [
-        (a.address.split("%")[0], a.netmask)
-        for addrs in psutil.net_if_addrs().values()
-        for a in addrs
-        if a.family in (socket.AF_INET, socket.AF_INET6) and a.netmask
-    ]
     for item in (part.strip() for part in listen_addresses.split(",")):
         if not item:
             continue
@@ -114,10 +108,14 @@ def client_networks(listen_addresses: str) -> tuple[str, ...]:
         if address.is_loopback:
             networks.append(f"{address}/{address.max_prefixlen}")
             continue
+        # Read only here: every create writes pg_hba, most listen on loopback.
         nets = [
-            ipaddress.ip_network(f"{addr}/{mask}", strict=False)
-            for addr, mask in interfaces
-            if addr == str(address)
+            ipaddress.ip_network(f"{a.address.split('%')[0]}/{a.netmask}", strict=False)
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)
+            and a.netmask
+            and a.address.split("%")[0] == str(address)
         ]
         networks.append(str(nets[0]) if nets else f"{address}/{address.max_prefixlen}")
     return tuple(dict.fromkeys(networks)) or LOOPBACK
