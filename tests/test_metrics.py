@@ -1,5 +1,6 @@
 """Prometheus metrics: a real daemon on a real btrfs pool, scraped over real
-HTTP after real creates, deletes, resets and errors, its exposition parsed by
+HTTP after real creates, deletes, resets and errors, and after a client
+process holding branches in a lease is killed, its exposition parsed by
 prometheus_client's own parser; the endpoint's address checked at start-up;
 the HTTP server gone when stopped; the docs' dashboard names only metrics the
 daemon has."""
@@ -7,19 +8,23 @@ daemon has."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cowbranchd.client import Client, NotFound
 from cowbranchd.config import load_config
 from cowbranchd.daemon.inventory import Inventory
 from cowbranchd.daemon.metrics import Metrics, MetricsServer, StorageProbe
@@ -61,12 +66,19 @@ def free_port_in(d: DaemonHandle) -> int:
     return last
 
 
+LEASE_GRACE_S = 4.0
+
+
 @pytest.fixture(scope="module")
 def metrics_daemon(daemon_factory: DaemonFactory) -> Iterator[tuple[DaemonHandle, str]]:
-    """A daemon of its own with metrics on, and one warm clone kept ready."""
+    """A daemon of its own with metrics on, one warm clone kept ready, and a
+    short lease grace."""
     d = daemon_factory(start=False)
     address = f"127.0.0.1:{free_port_in(d)}"
-    d.sections = {"daemon": f'metrics_address = "{address}"\nwarm_branches = 1'}
+    d.sections = {
+        "daemon": f'metrics_address = "{address}"\nwarm_branches = 1\n'
+        f'lease_grace = "{LEASE_GRACE_S:g}s"'
+    }
     d.start()
     yield d, address
     d.cleanup()
@@ -193,6 +205,118 @@ def test_pool_and_written_bytes_come_from_storage(
     assert (value(samples, "cowbranchd_reconcile_duration_seconds") or 0) > 0
     assert value(samples, "cowbranchd_build_info", version=_version()) == 1
     assert (value(samples, "process_resident_memory_bytes") or 0) > 0
+
+
+LEASE_HOLDER = """
+import pathlib, sys, time
+from cowbranchd.client import Client
+
+address, parent, ready = sys.argv[1:]
+client = Client(address)
+names = [
+    client.create_branch(parent, ttl="1h", protected=i == 1).name for i in range(4)
+]
+lease = client.lease(holder="metrics test")
+lease.hold(*names)
+lease.keep(names[2])
+pathlib.Path(ready + ".tmp").write_text("\\n".join(names))
+pathlib.Path(ready + ".tmp").rename(ready)
+time.sleep(600)
+"""
+
+
+def lease_figures(samples: Samples) -> dict[str, float | None]:
+    """The lease gauges of a scrape."""
+    held = "cowbranchd_lease_branches_held"
+    return {
+        "open": value(samples, "cowbranchd_leases_open"),
+        "held_open": value(samples, held, state="open"),
+        "held_broken": value(samples, held, state="broken"),
+    }
+
+
+def lease_ends(after: Samples, before: Samples) -> dict[str, float]:
+    """How the lease counters moved between two scrapes."""
+    spared = "cowbranchd_lease_branches_spared_total"
+    return {
+        "broken": delta(after, before, "cowbranchd_leases_broken_total"),
+        "deleted": delta(after, before, "cowbranchd_lease_branches_deleted_total"),
+        **{
+            reason: delta(after, before, spared, reason=reason)
+            for reason in ("kept", "protected", "held_elsewhere")
+        },
+    }
+
+
+def scrape_until(address: str, done: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape until `done(samples)` holds (within a minute); that scrape."""
+    for _ in range(600):
+        samples = scrape(address)
+        if done(samples):
+            return samples
+        time.sleep(0.1)
+    pytest.fail(f"not within 60 s: {what}")
+
+
+def test_leases_are_gauged_and_a_killed_holder_is_counted(
+    metrics_daemon: tuple[DaemonHandle, str], tmp_path: Path
+) -> None:
+    """A client process holds four branches in its lease and keeps one; another
+    lease holds one of them too: the gauges count two open leases and three
+    distinct branches. Killed, its lease counts as broken and its two branches
+    no open lease holds as held by a broken lease; once the grace has passed,
+    one branch was deleted and the kept, the protected and the one held
+    elsewhere were spared."""
+    d, address = metrics_daemon
+    before = scrape(address)
+    assert lease_figures(before) == {"open": 0, "held_open": 0, "held_broken": 0}
+    assert value(before, "cowbranchd_lease_slots") == 64
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LEASE_HOLDER, d.address, f"bases/{d.base}", str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):
+            if ready.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert holder.poll() is None, holder.communicate()[1].decode()
+        plain, protected, kept, shared = ready.read_text().split("\n")
+        with Client(d.address) as client:
+            client.lease(holder="the holder, reconnected").hold(shared)
+            held = scrape(address)
+            assert lease_figures(held) == {"open": 2, "held_open": 3, "held_broken": 0}
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=30)
+            broken = scrape_until(
+                address,
+                lambda s: lease_ends(s, before)["broken"] == 1,
+                "the killed holder's lease broken",
+            )
+            assert lease_figures(broken) == {"open": 1, "held_open": 1, "held_broken": 2}
+            expected = {"broken": 1, "deleted": 1, "kept": 1, "protected": 1, "held_elsewhere": 1}
+            ended = scrape_until(
+                address, lambda s: lease_ends(s, before) == expected, "the grace's end counted"
+            )
+            assert lease_figures(ended) == {"open": 1, "held_open": 1, "held_broken": 0}
+            with pytest.raises(NotFound):
+                client.get_branch(plain)
+            assert client.get_branch(protected).protected
+            client.delete_branch(protected, force=True)
+            client.delete_branch(kept)
+        # The clean close deleted `shared`, and counts as no break.
+        after = scrape(address)
+        assert lease_figures(after) == {"open": 0, "held_open": 0, "held_broken": 0}
+        assert lease_ends(after, before) == expected
+        with Client(d.address) as client, pytest.raises(NotFound):
+            client.get_branch(shared)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+        holder.stderr.close()  # type: ignore[union-attr]
 
 
 def _version() -> str:

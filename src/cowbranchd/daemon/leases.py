@@ -15,6 +15,11 @@ Each lease occupies one worker thread of the gRPC server for its whole life,
 so their number is capped (`daemon.max_leases`) and the server's pool is
 sized for that many more threads: leases never take the threads of other
 calls. This module does not speak gRPC.
+
+Metrics: a broken lease, and what its grace's end deleted or spared, are
+counted as they happen; open leases and the branches they hold are read by
+each scrape from copies published under the lock at every change, so a
+scrape never takes the lock.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from cowbranchd.model import BranchRecord, parse_name
 from .auth import Caller
 from .branches import Branches
 from .inventory import BranchEntry
+from .metrics import LeaseCensus, LeaseEnd
 
 __all__ = ["Lease", "Leases"]
 
@@ -54,6 +60,11 @@ class Lease:
     # branch id -> the entry checked when it was put in the lease: a branch
     # deleted and made again under the same id is another entry, never touched.
     held: dict[str, BranchEntry] = field(default_factory=dict)
+    # The same for branches let go of with keep: what a broken lease reports
+    # it spared (at most MAX_HELD).
+    kept: dict[str, BranchEntry] = field(default_factory=dict)
+    # `held` as of the last change, for scrapes (see Leases._publish).
+    held_view: tuple[BranchEntry, ...] = ()
     broken_at: float | None = None
 
     @property
@@ -70,6 +81,9 @@ class Leases:
         self._live: dict[str, Lease] = {}
         self._broken: dict[str, Lease] = {}
         self._stopping = False
+        # (live leases, broken ones) as of the last change, for scrapes.
+        self._published: tuple[tuple[Lease, ...], tuple[Lease, ...]] = ((), ())
+        branches.ctx.metrics.watch_leases(self.census)
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="lease-reaper", daemon=True).start()
@@ -93,6 +107,7 @@ class Leases:
                     "worker thread; close unused clients or raise the limit"
                 )
             self._live[lease.lease_id] = lease
+            self._publish()
         log.info("lease_opened", lease=lease.lease_id, caller=caller.name, holder=lease.holder)
         return lease
 
@@ -117,13 +132,21 @@ class Leases:
                 )
             for entry in entries:
                 lease.held[entry.branch_id] = entry
+                lease.kept.pop(entry.branch_id, None)
+            self._publish(lease)
 
     def keep(self, lease: Lease, names: Iterable[str]) -> None:
         """Let go of branches without deleting them; unknown names are ignored."""
         ids = [parse_name("keep", name, "branches") for name in names]
         with self._lock:
+            if len(lease.kept) >= MAX_HELD:
+                lease.kept = {b: e for b, e in lease.kept.items() if not e.deleting}
             for branch_id in ids:
-                lease.held.pop(branch_id, None)
+                entry = lease.held.pop(branch_id, None)
+                # Past MAX_HELD a keep still works; only the spared count misses it.
+                if entry is not None and len(lease.kept) < MAX_HELD:
+                    lease.kept[branch_id] = entry
+            self._publish(lease)
 
     def held_count(self, lease: Lease) -> int:
         with self._lock:
@@ -133,7 +156,8 @@ class Leases:
         """The clean end: delete what the lease still holds, now."""
         with self._lock:
             self._live.pop(lease.lease_id, None)
-        deleted = self._delete_held(lease)
+            self._publish()
+        deleted, _ = self._delete_held(lease)
         log.info("lease_closed", lease=lease.lease_id, deleted=deleted)
         return deleted
 
@@ -143,19 +167,25 @@ class Leases:
         with self._lock:
             if self._live.pop(lease.lease_id, None) is None:
                 return  # closed cleanly already
-            if self._stopping or not lease.held:
-                return
-            lease.broken_at = time.monotonic()
-            self._broken[lease.lease_id] = lease
-            self._lock.notify_all()
-        log.warning(
-            "lease_broken",
-            lease=lease.lease_id,
-            caller=lease.caller.name,
-            holder=lease.holder,
-            held=sorted(lease.held),
-            grace_s=self.grace,
-        )
+            draining = self._stopping
+            held = sorted(lease.held)
+            if not draining and (held or lease.kept):
+                lease.broken_at = time.monotonic()
+                self._broken[lease.lease_id] = lease
+                self._lock.notify_all()
+            self._publish()
+        if draining:
+            return
+        self.branches.ctx.metrics.lease_broken()
+        if held:
+            log.warning(
+                "lease_broken",
+                lease=lease.lease_id,
+                caller=lease.caller.name,
+                holder=lease.holder,
+                held=held,
+                grace_s=self.grace,
+            )
 
     def stop(self) -> None:
         """Draining: end every lease's stream, delete nothing."""
@@ -164,6 +194,7 @@ class Leases:
             live = list(self._live.values())
             self._broken.clear()
             self._lock.notify_all()
+            self._publish()
         for lease in live:
             lease.cancel()
 
@@ -171,6 +202,26 @@ class Leases:
     def in_use(self) -> int:
         with self._lock:
             return len(self._live)
+
+    def census(self) -> LeaseCensus:
+        """Open leases and the live branches they hold, for a scrape: read from
+        what `_publish` made, without the lock."""
+        live, broken = self._published
+        held_open = {id(e) for lease in live for e in lease.held_view if not e.deleting}
+        held_broken = {id(e) for lease in broken for e in lease.held_view if not e.deleting}
+        return LeaseCensus(
+            open=len(live),
+            slots=self.limit,
+            held_open=len(held_open),
+            held_broken=len(held_broken - held_open),
+        )
+
+    def _publish(self, *changed: Lease) -> None:
+        """Copy what a scrape reads after a change; the caller holds the lock.
+        Replacing whole tuples lets a scrape read them while they change."""
+        for lease in changed:
+            lease.held_view = tuple(lease.held.values())
+        self._published = (tuple(self._live.values()), tuple(self._broken.values()))
 
     # -- deleting -------------------------------------------------------------------
 
@@ -196,30 +247,44 @@ class Leases:
                     return
                 for lease in due:
                     self._broken.pop(lease.lease_id, None)
+                self._publish()
             for lease in due:
-                deleted = self._delete_held(lease)
-                log.info("lease_expired", lease=lease.lease_id, deleted=deleted)
+                deleted, end = self._delete_held(lease)
+                self.branches.ctx.metrics.lease_ended(end)
+                log.info(
+                    "lease_expired",
+                    lease=lease.lease_id,
+                    deleted=deleted,
+                    kept=end.kept,
+                    protected=end.protected,
+                    held_elsewhere=end.held_elsewhere,
+                )
 
-    def _delete_held(self, lease: Lease) -> list[str]:
+    def _delete_held(self, lease: Lease) -> tuple[list[str], LeaseEnd]:
         """Delete the lease's branches, except protected ones and those a
-        live lease holds (the same client, reconnected)."""
+        live lease holds (the same client, reconnected); what was deleted and
+        what spared."""
         with self._lock:
             held = list(lease.held.values())
+            kept = [e for e in lease.kept.values() if not e.deleting]
             lease.held.clear()
+            lease.kept.clear()
+            self._publish(lease)
             elsewhere = {
                 id(entry) for other in self._live.values() for entry in other.held.values()
             }
         deleted = []
+        protected = held_elsewhere = 0
         for entry in held:
             if id(entry) in elsewhere:
+                held_elsewhere += 1
                 continue
-
-            def protected(record: BranchRecord) -> bool:
-                return record.protected
-
+            check = _UnlessProtected()
             try:
-                if self.branches.delete_entry(entry, unless=protected):
+                if self.branches.delete_entry(entry, unless=check):
                     deleted.append(f"branches/{entry.branch_id}")
+                elif check.spared:
+                    protected += 1
             except CowbranchError as exc:  # the TTL is still the backstop
                 log.error(
                     "lease_delete_failed",
@@ -227,4 +292,22 @@ class Leases:
                     branch=entry.branch_id,
                     error=exc.message,
                 )
-        return deleted
+        end = LeaseEnd(
+            deleted=len(deleted),
+            kept=len(kept),
+            protected=protected,
+            held_elsewhere=held_elsewhere,
+        )
+        return deleted, end
+
+
+class _UnlessProtected:
+    """The `unless` of a lease's delete: spares a protected branch, and says
+    whether it did (False too when the branch was gone already)."""
+
+    def __init__(self) -> None:
+        self.spared = False
+
+    def __call__(self, record: BranchRecord) -> bool:
+        self.spared = record.protected
+        return record.protected

@@ -5,10 +5,14 @@ Three kinds, each read where it is cheap to read:
 
 - events, counted as they happen: RPCs by method and status code and their
   latency (rpc.py), create / delete / reset latency (branches.py, changes.py),
-  size-limit stops (branches.py), the last reconcile's duration (server.py);
+  size-limit stops (branches.py), the last reconcile's duration (server.py),
+  broken leases and what their end deleted or spared (leases.py);
 - the inventory, read at scrape time by `InventoryCollector`: branches by state
   and owner, warm clones ready per parent; no I/O beyond /proc (a postmaster's
   liveness);
+- open leases and the branches they hold, read at scrape time by
+  `LeaseCollector` from copies leases.py publishes at every change: a scrape
+  never waits on a lease's lock;
 - storage figures (pool bytes, written bytes per branch), read at scrape time
   by `StorageProbe` on a thread of its own and time-boxed: a scrape waits on
   storage at most `STORAGE_WAIT_S`, and skips it while a storage command is
@@ -28,7 +32,7 @@ import socket
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
     from .inventory import BranchEntry, Inventory
     from .warm import WarmPool
 
-__all__ = ["Metrics", "MetricsServer", "StorageProbe"]
+__all__ = ["LeaseCensus", "LeaseEnd", "Metrics", "MetricsServer", "StorageProbe"]
 
 log = structlog.get_logger("cowbranchd.metrics")
 
@@ -76,6 +80,36 @@ HTTP_TIMEOUT_S = 10.0
 # Creates take from milliseconds (warm) to the postgres start timeout.
 BRANCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RPC_BUCKETS = (0.001, 0.0025, 0.005, *BRANCH_BUCKETS)
+
+
+@dataclass(frozen=True)
+class LeaseCensus:
+    """Leases as a scrape sees them (all zero until the daemon's leases attach)."""
+
+    open: int = 0
+    slots: int = 0
+    # Distinct live branches held by open leases; and by broken leases waiting
+    # out their grace that no open lease holds (what the grace's end deletes,
+    # bar protected ones).
+    held_open: int = 0
+    held_broken: int = 0
+
+
+@dataclass(frozen=True)
+class LeaseEnd:
+    """What a broken lease did with its branches when its grace ended."""
+
+    deleted: int = 0
+    # Spared: let go of with keep before it broke (and still there) ...
+    kept: int = 0
+    # ... protected ...
+    protected: int = 0
+    # ... or held by a live lease by then (the client reconnected).
+    held_elsewhere: int = 0
+
+
+# The `reason` label values of cowbranchd_lease_branches_spared, as LeaseEnd's fields.
+SPARED_REASONS = ("kept", "protected", "held_elsewhere")
 
 
 class Metrics:
@@ -122,6 +156,26 @@ class Metrics:
             "Branches marked FAILED because they reached their size limit (max_bytes).",
             registry=reg,
         )
+        self._leases_broken = Counter(
+            "cowbranchd_leases_broken",
+            "Lease streams that ended without a close (the client was killed or lost); "
+            "not those the daemon's own drain ended.",
+            registry=reg,
+        )
+        self._lease_deleted = Counter(
+            "cowbranchd_lease_branches_deleted",
+            "Branches deleted because the lease holding them broke and its grace ended.",
+            registry=reg,
+        )
+        self._lease_spared = Counter(
+            "cowbranchd_lease_branches_spared",
+            "Branches a broken lease left alone when its grace ended, by reason: kept, "
+            "protected, held_elsewhere (a live lease holds it: the client reconnected).",
+            ("reason",),
+            registry=reg,
+        )
+        self._leases = LeaseCollector()
+        reg.register(self._leases)
         self._reconcile_seconds = Gauge(
             "cowbranchd_reconcile_duration_seconds",
             "How long the start-up reconcile took (0 until it has run).",
@@ -134,6 +188,8 @@ class Metrics:
         # Both series exist from the start, so rate() and ratios see zeros.
         for warm in ("true", "false"):
             self._create_seconds.labels(warm=warm)
+        for reason in SPARED_REASONS:
+            self._lease_spared.labels(reason=reason)
 
     def rpc_done(self, method: str, code: str, seconds: float) -> None:
         self._rpcs.labels(method=method, code=code).inc()
@@ -153,6 +209,18 @@ class Metrics:
 
     def reconciled(self, seconds: float) -> None:
         self._reconcile_seconds.set(seconds)
+
+    def lease_broken(self) -> None:
+        self._leases_broken.inc()
+
+    def lease_ended(self, end: LeaseEnd) -> None:
+        self._lease_deleted.inc(end.deleted)
+        for reason in SPARED_REASONS:
+            self._lease_spared.labels(reason=reason).inc(getattr(end, reason))
+
+    def watch_leases(self, census: Callable[[], LeaseCensus]) -> None:
+        """Report `census()` at every scrape; it must be quick and take no lock."""
+        self._leases.census = census
 
     def watch(self, branches: Branches, warm: WarmPool) -> None:
         """Read the inventory, the warm pool and storage at every scrape."""
@@ -294,11 +362,12 @@ class InventoryCollector(Collector):
     def _warm_ready(self) -> Iterator[Metric]:
         ready = GaugeMetricFamily(
             "cowbranchd_warm_branches_ready",
-            "Warm clones started and waiting to be handed out, per base version.",
+            "Warm clones started and waiting to be handed out, per parent "
+            "(a base version or a frozen branch).",
             labels=("parent",),
         )
-        for source, count in sorted(self._warm.ready().items()):
-            ready.add_metric((f"bases/{source.name}/versions/{source.snap[1:]}",), count)
+        for parent, count in sorted(self._warm.ready().items()):
+            ready.add_metric((parent,), count)
         yield ready
 
     def _storage(self) -> Iterator[Metric]:
@@ -331,6 +400,37 @@ class InventoryCollector(Collector):
         for branch_id, (owner, value) in sorted(reading.written.items()):
             written.add_metric((branch_id, owner), value)
         yield written
+
+
+class LeaseCollector(Collector):
+    """Gauges of open leases, computed at scrape time by the census the
+    daemon's leases attached (zeros before)."""
+
+    def __init__(self) -> None:
+        self.census: Callable[[], LeaseCensus] = LeaseCensus
+
+    def collect(self) -> Iterator[Metric]:
+        census = self.census()
+        yield GaugeMetricFamily(
+            "cowbranchd_leases_open",
+            "Lease streams open: client processes holding branches for their life.",
+            value=census.open,
+        )
+        yield GaugeMetricFamily(
+            "cowbranchd_lease_slots",
+            "Lease streams allowed at once (daemon.max_leases); beyond them a new lease is "
+            "RESOURCE_EXHAUSTED.",
+            value=census.slots,
+        )
+        held = GaugeMetricFamily(
+            "cowbranchd_lease_branches_held",
+            "Branches held by leases: state=open by open leases; state=broken by broken "
+            "leases waiting out daemon.lease_grace (and no open lease).",
+            labels=("state",),
+        )
+        held.add_metric(("open",), census.held_open)
+        held.add_metric(("broken",), census.held_broken)
+        yield held
 
 
 class _Handler(WSGIRequestHandler):
