@@ -4,6 +4,7 @@ table and JSON output against a real daemon."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from cowbranchd import __version__
 from cowbranchd.client import Branch
 from cowbranchd.ctl import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
 from cowbranchd.ctl.render import branch_rows, format_bytes, key_values, table
+from cowbranchd.v1 import branches_pb2
 from tests.fix_daemon import DaemonHandle
 
 NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
@@ -122,10 +124,23 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str]) 
 def test_bad_duration_or_label_exits_2_before_calling(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """A bad --ttl or -l is a usage error (2), found before any call to the daemon."""
+    """A bad --ttl, --idle-suspend or -l is a usage error (2), found before any
+    call to the daemon; a bad --idle-suspend is named."""
     address = f"unix://{tmp_path}/none.sock"
     code, _, err = run(capsys, "--address", address, "create", "bases/x", "--ttl", "soon")
     assert (code, "ttl" in err) == (EXIT_USAGE, True)
+    for bad in ("soon", "-5m", "1h30"):
+        code, out, err = run(
+            capsys, "--address", address, "create", "bases/x", f"--idle-suspend={bad}"
+        )
+        assert (code, out, err.splitlines()) == (
+            EXIT_USAGE,
+            "",
+            [
+                f"cowbranchctl: error: --idle-suspend: {bad!r} is not a duration; "
+                "use e.g. 90s, 30m, 2h, 1d or 1h30m"
+            ],
+        )
     assert run(capsys, "--address", address, "create", "bases/x", "-l", "novalue")[0] == EXIT_USAGE
     assert run(capsys, "--address", address, "delete")[0] == EXIT_USAGE
 
@@ -210,6 +225,35 @@ def test_branch_commands_in_tables(ctl: pytest.CaptureFixture[str], daemon: Daem
     assert run(ctl, "reset", name)[0] == EXIT_OK
     assert run(ctl, "delete", "--selector", f"run={run_id}") == (EXIT_OK, f"deleted {name}\n", "")
     assert run(ctl, "list", "-l", f"run={run_id}") == (EXIT_OK, "no branches\n", "")
+
+
+def test_create_idle_suspend_sets_it_and_show_says_suspended(
+    ctl: pytest.CaptureFixture[str], daemon: DaemonHandle
+) -> None:
+    """`create --idle-suspend 1s` makes a branch whose GetBranch has that
+    idle_suspend and which `show` reports SUSPENDED once idle; `0` (never)
+    leaves it unset; a value the daemon refuses is a usage error naming it."""
+    created = run_json(ctl, "create", f"bases/{daemon.base}", "--idle-suspend", "1s")
+    never = run_json(ctl, "create", f"bases/{daemon.base}", "--idle-suspend", "0")
+    with daemon.channel() as channel:
+        stub = daemon.branches(channel)
+        got = stub.GetBranch(branches_pb2.GetBranchRequest(name=created["name"]), timeout=30)
+        unset = stub.GetBranch(branches_pb2.GetBranchRequest(name=never["name"]), timeout=30)
+    assert got.idle_suspend.ToTimedelta() == timedelta(seconds=1)
+    assert not unset.HasField("idle_suspend")
+    for _ in range(600):
+        code, out, _ = run(ctl, "show", created["name"])
+        fields = {k: v.strip() for k, v in (line.split(":", 1) for line in out.splitlines())}
+        if fields["state"] == "SUSPENDED":
+            break
+        time.sleep(0.1)
+    assert (code, fields["state"]) == (EXIT_OK, "SUSPENDED")
+    code, _, err = run(ctl, "create", f"bases/{daemon.base}", "--idle-suspend", "0.5s")
+    assert (code, err) == (
+        EXIT_USAGE,
+        "cowbranchctl: error: idle_suspend: must be zero (never) or at least 1s\n",
+    )
+    assert run(ctl, "delete", created["name"], never["name"])[0] == EXIT_OK
 
 
 def test_not_found_exits_3(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:

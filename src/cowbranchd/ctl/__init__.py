@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parent", help="bases/BASE, bases/BASE/versions/N or branches/ID")
     p.add_argument("--id", metavar="BRANCH_ID", help="branch id (default: generated)")
     p.add_argument("--ttl", metavar="DURATION", help="expire after e.g. 30m, 2h, 1d")
+    p.add_argument(
+        "--idle-suspend",
+        metavar="DURATION",
+        help="stop its postgres after this long without a connection (e.g. 15m; 0: never; "
+        "default: the daemon's daemon.idle_suspend)",
+    )
     _labels_arg(p, "label")
     p.add_argument(
         "-s",

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from cowbranchd import __version__
-from cowbranchd.client import Base, Branch, Client, NotFound, format_selector
+from cowbranchd.client import Base, Branch, Client, NotFound, format_selector, parse_duration
 from cowbranchd.errors import InvalidArgument
 
 from .dev import cmd_checkout, cmd_logs, cmd_prune, cmd_psql
@@ -125,6 +125,7 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         protected=args.protected,
         request_id=args.request_id,
         role=args.role or "",
+        idle_suspend=_duration("--idle-suspend", args.idle_suspend),
         at=_timestamp("--at", args.at) if args.at else None,
     )
     _show_branch(out, branch, args.dsn_only)
@@ -148,6 +149,12 @@ def cmd_diff(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 _CHANGES = ("inserted", "updated", "deleted")
+
+
+def _duration(option: str, text: str | None) -> timedelta | None:
+    """A duration as `--ttl` takes it (`90s`, `30m`, `1h30m`; `0`: off), or
+    None when the option was not given; a bad one names `option`."""
+    return None if text is None else parse_duration(text, field=option)
 
 
 def _timestamp(option: str, text: str) -> datetime:
