@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 import cowbranchd.client as client_module
 from cowbranchd.client import (
@@ -158,6 +158,8 @@ def test_branch_from_proto_gives_the_documented_json() -> None:
         create_time=created,
         written_bytes=8192,
         request_id="r1",
+        idle_suspend=duration_pb2.Duration(seconds=900),
+        frozen=True,
     )
     branch = Branch.from_proto(message)
     assert branch.branch_id == "pr-1"
@@ -192,6 +194,8 @@ def test_branch_from_proto_gives_the_documented_json() -> None:
         "request_id": "r1",
         "failure": "",
         "owner": "admin",
+        "idle_suspend_seconds": 900.0,
+        "frozen": True,
     }
     assert "pw" not in repr(branch)
 

@@ -274,6 +274,9 @@ class BranchRecord:
     role: str = ""
     # Stop its postgres after this long without a client connection; None: never.
     idle_suspend: timedelta | None = None
+    # The snapshot of its own volume every child clones once it is frozen
+    # (FreezeBranch: a template), e.g. "f-3a9c0e"; "": not frozen.
+    frozen: str = ""
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -296,6 +299,7 @@ class BranchRecord:
             "owner": self.owner,
             "role": self.role,
             "idle_suspend": _seconds(self.idle_suspend),
+            "frozen": self.frozen,
         }
 
     @classmethod
@@ -320,6 +324,7 @@ class BranchRecord:
             owner=meta.get("owner", ""),
             role=meta.get("role", ""),
             idle_suspend=_parse_seconds(meta.get("idle_suspend", "")),
+            frozen=meta.get("frozen", ""),
         )
 
     def evolve(self, **changes: object) -> BranchRecord:

@@ -310,14 +310,24 @@ class AsyncClient:
         labels: Mapping[str, str] | None = None,
         ttl: DurationLike | None = None,
         protected: bool | None = None,
+        idle_suspend: DurationLike | None = None,
         timeout: float | None = None,
     ) -> Branch:
         """Change the fields given.
 
-        `labels` replaces all labels; `ttl` counts from now (0: never expire).
+        `labels` replaces all labels; `ttl` counts from now (0: never expire);
+        `idle_suspend` 0: never suspend.
         """
-        op = ops.update_branch(name, labels=labels, ttl=ttl, protected=protected)
+        op = ops.update_branch(
+            name, labels=labels, ttl=ttl, protected=protected, idle_suspend=idle_suspend
+        )
         return await self._call(op, timeout)
+
+    async def freeze_branch(self, name: str, *, timeout: float | None = None) -> Branch:
+        """Make the branch a template: its data as it is now is what every
+        later child clones (warm clones included); it is left SUSPENDED and
+        cannot be reset. Idempotent."""
+        return await self._call(ops.freeze_branch(name), timeout)
 
     @asynccontextmanager
     async def branch(

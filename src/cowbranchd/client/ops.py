@@ -209,10 +209,12 @@ def update_branch(
     labels: Mapping[str, str] | None = None,
     ttl: DurationLike | None = None,
     protected: bool | None = None,
+    idle_suspend: DurationLike | None = None,
 ) -> Op[Branch]:
     """UpdateBranch of the fields given.
 
-    `labels` replaces all labels; a zero `ttl` means never expire.
+    `labels` replaces all labels; a zero `ttl` means never expire, a zero
+    `idle_suspend` never suspend.
     """
     request = branches_pb2.UpdateBranchRequest(branch=branches_pb2.Branch(name=branch_name(name)))
     paths = []
@@ -225,8 +227,13 @@ def update_branch(
     if ttl is not None:
         request.ttl.CopyFrom(_duration(ttl))
         paths.append("ttl")
+    if idle_suspend is not None:
+        request.branch.idle_suspend.CopyFrom(_duration(idle_suspend))
+        paths.append("idle_suspend")
     if not paths:
-        raise InvalidArgument("update_mask", "nothing to update: give labels, ttl or protected")
+        raise InvalidArgument(
+            "update_mask", "nothing to update: give labels, ttl, protected or idle_suspend"
+        )
     request.update_mask.CopyFrom(field_mask_pb2.FieldMask(paths=paths))
     return Op("branches", "UpdateBranch", request, Branch.from_proto)
 
@@ -408,6 +415,12 @@ def list_operations() -> Op[list[Operation]]:
 
     request = operations_pb2.ListOperationsRequest()
     return Op("operations", "ListOperations", request, convert)
+
+
+def freeze_branch(name: str) -> Op[Branch]:
+    """FreezeBranch: make the branch a template its children clone."""
+    request = branches_pb2.FreezeBranchRequest(name=branch_name(name))
+    return Op("branches", "FreezeBranch", request, Branch.from_proto)
 
 
 def diff_branch(name: str) -> Op[BranchDiff]:

@@ -167,6 +167,10 @@ class Branch:
     request_id: str
     failure: str
     owner: str = "admin"
+    # None: never suspended when idle.
+    idle_suspend: timedelta | None = None
+    # A template (FreezeBranch): its children clone its frozen data.
+    frozen: bool = False
 
     @property
     def branch_id(self) -> str:
@@ -196,6 +200,10 @@ class Branch:
             request_id=message.request_id,
             failure=message.failure,
             owner=message.owner or "admin",
+            idle_suspend=message.idle_suspend.ToTimedelta() or None
+            if message.HasField("idle_suspend")
+            else None,
+            frozen=message.frozen,
         )
 
     def connection_kwargs(self, *, via_socket: bool = False) -> dict[str, Any]:
@@ -248,6 +256,10 @@ class Branch:
             "request_id": self.request_id,
             "failure": self.failure,
             "owner": self.owner,
+            "idle_suspend_seconds": self.idle_suspend.total_seconds()
+            if self.idle_suspend
+            else None,
+            "frozen": self.frozen,
         }
 
 

@@ -54,6 +54,7 @@ from cowbranchd.storage.base import Kind, SnapshotRef
 from . import follow
 from .auth import ADMIN, Caller
 from .bases import Bases
+from .freeze import BranchFreeze
 from .inventory import BranchEntry, Context
 from .lifecycle import (
     Connection,
@@ -68,7 +69,6 @@ from .lifecycle import (
 )
 from .limits import size_limit, size_limit_failure
 from .revert import Revert
-from .suspend import BranchSuspend
 from .warm import WarmClone, WarmPool
 
 __all__ = ["Branches", "Connection", "CreateSpec"]
@@ -94,7 +94,7 @@ class CreateSpec:
     at: datetime | None = None  # a followed base as it was then (follow.py); None: now
 
 
-class Branches(BranchSuspend):
+class Branches(BranchFreeze):
     def __init__(self, ctx: Context, bases: Bases, warm: WarmPool | None = None) -> None:
         self.ctx = ctx
         self.bases = bases
@@ -309,8 +309,9 @@ class Branches(BranchSuspend):
 
             undo.add("forget branch", forget)
             if parent_branch is not None:
-                source = self._snapshot_branch(parent_branch, branch_id)
-                undo.add("destroy parent snapshot", lambda: driver.destroy_snapshot(source))
+                source, own = self._snapshot_branch(parent_branch, branch_id)
+                if own:
+                    undo.add("destroy parent snapshot", lambda: driver.destroy_snapshot(source))
                 with inv.lock:
                     parent_record = inv.branches[parent_branch].record
                 base_id = parent_record.base_id
@@ -331,12 +332,7 @@ class Branches(BranchSuspend):
             entry.record = record
             warm = None
             steps: dict[str, float] = {}
-            if (
-                parent_branch is None
-                and not record.settings
-                and self.warm is not None
-                and before_start is None
-            ):
+            if not record.settings and self.warm is not None and before_start is None:
                 warm = self.warm.take(source, record.max_bytes)
             if warm is not None and self._hand_over(warm, entry, steps):
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
@@ -428,11 +424,18 @@ class Branches(BranchSuspend):
             return False
         return True
 
-    def _snapshot_branch(self, parent_id: str, child_id: str) -> SnapshotRef:
-        """CHECKPOINT a running parent branch, then snapshot it for the child.
-        A suspended parent is snapshot as it is: shut down clean, its data
-        directory needs no checkpoint (and no start)."""
+    def _snapshot_branch(self, parent_id: str, child_id: str) -> tuple[SnapshotRef, bool]:
+        """The snapshot of a parent branch the child clones, and whether it
+        is the child's own: a frozen parent's shared one (freeze.py), or one
+        taken for this child after a CHECKPOINT of the running parent (a
+        suspended parent is snapshot as it is: shut down clean, its data
+        directory needs no checkpoint, and no start)."""
         parent = self.get(parent_id)
+        frozen = parent.frozen_source
+        if frozen is not None:
+            if parent.deleting:
+                raise FailedPrecondition(f"branches/{parent_id} is being deleted")
+            return frozen, False
         with deadline.holding(parent.lock, f"branches/{parent_id}"):
             state = self.state(parent)
             if parent.deleting or state not in (State.READY, State.SUSPENDED):
@@ -442,7 +445,7 @@ class Branches(BranchSuspend):
                 )
             if state is State.READY:
                 postgres.checkpoint(socket_dsn(self.ctx, parent))
-            return self.ctx.driver.snapshot(Kind.BRANCHES, parent.volume, f"c-{child_id}")
+            return self.ctx.driver.snapshot(Kind.BRANCHES, parent.volume, f"c-{child_id}"), True
 
     def _base_record(self, base_id: str) -> BaseRecord | None:
         with self.ctx.inventory.lock:

@@ -33,6 +33,7 @@ from .bases import Bases
 from .inventory import BranchEntry, Context
 from .lifecycle import dismantle, materialise, withdraw
 from .revert import Revert
+from .warm import WarmPool
 
 __all__ = ["BranchChanges"]
 
@@ -44,6 +45,7 @@ class BranchChanges:
 
     ctx: Context
     bases: Bases
+    warm: WarmPool | None
     _usage_cache: dict[str, tuple[float, int]]
 
     def get(self, branch_id: str, caller: Caller | None = None) -> BranchEntry:
@@ -95,14 +97,16 @@ class BranchChanges:
                 if unless is not None and unless(entry.record):
                     return False
                 entry.deleting = True
+            frozen = entry.frozen_source
+            if frozen is not None and self.warm is not None:
+                self.warm.drop_source(frozen)  # its warm clones first, as for a base
             try:
                 dismantle(self.ctx, entry)
             except BaseException:
                 entry.deleting = False
                 raise
             source = entry.source
-            if source is not None and source.kind is Kind.BRANCHES:
-                # The `c-<child>` snapshot of the parent exists for this branch only.
+            if source is not None and entry.owns_source:
                 self.ctx.driver.destroy_snapshot(source)
             with inv.lock:
                 inv.branches.pop(entry.branch_id, None)
@@ -129,6 +133,11 @@ class BranchChanges:
             if source is None or entry.deleting:
                 raise FailedPrecondition(
                     f"branches/{branch_id} cannot be reset while it is deleting"
+                )
+            if entry.record.frozen:
+                raise FailedPrecondition(
+                    f"branches/{branch_id} is frozen (a template its children clone): "
+                    "delete it and freeze a new one instead"
                 )
             # Its port back from the acceptor, and one path for what follows.
             self.resume(entry)

@@ -69,6 +69,24 @@ class BranchEntry:
     def source(self) -> SnapshotRef | None:
         return SnapshotRef.parse(self.record.source_snapshot)
 
+    @property
+    def owns_source(self) -> bool:
+        """Whether its source snapshot exists for it alone and goes with it:
+        the `c-<branch>` snapshot of a parent branch. A base version's and a
+        frozen branch's snapshot are shared by all their children."""
+        source = self.source
+        return source is not None and source.kind is Kind.BRANCHES and source.snap == (
+            f"c-{self.branch_id}"
+        )
+
+    @property
+    def frozen_source(self) -> SnapshotRef | None:
+        """The snapshot every child of this frozen branch clones (freeze.py); None
+        if it is not frozen."""
+        if not self.record.frozen:
+            return None
+        return SnapshotRef(Kind.BRANCHES, self.volume, self.record.frozen)
+
 
 class Inventory:
     def __init__(self) -> None:

@@ -20,6 +20,7 @@ from cowbranchd.model import META_SUPERSEDED, META_WARM, BaseRecord, BranchRecor
 from cowbranchd.storage.base import Kind, SnapshotRef, Volume
 
 from .branches import Branches
+from .freeze import is_frozen_snapshot
 from .inventory import BaseEntry, BranchEntry, Context
 from .lifecycle import dismantle, replay_hand_overs, withdraw
 
@@ -75,16 +76,22 @@ def reconcile(ctx: Context, branches: Branches) -> dict[str, int]:
                 branches._mark_failed(entry, f"could not adopt at start-up: {exc}")
             outcome = "failed"
         counts[outcome] += 1
-    # Snapshots a branch took for a child (`c-<child>`) whose child is gone.
+    # Snapshots a branch took for a child (`c-<child>`) whose child is gone,
+    # and freezes that crashed before their record (`f-` no record names
+    # and no branch was cloned from).
+    by_volume = {e.volume: e for e in ctx.inventory.branches.values()}
+    sources = {e.record.source_snapshot for e in ctx.inventory.branches.values()}
     for volume in volumes:
-        if volume.kind is Kind.BRANCHES and any(
-            e.volume == volume.name for e in ctx.inventory.branches.values()
-        ):
-            for snap in volume.snapshots:
-                if snap.startswith("c-") and snap[2:] not in branch_ids:
-                    ref = SnapshotRef.parse(f"branches/{volume.name}@{snap}")
-                    if ref is not None and driver.destroy_snapshot(ref):
-                        counts["removed"] += 1
+        owner = by_volume.get(volume.name) if volume.kind is Kind.BRANCHES else None
+        if owner is None:
+            continue
+        for snap in volume.snapshots:
+            ref = SnapshotRef(Kind.BRANCHES, volume.name, snap)
+            orphan = (snap.startswith("c-") and snap[2:] not in branch_ids) or (
+                is_frozen_snapshot(snap) and snap != owner.record.frozen and str(ref) not in sources
+            )
+            if orphan and driver.destroy_snapshot(ref):
+                counts["removed"] += 1
     counts["removed"] += len(driver.gc())
     log.info("reconciled", **counts)
     return counts
@@ -216,7 +223,7 @@ def _adopt_branch(ctx: Context, branches: Branches, volume: Volume) -> str:
         source = entry.source
         # A reset's new volume shares its source with the branch's surviving
         # volume; only a first create owns its parent's `c-` snapshot.
-        if source is not None and source.kind is Kind.BRANCHES and record.resets == 0:
+        if source is not None and entry.owns_source and record.resets == 0:
             ctx.driver.destroy_snapshot(source)
         return "removed"
     ctx.inventory.branches[record.branch_id] = entry

@@ -76,6 +76,7 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             failure=record.failure,
             owner=record.owner or ADMIN.name,
             idle_suspend=_duration_proto(record.idle_suspend),
+            frozen=bool(record.frozen),
         )
 
     @rpc
@@ -195,6 +196,14 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         )
         return self.to_proto(entry, caller)
 
+
+    @rpc
+    def FreezeBranch(
+        self, request: branches_pb2.FreezeBranchRequest, context: grpc.ServicerContext
+    ) -> branches_pb2.Branch:
+        caller = current_caller()
+        entry = self.branches.get(parse_name("name", request.name, "branches"), caller)
+        return self.to_proto(self.branches.freeze(entry), caller, with_usage=False)
 
     @rpc
     def DiffBranch(

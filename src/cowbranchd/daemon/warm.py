@@ -1,5 +1,7 @@
-"""Warm branches: clones of each base's latest version whose postgres is
-already running, handed out by CreateBranch under the requested id.
+"""Warm branches: clones of each hot parent whose postgres is already
+running, handed out by CreateBranch under the requested id. Hot parents are
+every base's latest version, and every frozen branch (a template, freeze.py)
+asked for a child in the last HOT_WINDOW seconds or frozen that recently.
 
 PostgreSQL's own start is about half of a cold create. With
 `daemon.warm_branches = N`, a background thread keeps N such clones per base;
@@ -26,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,18 @@ FAILURE_BACKOFF = 30.0
 # Seconds between a take and the refill it wakes: the hand-out's answer and
 # the client's first query go first.
 REFILL_DELAY = 0.05
+# A frozen branch nobody branched from for this long has no warm clones:
+# templates come and go with migrations, and each warm clone is a postgres.
+HOT_WINDOW = 600.0
+
+
+@dataclass(frozen=True)
+class Parent:
+    """What a warm clone of one source is made as."""
+
+    base_id: str
+    parent: str  # as BranchRecord.parent
+    role: str = ""  # "": the base's branch role
 
 
 @dataclass
@@ -71,6 +87,8 @@ class WarmPool:
         self._lock = threading.Lock()
         self._ready: dict[SnapshotRef, list[WarmClone]] = {}
         self._failed_at: dict[SnapshotRef, float] = {}
+        # Frozen branches' snapshots -> when a child was last asked of them.
+        self._asked_at: dict[SnapshotRef, float] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,7 +110,11 @@ class WarmPool:
 
     def take(self, source: SnapshotRef, max_bytes: int) -> WarmClone | None:
         """A warm clone of `source` limited to `max_bytes`, now the caller's, or None."""
-        if not self.enabled or max_bytes != self.max_bytes:
+        if not self.enabled:
+            return None
+        if source.kind is Kind.BRANCHES:
+            self.want(source)
+        if max_bytes != self.max_bytes:
             return None
         with self._lock:
             entries = self._ready.get(source)
@@ -100,16 +122,40 @@ class WarmPool:
         self._wake.set()
         return taken
 
-    def ready(self) -> dict[SnapshotRef, int]:
-        """How many warm clones of each source wait to be taken."""
+    def want(self, source: SnapshotRef) -> None:
+        """A frozen branch's snapshot is hot now (a child was asked of it, or
+        it was just frozen): keep warm clones of it for HOT_WINDOW."""
+        if not self.enabled:
+            return
         with self._lock:
-            return {source: len(entries) for source, entries in self._ready.items()}
+            fresh = source not in self._asked_at
+            self._asked_at[source] = time.monotonic()
+        if fresh:
+            self._wake.set()
+
+    def ready(self) -> dict[str, int]:
+        """How many warm clones wait to be taken, per parent (as in Branch.parent)."""
+        with self._lock:
+            return {
+                entries[0].entry.record.parent: len(entries)
+                for entries in self._ready.values()
+                if entries
+            }
 
     def drop_base(self, base_id: str) -> None:
         """Destroy the warm clones of a base (before the base goes)."""
+        self._drop(lambda k: k.kind is Kind.BASES and k.name == base_id)
+
+    def drop_source(self, source: SnapshotRef) -> None:
+        """Destroy the warm clones of one source (a frozen branch, before it goes)."""
         with self._lock:
-            doomed = [k for k in self._ready if k.name == base_id]
-            entries = [e for k in doomed for e in self._ready.pop(k)]
+            self._asked_at.pop(source, None)
+        self._drop(lambda k: k == source)
+
+    def _drop(self, doomed: Callable[[SnapshotRef], bool]) -> None:
+        with self._lock:
+            keys = [k for k in self._ready if doomed(k)]
+            entries = [e for k in keys for e in self._ready.pop(k)]
         for clone in entries:
             self.discard(clone)
 
@@ -147,12 +193,18 @@ class WarmPool:
                 self._stopping.wait(REFILL_DELAY)
             self._wake.clear()
 
-    def _wanted(self) -> dict[SnapshotRef, str]:
-        """The latest version of every ready base -> its base id; not of a
-        followed base (its branches recover to a time: never warm)."""
+    def _wanted(self) -> dict[SnapshotRef, Parent]:
+        """The hot parents: the latest version of every ready base, not of a
+        followed base (its branches recover to a time: never warm); and the
+        frozen branches asked for a child within HOT_WINDOW."""
         with self.ctx.inventory.lock:
             bases = list(self.ctx.inventory.bases.values())
-        wanted: dict[SnapshotRef, str] = {}
+            frozen = [
+                (e.frozen_source, e.record)
+                for e in self.ctx.inventory.branches.values()
+                if e.record.frozen and not e.deleting and e.error is None
+            ]
+        wanted: dict[SnapshotRef, Parent] = {}
         for base in bases:
             latest = base.record.latest_version
             if (
@@ -160,9 +212,20 @@ class WarmPool:
                 and latest is not None
                 and not is_followed(base.record)
             ):
-                wanted[SnapshotRef(Kind.BASES, base.record.base_id, f"v{latest}")] = (
-                    base.record.base_id
+                base_id = base.record.base_id
+                wanted[SnapshotRef(Kind.BASES, base_id, f"v{latest}")] = Parent(
+                    base_id, f"bases/{base_id}/versions/{latest}"
                 )
+        horizon = time.monotonic() - HOT_WINDOW
+        with self._lock:
+            for source, record in frozen:
+                asked = self._asked_at.get(source) if source is not None else None
+                if source is not None and asked is not None and asked > horizon:
+                    wanted[source] = Parent(
+                        record.base_id, f"branches/{record.branch_id}", record.role
+                    )
+            for source in [k for k, t in self._asked_at.items() if t <= horizon]:
+                del self._asked_at[source]
         return wanted
 
     def _refill(self) -> None:
@@ -172,7 +235,7 @@ class WarmPool:
             old = [e for k in stale for e in self._ready.pop(k)]
         for clone in old:
             self.discard(clone)
-        for source in wanted:
+        for source, parent in wanted.items():
             while not self._stopping.is_set():
                 with self._lock:
                     have = len(self._ready.get(source, []))
@@ -181,14 +244,14 @@ class WarmPool:
                     failed_at is not None and now().timestamp() - failed_at < FAILURE_BACKOFF
                 ):
                     break
-                made = self._make(source)
+                made = self._make(source, parent)
                 if made is None:
                     self._failed_at[source] = now().timestamp()
                     break
                 with self._lock:
                     self._ready.setdefault(source, []).append(made)
 
-    def _make(self, source: SnapshotRef) -> WarmClone | None:
+    def _make(self, source: SnapshotRef, parent: Parent) -> WarmClone | None:
         """Clone `source`, start its postgres and open the daemon's session
         to it; None (logged) on failure."""
         ctx = self.ctx
@@ -197,19 +260,20 @@ class WarmPool:
         try:
             port = ctx.ports.allocate()
         except CowbranchError as exc:
-            log.warning("warm_no_port", base=source.name, error=exc.message)
+            log.warning("warm_no_port", parent=parent.parent, error=exc.message)
             return None
         try:
             uid = ctx.uids.allocate() if ctx.uids is not None else 0
         except CowbranchError as exc:
             ctx.ports.release(port)
-            log.warning("warm_no_uid", base=source.name, error=exc.message)
+            log.warning("warm_no_uid", parent=parent.parent, error=exc.message)
             return None
         record = BranchRecord(
             uid=uid,
             branch_id=warm_id,
-            base_id=source.name,
-            parent=f"bases/{source.name}/versions/{source.snap[1:]}",
+            base_id=parent.base_id,
+            parent=parent.parent,
+            role=parent.role,
             source_snapshot=str(source),
             state=State.READY,
             create_time=now(),
@@ -231,8 +295,8 @@ class WarmPool:
                 session = open_session(ctx, entry)
                 undo.success()
         except CowbranchError as exc:
-            log.warning("warm_start_failed", base=source.name, error=exc.message)
+            log.warning("warm_start_failed", parent=parent.parent, error=exc.message)
             remove_runtime_files(ctx, warm_id)
             return None
-        log.debug("warm_ready", base=source.name, version=source.snap, branch=warm_id)
+        log.debug("warm_ready", parent=parent.parent, source=str(source), branch=warm_id)
         return WarmClone(entry, session)

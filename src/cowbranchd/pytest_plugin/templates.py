@@ -5,7 +5,9 @@ The hash covers the caller's identity, the parent's version, the migration
 callable's name and the content of `cowbranch_migrate_files`. The first
 process to need hash H creates branch `tpl-<H[:12]>` (labelled
 `cowbranchd.template=building`, held in its lease), calls the migration with
-its DSN, then marks it `ready`, protects it and lets it out of the lease.
+its DSN, freezes it (FreezeBranch: children clone one snapshot of it, from
+warm clones when the daemon keeps them), then marks it `ready`, protects it
+and lets it out of the lease.
 Every other process (xdist workers, other runs on the runner) finds the id
 taken (ALREADY_EXISTS), waits for `ready` and branches from it. A builder
 that died loses its template within the daemon's lease grace, or, should
@@ -167,6 +169,9 @@ class Templates:
         try:
             lease.hold(template.name)  # a builder killed now loses it within the grace
             migrate(template.dsn)
+            # Children clone its frozen data: no checkpoint of it per test,
+            # no recovery at their start, and warm clones of it.
+            self.client.freeze_branch(template.name)
         except BaseException:
             self.client.delete_branch(template.name, allow_missing=True, force=True)
             raise

@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63owbranchd/v1/branches.proto\x12\rcowbranchd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\nConnection\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x05 \x01(\t\x12\x12\n\nsocket_dir\x18\x06 \x01(\t\x12\x0b\n\x03\x64sn\x18\x07 \x01(\t\"\xc3\x04\n\x06\x42ranch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.cowbranchd.v1.Branch.State\x12-\n\nconnection\x18\x04 \x01(\x0b\x32\x19.cowbranchd.v1.Connection\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.cowbranchd.v1.Branch.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprotected\x18\x08 \x01(\x08\x12\x15\n\rwritten_bytes\x18\t \x01(\x03\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x0b \x01(\t\x12\r\n\x05owner\x18\x0c \x01(\t\x12/\n\x0cidle_suspend\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43REATING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08\x44\x45LETING\x10\x05\x12\r\n\tSUSPENDED\x10\x06\"\xfe\x03\n\x13\x43reateBranchRequest\x12\x11\n\tbranch_id\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..cowbranchd.v1.CreateBranchRequest.LabelsEntry\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12S\n\x11postgres_settings\x18\x06 \x03(\x0b\x32\x38.cowbranchd.v1.CreateBranchRequest.PostgresSettingsEntry\x12\x11\n\tprotected\x18\x07 \x01(\x08\x12\x11\n\tmax_bytes\x18\x08 \x01(\x03\x12\x0c\n\x04role\x18\t \x01(\t\x12/\n\x0cidle_suspend\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x02\x61t\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x37\n\x15PostgresSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\x10GetBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x13ListBranchesRequest\x12\x16\n\x0elabel_selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x14ListBranchesResponse\x12\'\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x15.cowbranchd.v1.Branch\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x13\x44\x65leteBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x16\n\x14\x44\x65leteBranchResponse\"3\n\x12ResetBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x95\x01\n\x13UpdateBranchRequest\x12%\n\x06\x62ranch\x18\x01 \x01(\x0b\x32\x15.cowbranchd.v1.Branch\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\x11\x44iffBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\nBranchDiff\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x13\n\x0bschema_diff\x18\x03 \x01(\t\x12+\n\x06tables\x18\x04 \x03(\x0b\x32\x1b.cowbranchd.v1.TableChanges\"s\n\x0cTableChanges\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x10\n\x08inserted\x18\x04 \x01(\x03\x12\x0f\n\x07updated\x18\x05 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x06 \x01(\x03\x32\xb0\x04\n\rBranchService\x12I\n\x0c\x43reateBranch\x12\".cowbranchd.v1.CreateBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12\x43\n\tGetBranch\x12\x1f.cowbranchd.v1.GetBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12W\n\x0cListBranches\x12\".cowbranchd.v1.ListBranchesRequest\x1a#.cowbranchd.v1.ListBranchesResponse\x12W\n\x0c\x44\x65leteBranch\x12\".cowbranchd.v1.DeleteBranchRequest\x1a#.cowbranchd.v1.DeleteBranchResponse\x12G\n\x0bResetBranch\x12!.cowbranchd.v1.ResetBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12I\n\x0cUpdateBranch\x12\".cowbranchd.v1.UpdateBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12I\n\nDiffBranch\x12 .cowbranchd.v1.DiffBranchRequest\x1a\x19.cowbranchd.v1.BranchDiffb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63owbranchd/v1/branches.proto\x12\rcowbranchd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\nConnection\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x05 \x01(\t\x12\x12\n\nsocket_dir\x18\x06 \x01(\t\x12\x0b\n\x03\x64sn\x18\x07 \x01(\t\"\xd3\x04\n\x06\x42ranch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.cowbranchd.v1.Branch.State\x12-\n\nconnection\x18\x04 \x01(\x0b\x32\x19.cowbranchd.v1.Connection\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.cowbranchd.v1.Branch.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprotected\x18\x08 \x01(\x08\x12\x15\n\rwritten_bytes\x18\t \x01(\x03\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x0b \x01(\t\x12\r\n\x05owner\x18\x0c \x01(\t\x12/\n\x0cidle_suspend\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x66rozen\x18\x0e \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43REATING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08\x44\x45LETING\x10\x05\x12\r\n\tSUSPENDED\x10\x06\"\x8d\x04\n\x13\x43reateBranchRequest\x12\x11\n\tbranch_id\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..cowbranchd.v1.CreateBranchRequest.LabelsEntry\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12S\n\x11postgres_settings\x18\x06 \x03(\x0b\x32\x38.cowbranchd.v1.CreateBranchRequest.PostgresSettingsEntry\x12\x11\n\tprotected\x18\x07 \x01(\x08\x12\x11\n\tmax_bytes\x18\x08 \x01(\x03\x12\x0c\n\x04role\x18\t \x01(\t\x12/\n\x0cidle_suspend\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x02\x61t\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05lease\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x37\n\x15PostgresSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\x10GetBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"T\n\x13ListBranchesRequest\x12\x16\n\x0elabel_selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x14ListBranchesResponse\x12\'\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x15.cowbranchd.v1.Branch\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x13\x44\x65leteBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x16\n\x14\x44\x65leteBranchResponse\"3\n\x12ResetBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x95\x01\n\x13UpdateBranchRequest\x12%\n\x06\x62ranch\x18\x01 \x01(\x0b\x32\x15.cowbranchd.v1.Branch\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"#\n\x13\x46reezeBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11\x44iffBranchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\nBranchDiff\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x13\n\x0bschema_diff\x18\x03 \x01(\t\x12+\n\x06tables\x18\x04 \x03(\x0b\x32\x1b.cowbranchd.v1.TableChanges\"s\n\x0cTableChanges\x12\x10\n\x08\x64\x61tabase\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x10\n\x08inserted\x18\x04 \x01(\x03\x12\x0f\n\x07updated\x18\x05 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x06 \x01(\x03\x32\xfb\x04\n\rBranchService\x12I\n\x0c\x43reateBranch\x12\".cowbranchd.v1.CreateBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12\x43\n\tGetBranch\x12\x1f.cowbranchd.v1.GetBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12W\n\x0cListBranches\x12\".cowbranchd.v1.ListBranchesRequest\x1a#.cowbranchd.v1.ListBranchesResponse\x12W\n\x0c\x44\x65leteBranch\x12\".cowbranchd.v1.DeleteBranchRequest\x1a#.cowbranchd.v1.DeleteBranchResponse\x12G\n\x0bResetBranch\x12!.cowbranchd.v1.ResetBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12I\n\x0cUpdateBranch\x12\".cowbranchd.v1.UpdateBranchRequest\x1a\x15.cowbranchd.v1.Branch\x12I\n\nDiffBranch\x12 .cowbranchd.v1.DiffBranchRequest\x1a\x19.cowbranchd.v1.BranchDiff\x12I\n\x0c\x46reezeBranch\x12\".cowbranchd.v1.FreezeBranchRequest\x1a\x15.cowbranchd.v1.Branchb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,37 +43,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTION']._serialized_start=146
   _globals['_CONNECTION']._serialized_end=269
   _globals['_BRANCH']._serialized_start=272
-  _globals['_BRANCH']._serialized_end=851
-  _globals['_BRANCH_LABELSENTRY']._serialized_start=695
-  _globals['_BRANCH_LABELSENTRY']._serialized_end=740
-  _globals['_BRANCH_STATE']._serialized_start=742
-  _globals['_BRANCH_STATE']._serialized_end=851
-  _globals['_CREATEBRANCHREQUEST']._serialized_start=854
-  _globals['_CREATEBRANCHREQUEST']._serialized_end=1364
-  _globals['_CREATEBRANCHREQUEST_LABELSENTRY']._serialized_start=695
-  _globals['_CREATEBRANCHREQUEST_LABELSENTRY']._serialized_end=740
-  _globals['_CREATEBRANCHREQUEST_POSTGRESSETTINGSENTRY']._serialized_start=1309
-  _globals['_CREATEBRANCHREQUEST_POSTGRESSETTINGSENTRY']._serialized_end=1364
-  _globals['_GETBRANCHREQUEST']._serialized_start=1366
-  _globals['_GETBRANCHREQUEST']._serialized_end=1398
-  _globals['_LISTBRANCHESREQUEST']._serialized_start=1400
-  _globals['_LISTBRANCHESREQUEST']._serialized_end=1484
-  _globals['_LISTBRANCHESRESPONSE']._serialized_start=1486
-  _globals['_LISTBRANCHESRESPONSE']._serialized_end=1574
-  _globals['_DELETEBRANCHREQUEST']._serialized_start=1576
-  _globals['_DELETEBRANCHREQUEST']._serialized_end=1649
-  _globals['_DELETEBRANCHRESPONSE']._serialized_start=1651
-  _globals['_DELETEBRANCHRESPONSE']._serialized_end=1673
-  _globals['_RESETBRANCHREQUEST']._serialized_start=1675
-  _globals['_RESETBRANCHREQUEST']._serialized_end=1726
-  _globals['_UPDATEBRANCHREQUEST']._serialized_start=1729
-  _globals['_UPDATEBRANCHREQUEST']._serialized_end=1878
-  _globals['_DIFFBRANCHREQUEST']._serialized_start=1880
-  _globals['_DIFFBRANCHREQUEST']._serialized_end=1913
-  _globals['_BRANCHDIFF']._serialized_start=1915
-  _globals['_BRANCHDIFF']._serialized_end=2023
-  _globals['_TABLECHANGES']._serialized_start=2025
-  _globals['_TABLECHANGES']._serialized_end=2140
-  _globals['_BRANCHSERVICE']._serialized_start=2143
-  _globals['_BRANCHSERVICE']._serialized_end=2703
+  _globals['_BRANCH']._serialized_end=867
+  _globals['_BRANCH_LABELSENTRY']._serialized_start=711
+  _globals['_BRANCH_LABELSENTRY']._serialized_end=756
+  _globals['_BRANCH_STATE']._serialized_start=758
+  _globals['_BRANCH_STATE']._serialized_end=867
+  _globals['_CREATEBRANCHREQUEST']._serialized_start=870
+  _globals['_CREATEBRANCHREQUEST']._serialized_end=1395
+  _globals['_CREATEBRANCHREQUEST_LABELSENTRY']._serialized_start=711
+  _globals['_CREATEBRANCHREQUEST_LABELSENTRY']._serialized_end=756
+  _globals['_CREATEBRANCHREQUEST_POSTGRESSETTINGSENTRY']._serialized_start=1340
+  _globals['_CREATEBRANCHREQUEST_POSTGRESSETTINGSENTRY']._serialized_end=1395
+  _globals['_GETBRANCHREQUEST']._serialized_start=1397
+  _globals['_GETBRANCHREQUEST']._serialized_end=1429
+  _globals['_LISTBRANCHESREQUEST']._serialized_start=1431
+  _globals['_LISTBRANCHESREQUEST']._serialized_end=1515
+  _globals['_LISTBRANCHESRESPONSE']._serialized_start=1517
+  _globals['_LISTBRANCHESRESPONSE']._serialized_end=1605
+  _globals['_DELETEBRANCHREQUEST']._serialized_start=1607
+  _globals['_DELETEBRANCHREQUEST']._serialized_end=1680
+  _globals['_DELETEBRANCHRESPONSE']._serialized_start=1682
+  _globals['_DELETEBRANCHRESPONSE']._serialized_end=1704
+  _globals['_RESETBRANCHREQUEST']._serialized_start=1706
+  _globals['_RESETBRANCHREQUEST']._serialized_end=1757
+  _globals['_UPDATEBRANCHREQUEST']._serialized_start=1760
+  _globals['_UPDATEBRANCHREQUEST']._serialized_end=1909
+  _globals['_FREEZEBRANCHREQUEST']._serialized_start=1911
+  _globals['_FREEZEBRANCHREQUEST']._serialized_end=1946
+  _globals['_DIFFBRANCHREQUEST']._serialized_start=1948
+  _globals['_DIFFBRANCHREQUEST']._serialized_end=1981
+  _globals['_BRANCHDIFF']._serialized_start=1983
+  _globals['_BRANCHDIFF']._serialized_end=2091
+  _globals['_TABLECHANGES']._serialized_start=2093
+  _globals['_TABLECHANGES']._serialized_end=2208
+  _globals['_BRANCHSERVICE']._serialized_start=2211
+  _globals['_BRANCHSERVICE']._serialized_end=2846
 # @@protoc_insertion_point(module_scope)

@@ -129,6 +129,7 @@ class Branch(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     IDLE_SUSPEND_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`branches/{branch}`."""
     parent: _builtins.str
@@ -146,6 +147,8 @@ class Branch(_message.Message):
     `connection.dsn` are empty for anyone else), delete, reset, update or
     branch from it.
     """
+    frozen: _builtins.bool
+    """FreezeBranch made it a template: children clone its frozen data."""
     @_builtins.property
     def connection(self) -> Global___Connection: ...
     @_builtins.property
@@ -179,10 +182,11 @@ class Branch(_message.Message):
         failure: _builtins.str = ...,
         owner: _builtins.str = ...,
         idle_suspend: _duration_pb2.Duration | None = ...,
+        frozen: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "idle_suspend", b"idle_suspend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "failure", b"failure", "idle_suspend", b"idle_suspend", "labels", b"labels", "name", b"name", "owner", b"owner", "parent", b"parent", "protected", b"protected", "request_id", b"request_id", "state", b"state", "written_bytes", b"written_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "expire_time", b"expire_time", "failure", b"failure", "frozen", b"frozen", "idle_suspend", b"idle_suspend", "labels", b"labels", "name", b"name", "owner", b"owner", "parent", b"parent", "protected", b"protected", "request_id", b"request_id", "state", b"state", "written_bytes", b"written_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,6 +247,7 @@ class CreateBranchRequest(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     IDLE_SUSPEND_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     branch_id: _builtins.str
     """`^[a-z][a-z0-9-]{0,62}$`; empty means a generated id."""
     parent: _builtins.str
@@ -264,6 +269,12 @@ class CreateBranchRequest(_message.Message):
     """The database role the connection hands out: empty means the parent
     branch's role, or the base's `branch_role`; another role must be among
     the base's `roles` (else INVALID_ARGUMENT).
+    """
+    lease: _builtins.str
+    """`leases/{id}`: a lease of the caller's own (LeaseService) holds the
+    branch from the moment it exists, before this call answers, so a client
+    killed before it could say `hold` leaks nothing. Unknown, ended or
+    another caller's lease: FAILED_PRECONDITION, and nothing is created.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -304,10 +315,11 @@ class CreateBranchRequest(_message.Message):
         role: _builtins.str = ...,
         idle_suspend: _duration_pb2.Duration | None = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        lease: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "idle_suspend", b"idle_suspend", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "branch_id", b"branch_id", "idle_suspend", b"idle_suspend", "labels", b"labels", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "branch_id", b"branch_id", "idle_suspend", b"idle_suspend", "labels", b"labels", "lease", b"lease", "max_bytes", b"max_bytes", "parent", b"parent", "postgres_settings", b"postgres_settings", "protected", b"protected", "request_id", b"request_id", "role", b"role", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +497,26 @@ class UpdateBranchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateBranchRequest: _TypeAlias = UpdateBranchRequest  # noqa: Y015
+
+@_typing.final
+class FreezeBranchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`branches/{branch}`, READY or SUSPENDED."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeBranchRequest: _TypeAlias = FreezeBranchRequest  # noqa: Y015
 
 @_typing.final
 class DiffBranchRequest(_message.Message):

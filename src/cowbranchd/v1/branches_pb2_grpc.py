@@ -69,6 +69,11 @@ class BranchServiceStub:
                 request_serializer=cowbranchd_dot_v1_dot_branches__pb2.DiffBranchRequest.SerializeToString,
                 response_deserializer=cowbranchd_dot_v1_dot_branches__pb2.BranchDiff.FromString,
                 _registered_method=True)
+        self.FreezeBranch = channel.unary_unary(
+                '/cowbranchd.v1.BranchService/FreezeBranch',
+                request_serializer=cowbranchd_dot_v1_dot_branches__pb2.FreezeBranchRequest.SerializeToString,
+                response_deserializer=cowbranchd_dot_v1_dot_branches__pb2.Branch.FromString,
+                _registered_method=True)
 
 
 class BranchServiceServicer:
@@ -125,6 +130,18 @@ class BranchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeBranch(self, request, context):
+        """Makes the branch a template: its data as it is now becomes what every
+        later child clones (one snapshot, taken after a clean shutdown), so
+        children start without a checkpoint of it, without recovery, and from
+        warm clones like a base version's. Its postgres is left SUSPENDED (the
+        next connection to its DSN starts it; what it writes then, children do
+        not see). A frozen branch cannot be reset. Idempotent; owner or admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BranchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +179,11 @@ def add_BranchServiceServicer_to_server(servicer, server):
                     servicer.DiffBranch,
                     request_deserializer=cowbranchd_dot_v1_dot_branches__pb2.DiffBranchRequest.FromString,
                     response_serializer=cowbranchd_dot_v1_dot_branches__pb2.BranchDiff.SerializeToString,
+            ),
+            'FreezeBranch': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeBranch,
+                    request_deserializer=cowbranchd_dot_v1_dot_branches__pb2.FreezeBranchRequest.FromString,
+                    response_serializer=cowbranchd_dot_v1_dot_branches__pb2.Branch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +375,33 @@ class BranchService:
             '/cowbranchd.v1.BranchService/DiffBranch',
             cowbranchd_dot_v1_dot_branches__pb2.DiffBranchRequest.SerializeToString,
             cowbranchd_dot_v1_dot_branches__pb2.BranchDiff.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeBranch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowbranchd.v1.BranchService/FreezeBranch',
+            cowbranchd_dot_v1_dot_branches__pb2.FreezeBranchRequest.SerializeToString,
+            cowbranchd_dot_v1_dot_branches__pb2.Branch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,14 @@ class BranchServiceStub:
     snapshot it was cloned from, and rows inserted, updated and deleted per
     table. The branch must be READY; owner or admin only.
     """
+    FreezeBranch: _grpc.UnaryUnaryMultiCallable[_branches_pb2.FreezeBranchRequest, _branches_pb2.Branch]
+    """Makes the branch a template: its data as it is now becomes what every
+    later child clones (one snapshot, taken after a clean shutdown), so
+    children start without a checkpoint of it, without recovery, and from
+    warm clones like a base version's. Its postgres is left SUSPENDED (the
+    next connection to its DSN starts it; what it writes then, children do
+    not see). A frozen branch cannot be reset. Idempotent; owner or admin.
+    """
 
 @_typing.type_check_only
 class BranchServiceAsyncStub(BranchServiceStub):
@@ -74,6 +82,14 @@ class BranchServiceAsyncStub(BranchServiceStub):
     """What the branch changed since it was made: its schema against the
     snapshot it was cloned from, and rows inserted, updated and deleted per
     table. The branch must be READY; owner or admin only.
+    """
+    FreezeBranch: _aio.UnaryUnaryMultiCallable[_branches_pb2.FreezeBranchRequest, _branches_pb2.Branch]  # type: ignore[assignment]
+    """Makes the branch a template: its data as it is now becomes what every
+    later child clones (one snapshot, taken after a clean shutdown), so
+    children start without a checkpoint of it, without recovery, and from
+    warm clones like a base version's. Its postgres is left SUSPENDED (the
+    next connection to its DSN starts it; what it writes then, children do
+    not see). A frozen branch cannot be reset. Idempotent; owner or admin.
     """
 
 class BranchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -136,6 +152,20 @@ class BranchServiceServicer(metaclass=_abc_1.ABCMeta):
         """What the branch changed since it was made: its schema against the
         snapshot it was cloned from, and rows inserted, updated and deleted per
         table. The branch must be READY; owner or admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def FreezeBranch(
+        self,
+        request: _branches_pb2.FreezeBranchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_branches_pb2.Branch, _abc.Awaitable[_branches_pb2.Branch]]:
+        """Makes the branch a template: its data as it is now becomes what every
+        later child clones (one snapshot, taken after a clean shutdown), so
+        children start without a checkpoint of it, without recovery, and from
+        warm clones like a base version's. Its postgres is left SUSPENDED (the
+        next connection to its DSN starts it; what it writes then, children do
+        not see). A frozen branch cannot be reset. Idempotent; owner or admin.
         """
 
 def add_BranchServiceServicer_to_server(servicer: BranchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
