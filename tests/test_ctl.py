@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from google.protobuf import duration_pb2
 
 from cowbranchd import __version__
 from cowbranchd.client import Branch
@@ -28,6 +29,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def details(out: str) -> dict[str, str]:
+    """A key/value block as `show` prints it."""
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in out.splitlines())}
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
@@ -231,8 +237,9 @@ def test_create_idle_suspend_sets_it_and_show_says_suspended(
     ctl: pytest.CaptureFixture[str], daemon: DaemonHandle
 ) -> None:
     """`create --idle-suspend 1s` makes a branch whose GetBranch has that
-    idle_suspend and which `show` reports SUSPENDED once idle; `0` (never)
-    leaves it unset; a value the daemon refuses is a usage error naming it."""
+    idle_suspend and which `show` reports SUSPENDED once idle, with its
+    idle_suspend; `0` (never) leaves it unset; a value the daemon refuses is a
+    usage error naming it."""
     created = run_json(ctl, "create", f"bases/{daemon.base}", "--idle-suspend", "1s")
     never = run_json(ctl, "create", f"bases/{daemon.base}", "--idle-suspend", "0")
     with daemon.channel() as channel:
@@ -243,17 +250,50 @@ def test_create_idle_suspend_sets_it_and_show_says_suspended(
     assert not unset.HasField("idle_suspend")
     for _ in range(600):
         code, out, _ = run(ctl, "show", created["name"])
-        fields = {k: v.strip() for k, v in (line.split(":", 1) for line in out.splitlines())}
-        if fields["state"] == "SUSPENDED":
+        if details(out)["state"] == "SUSPENDED":
             break
         time.sleep(0.1)
-    assert (code, fields["state"]) == (EXIT_OK, "SUSPENDED")
+    shown = details(out)
+    assert (code, shown["state"], shown["idle_suspend"]) == (EXIT_OK, "SUSPENDED", "1s")
     code, _, err = run(ctl, "create", f"bases/{daemon.base}", "--idle-suspend", "0.5s")
     assert (code, err) == (
         EXIT_USAGE,
         "cowbranchctl: error: idle_suspend: must be zero (never) or at least 1s\n",
     )
     assert run(ctl, "delete", created["name"], never["name"])[0] == EXIT_OK
+
+
+def test_update_idle_suspend_sets_and_clears_it(
+    ctl: pytest.CaptureFixture[str], daemon: DaemonHandle
+) -> None:
+    """`update --idle-suspend` sets a branch's idle_suspend and `0` clears it
+    (never), as GetBranch and `show` then say; a bad value is a usage error
+    naming the flag, and changes nothing."""
+    name = run_json(ctl, "create", f"bases/{daemon.base}")["name"]
+
+    def idle_suspend() -> duration_pb2.Duration | None:
+        with daemon.channel() as channel:
+            got = daemon.branches(channel).GetBranch(
+                branches_pb2.GetBranchRequest(name=name), timeout=30
+            )
+        return got.idle_suspend if got.HasField("idle_suspend") else None
+
+    assert details(run(ctl, "show", name)[1])["idle_suspend"] == "never"
+    code, out, _ = run(ctl, "update", name, "--idle-suspend", "1h30m")
+    assert (code, details(out)["idle_suspend"]) == (EXIT_OK, "1h30m")
+    set_to = idle_suspend()
+    assert set_to is not None and set_to.ToTimedelta() == timedelta(hours=1, minutes=30)
+    assert run(ctl, "update", name, "--idle-suspend", "later") == (
+        EXIT_USAGE,
+        "",
+        "cowbranchctl: error: --idle-suspend: 'later' is not a duration; "
+        "use e.g. 90s, 30m, 2h, 1d or 1h30m\n",
+    )
+    assert idle_suspend() == set_to
+    code, out, _ = run(ctl, "update", name, "--idle-suspend", "0")
+    assert (code, details(out)["idle_suspend"]) == (EXIT_OK, "never")
+    assert idle_suspend() is None
+    assert run(ctl, "delete", name)[0] == EXIT_OK
 
 
 def test_not_found_exits_3(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:

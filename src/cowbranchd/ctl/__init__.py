@@ -177,13 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="move the branch to version N of its base instead (a branch of a base only)",
     )
 
-    p = add("update", "change a branch's labels, ttl or protection")
+    p = add("update", "change a branch's labels, ttl, protection or idle suspend")
     p.add_argument("name", help="branch id or branches/ID")
     _labels_arg(p, "add or change a label")
     p.add_argument("--remove-label", action="append", metavar="KEY", help="remove a label")
     expiry = p.add_mutually_exclusive_group()
     expiry.add_argument("--ttl", metavar="DURATION", help="expire that long from now")
     expiry.add_argument("--no-expiry", action="store_true", help="never expire")
+    p.add_argument(
+        "--idle-suspend",
+        metavar="DURATION",
+        help="stop its postgres after this long without a connection (0: never)",
+    )
     protect = p.add_mutually_exclusive_group()
     protect.add_argument("--protect", dest="protected", action="store_const", const=True)
     protect.add_argument("--unprotect", dest="protected", action="store_const", const=False)

@@ -217,7 +217,8 @@ def cmd_reset(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_update(client: Client, args: argparse.Namespace, out: Output) -> int:
-    """`update NAME`: merge labels in or out, set ttl, protect or unprotect."""
+    """`update NAME`: merge labels in or out, set ttl or idle suspend, protect
+    or unprotect."""
     labels = None
     if args.label or args.remove_label:
         current = dict(client.get_branch(args.name).labels)
@@ -226,7 +227,13 @@ def cmd_update(client: Client, args: argparse.Namespace, out: Output) -> int:
             current.pop(key, None)
         labels = current
     ttl = "0s" if args.no_expiry else args.ttl
-    branch = client.update_branch(args.name, labels=labels, ttl=ttl, protected=args.protected)
+    branch = client.update_branch(
+        args.name,
+        labels=labels,
+        ttl=ttl,
+        protected=args.protected,
+        idle_suspend=_duration("--idle-suspend", args.idle_suspend),
+    )
     _show_branch(out, branch)
     return EXIT_OK
 

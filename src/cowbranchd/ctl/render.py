@@ -139,6 +139,7 @@ def branch_details(branch: Branch, now: datetime) -> list[tuple[str, str]]:
         ("created", format_age(branch.create_time, now) + " ago" if branch.create_time else "-"),
         ("expires", _expires(branch.expire_time, now)),
         ("protected", "yes" if branch.protected else "no"),
+        ("idle_suspend", format_duration(branch.idle_suspend) if branch.idle_suspend else "never"),
         ("written", format_bytes(branch.written_bytes)),
     ]
     if branch.failure:
