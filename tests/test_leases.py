@@ -22,7 +22,7 @@ import pytest
 
 from cowbranchd.client import Client
 from cowbranchd.errors import PermissionDenied
-from cowbranchd.v1 import daemon_pb2, daemon_pb2_grpc, leases_pb2, leases_pb2_grpc
+from cowbranchd.v1 import branches_pb2, daemon_pb2, daemon_pb2_grpc, leases_pb2, leases_pb2_grpc
 from tests.fix_daemon import DaemonFactory, DaemonHandle
 from tests.test_owners import write_token
 
@@ -260,3 +260,75 @@ def test_leases_are_capped_and_other_calls_still_answer(lease_daemon: DaemonHand
     finally:
         for lease in held:
             lease.break_()
+
+
+def _create_in(d: DaemonHandle, token: str, lease: str, suite: str) -> str:
+    """CreateBranch(lease=...) as the tenant `token` names: the branch's name."""
+    with d.channel() as channel:
+        branch = d.branches(channel).CreateBranch(
+            branches_pb2.CreateBranchRequest(
+                parent="bases/demo", lease=lease, labels={"suite": suite}
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=120,
+        )
+    return branch.name
+
+
+def test_a_create_names_its_lease_and_the_branch_is_held_before_the_answer(
+    lease_daemon: DaemonHandle,
+) -> None:
+    """CreateBranch(lease=...) holds the branch in the same call: a stream
+    broken right after the answer loses it within the grace, without any
+    `hold`. An unknown lease or another caller's is FAILED_PRECONDITION
+    naming it, and nothing is created."""
+    suite = uuid.uuid4().hex[:8]
+    lease = RawLease(lease_daemon, TOKENS["alice"])
+    name = lease.send(holder="creates").name
+    with Client(lease_daemon.address, token=TOKENS["alice"]) as alice:
+        free = alice.create_branch("bases/demo", ttl="1h", labels={"suite": suite})
+    held = _create_in(lease_daemon, TOKENS["alice"], name, suite)
+    for token, lease_name in ((TOKENS["alice"], "leases/ls-000000000000"), (TOKENS["bob"], name)):
+        with pytest.raises(grpc.RpcError) as refused:
+            _create_in(lease_daemon, token, lease_name, suite)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"lease {lease_name} is not open" in (refused.value.details() or "")
+    assert _suite_branches(lease_daemon, suite) == sorted([free.name, held])
+    lease.break_()
+    _wait_for(
+        lambda: _suite_branches(lease_daemon, suite) == [free.name],
+        GRACE_S + 5,
+        "the branch created in the lease deleted, the other kept",
+    )
+    with Client(lease_daemon.address, token=TOKENS["alice"]) as alice:
+        alice.delete_branch(free.name)
+
+
+def test_the_client_holds_what_it_creates_in_its_lease(lease_daemon: DaemonHandle) -> None:
+    """client.branch() and create_branch(lease=) create in the client's lease
+    (no separate hold); closing the lease deletes what was created in it."""
+    with Client(lease_daemon.address) as client:
+        with client.branch("bases/demo", ttl="1h") as branch:
+            assert client.lease().held == frozenset({branch.name})
+        lease = client.lease()
+        made = client.create_branch("bases/demo", ttl="1h", lease=lease)
+        assert made.name in lease.held
+        assert lease.close() == [made.name]
+
+
+def test_a_create_in_a_lease_the_daemon_forgot_opens_it_again(daemon: DaemonHandle) -> None:
+    """After a daemon restart (leases live in memory) the client's create is
+    refused for its old lease name; the client opens the lease again, holds
+    again what it held, and the retried create (same request_id) lands in the
+    new lease."""
+    with Client(daemon.address) as client:
+        lease = client.lease()
+        before = client.create_branch("bases/demo", ttl="1h", lease=lease)
+        old_name = lease.name
+        daemon.stop()
+        daemon.start()
+        after = client.create_branch("bases/demo", ttl="1h", lease=lease)
+        assert lease.name != old_name
+        assert lease.held == frozenset({before.name, after.name})
+        assert sorted(lease.close()) == sorted([before.name, after.name])
+        assert list(client.list_branches()) == []

@@ -126,8 +126,10 @@ def create_branch(
     role: str = "",
     idle_suspend: DurationLike | None = None,
     at: datetime | None = None,
+    lease: str = "",
 ) -> Op[Branch]:
-    """CreateBranch, always with a request id so a retry can never make two branches."""
+    """CreateBranch, always with a request id so a retry can never make two
+    branches; with `lease` (`leases/{id}`), held in it from the moment it exists."""
     if not parent:
         raise InvalidArgument(
             "parent", "required: bases/{base}, bases/{base}/versions/{n} or branches/{id}"
@@ -141,6 +143,7 @@ def create_branch(
         protected=protected,
         max_bytes=max_bytes,
         role=role,
+        lease=lease,
     )
     if ttl is not None:
         request.ttl.CopyFrom(_duration(ttl))

@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cowbranchd.errors import CowbranchError, NotFound
+from cowbranchd.errors import CowbranchError, FailedPrecondition, NotFound
 from cowbranchd.v1 import leases_pb2
 
 from . import ops
@@ -175,6 +176,7 @@ class Client:
         role: str = "",
         idle_suspend: DurationLike | None = None,
         at: datetime | None = None,
+        lease: Lease | None = None,
         timeout: float | None = None,
     ) -> Branch:
         """Create a branch of `parent` and return it once it answers queries.
@@ -187,21 +189,40 @@ class Client:
         stops its postgres after that long without a connection (it resumes
         on the next one); 0: never; None: the daemon's default. `at` (a
         followed base only) gives the server as it was at that time.
+        `lease` (see `lease()`) holds the branch from the moment it exists,
+        in the same call: a process killed at any point leaks nothing.
         """
-        op = ops.create_branch(
-            parent,
-            branch_id=branch_id,
-            labels=labels,
-            ttl=ttl,
-            postgres_settings=postgres_settings,
-            protected=protected,
-            request_id=request_id,
-            max_bytes=max_bytes,
-            role=role,
-            idle_suspend=idle_suspend,
-            at=at,
-        )
-        return self._call(op, timeout)
+        request_id = request_id or str(uuid.uuid4())
+        for attempt in range(2):
+            lease_name = ""
+            if lease is not None:
+                lease.open()
+                lease_name = lease.name
+            op = ops.create_branch(
+                parent,
+                branch_id=branch_id,
+                labels=labels,
+                ttl=ttl,
+                postgres_settings=postgres_settings,
+                protected=protected,
+                request_id=request_id,
+                max_bytes=max_bytes,
+                role=role,
+                idle_suspend=idle_suspend,
+                at=at,
+                lease=lease_name,
+            )
+            try:
+                created = self._call(op, timeout)
+            except FailedPrecondition as exc:
+                if lease is None or attempt or lease_name not in exc.message:
+                    raise
+                lease.reopen()
+                continue
+            if lease is not None:
+                lease.held_by_create(created.name)
+            return created
+        raise AssertionError("unreachable")
 
     def diff_branch(self, name: str, *, timeout: float | None = None) -> BranchDiff:
         """What the branch changed since it was made: its schema as a unified
@@ -323,11 +344,10 @@ class Client:
             labels=labels,
             ttl=ttl,
             postgres_settings=postgres_settings,
+            lease=self.lease(),
             timeout=timeout,
         )
         try:
-            lease = self.lease()
-            lease.hold(created.name)
             yield created
         finally:
             self.delete_branch(created.name, allow_missing=True, force=True, timeout=timeout)
@@ -524,6 +544,18 @@ class Lease:
             stream.close()
             raise
         self._stream = stream
+
+    def reopen(self) -> None:
+        """Drop the stream and open a new one (the daemon forgot this lease):
+        it holds again what it held."""
+        stream, self._stream = (self._stream, None)
+        if stream is not None:
+            stream.close()
+        self.open()
+
+    def held_by_create(self, name: str) -> None:
+        """A create with this lease made `name`: the daemon holds it already."""
+        self._held.add(name)
 
     def _send(self, request: leases_pb2.LeaseRequest) -> leases_pb2.LeaseResponse:
         for attempt in range(2):

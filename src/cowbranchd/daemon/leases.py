@@ -33,7 +33,7 @@ from datetime import timedelta
 
 import structlog
 
-from cowbranchd.errors import CowbranchError, ResourceExhausted, Unavailable
+from cowbranchd.errors import CowbranchError, FailedPrecondition, ResourceExhausted, Unavailable
 from cowbranchd.model import BranchRecord, parse_name
 
 from .auth import Caller
@@ -111,12 +111,29 @@ class Leases:
         log.info("lease_opened", lease=lease.lease_id, caller=caller.name, holder=lease.holder)
         return lease
 
+    def find(self, name: str, caller: Caller) -> Lease:
+        """The caller's open lease `leases/{id}` (CreateBranchRequest.lease);
+        FAILED_PRECONDITION when it is unknown, ended or another caller's."""
+        lease_id = parse_name("lease", name, "leases")
+        with self._lock:
+            lease = self._live.get(lease_id)
+        if lease is None or lease.caller.name != caller.name:
+            raise FailedPrecondition(
+                f"lease {name} is not open for this caller (ended, unknown, or another "
+                "caller's): open a Lease stream and use the name it answers with"
+            )
+        return lease
+
     def hold(self, lease: Lease, names: Iterable[str]) -> None:
         """Put branches in the lease: all of them, or none when one is unknown
         or not the caller's (PERMISSION_DENIED)."""
         entries = [
             self.branches.get(parse_name("hold", name, "branches"), lease.caller) for name in names
         ]
+        self.hold_entries(lease, entries)
+
+    def hold_entries(self, lease: Lease, entries: list[BranchEntry]) -> None:
+        """Put branches the caller may act on in the lease (RESOURCE_EXHAUSTED past MAX_HELD)."""
         inv = self.branches.ctx.inventory
         with self._lock:
             if len(lease.held) + len(entries) > MAX_HELD:

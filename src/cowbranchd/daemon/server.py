@@ -223,7 +223,8 @@ class Daemon:
             OperationServicer(self.operations, self.gate, self.ctx.metrics), server
         )
         branches_pb2_grpc.add_BranchServiceServicer_to_server(
-            BranchServicer(self.branches, self.gate, self.admission, self.differ), server
+            BranchServicer(self.branches, self.gate, self.admission, self.differ, self.leases),
+            server,
         )
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonServicer(self.branches, self.gate, self.start_time), server

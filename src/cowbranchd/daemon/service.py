@@ -31,6 +31,7 @@ from .branches import Branches, CreateSpec
 from .diff import Differ
 from .inventory import BaseEntry, BranchEntry
 from .isolation import SHARED_UID_WARNING
+from .leases import Leases
 from .pipeline import Pipeline
 from .rpc import Admission, Gate, duration, rpc, timestamp
 from .service_ops import import_spec, operation_proto, provenance_proto
@@ -42,10 +43,16 @@ DEFAULT_PAGE_SIZE = 100
 
 class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
     def __init__(
-        self, branches: Branches, gate: Gate, admission: dict[str, Admission], differ: Differ
+        self,
+        branches: Branches,
+        gate: Gate,
+        admission: dict[str, Admission],
+        differ: Differ,
+        leases: Leases,
     ) -> None:
         self.branches = branches
         self.differ = differ
+        self.leases = leases
         self.gate = gate
         self.admission = admission
         self.metrics = branches.ctx.metrics
@@ -101,7 +108,12 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             else None,
             at=request.at.ToDatetime(tzinfo=UTC) if request.HasField("at") else None,
         )
+        # Checked before anything is made; held before the answer, so no
+        # moment exists where the branch is made but in no lease.
+        lease = self.leases.find(request.lease, spec.owner) if request.lease else None
         entry = self.branches.create(spec)
+        if lease is not None:
+            self.leases.hold_entries(lease, [entry])
         if not context.is_active():  # cancelled, timed out or gone while we built it
             self.branches.mark_unclaimed(entry)
         return self.to_proto(entry, spec.owner, with_usage=False)
@@ -195,7 +207,6 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
             caller=caller,
         )
         return self.to_proto(entry, caller)
-
 
     @rpc
     def FreezeBranch(

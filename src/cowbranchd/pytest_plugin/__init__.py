@@ -292,15 +292,12 @@ class BranchFactory:
             postgres_settings={**mark.settings, **(settings or {})},
             # A test's branch lives for the test: never suspended under it.
             idle_suspend=0,
+            # Held in the process's lease from the moment it exists: a killed
+            # run's branches go within the daemon's lease grace instead of
+            # lingering for their TTL.
+            lease=client.lease(holder=self._state.holder()),
         )
         self.branches.append(branch)
-        # Held in the process's lease: a killed run's branches go within the
-        # daemon's lease grace instead of lingering for their TTL.
-        try:
-            client.lease(holder=self._state.holder()).hold(branch.name)
-        except Exception:
-            client.delete_branch(branch.name, allow_missing=True, force=True)
-            raise
         if self._item is not None:
             self._item.stash.setdefault(_BRANCHES, []).append(branch)
         return branch

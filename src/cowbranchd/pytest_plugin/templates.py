@@ -164,10 +164,13 @@ class Templates:
         migrate = load_migration(self.migrate)
         branch_id = name.removeprefix("branches/")
         labels = {TEMPLATE_LABEL: "building", HASH_LABEL: digest, USED_LABEL: _now()}
-        template = self.client.create_branch(version, branch_id=branch_id, labels=labels)
         lease = self.client.lease(holder=self.holder)
+        # Held from the moment it exists: a builder killed at any point loses
+        # it within the daemon's lease grace.
+        template = self.client.create_branch(
+            version, branch_id=branch_id, labels=labels, lease=lease
+        )
         try:
-            lease.hold(template.name)  # a builder killed now loses it within the grace
             migrate(template.dsn)
             # Children clone its frozen data: no checkpoint of it per test,
             # no recovery at their start, and warm clones of it.
