@@ -200,6 +200,27 @@ def test_branch_commands_in_json(ctl: pytest.CaptureFixture[str], daemon: Daemon
     assert run_json(ctl, "list", "--selector", f"run={run_id}") == []
 
 
+def test_freeze_makes_a_template_children_clone(
+    ctl: pytest.CaptureFixture[str], daemon: DaemonHandle
+) -> None:
+    """`freeze` leaves the branch SUSPENDED and frozen; a child created from
+    it has its data as frozen; `reset` of a template fails naming why."""
+    run_id = uuid.uuid4().hex[:8]
+    tpl = run_json(ctl, "create", f"bases/{daemon.base}", "-l", f"run={run_id}")
+    with psycopg.connect(tpl["connection"]["dsn"], autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (42, 'frozen')")
+    frozen = run_json(ctl, "freeze", tpl["name"])
+    assert (frozen["state"], frozen["frozen"]) == ("SUSPENDED", True)
+    code, out, _ = run(ctl, "show", tpl["name"])
+    assert code == EXIT_OK and "frozen:" in out and "yes (a template" in out
+    child = run_json(ctl, "create", tpl["name"], "-l", f"run={run_id}")
+    with psycopg.connect(child["connection"]["dsn"]) as conn:
+        assert conn.execute("SELECT max(id) FROM items").fetchone() == (42,)
+    code, _, err = run(ctl, "reset", tpl["name"])
+    assert code != EXIT_OK and "is frozen" in err
+    assert run(ctl, "delete", "--selector", f"run={run_id}")[0] == EXIT_OK
+
+
 def test_branch_commands_in_tables(ctl: pytest.CaptureFixture[str], daemon: DaemonHandle) -> None:
     """The same commands print aligned tables and key/value blocks for people."""
     run_id = uuid.uuid4().hex[:8]

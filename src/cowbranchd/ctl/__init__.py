@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="move the branch to version N of its base instead (a branch of a base only)",
     )
 
+    p = add("freeze", "make a branch a template: its children clone its data as it is now")
+    p.add_argument("name", help="branch id or branches/ID")
+
     p = add("update", "change a branch's labels, ttl, protection or idle suspend")
     p.add_argument("name", help="branch id or branches/ID")
     _labels_arg(p, "add or change a label")

@@ -216,6 +216,13 @@ def cmd_reset(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_freeze(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """`freeze NAME`: make the branch a template (left SUSPENDED; children
+    clone its frozen data, warm where the daemon keeps warm branches)."""
+    _show_branch(out, client.freeze_branch(args.name))
+    return EXIT_OK
+
+
 def cmd_update(client: Client, args: argparse.Namespace, out: Output) -> int:
     """`update NAME`: merge labels in or out, set ttl or idle suspend, protect
     or unprotect."""
@@ -382,6 +389,7 @@ COMMANDS: dict[str, Handler] = {
     "show": cmd_show,
     "delete": cmd_delete,
     "reset": cmd_reset,
+    "freeze": cmd_freeze,
     "update": cmd_update,
     "status": cmd_status,
     "version": cmd_version,

@@ -140,6 +140,7 @@ def branch_details(branch: Branch, now: datetime) -> list[tuple[str, str]]:
         ("expires", _expires(branch.expire_time, now)),
         ("protected", "yes" if branch.protected else "no"),
         ("idle_suspend", format_duration(branch.idle_suspend) if branch.idle_suspend else "never"),
+        ("frozen", "yes (a template: children clone its frozen data)" if branch.frozen else "no"),
         ("written", format_bytes(branch.written_bytes)),
     ]
     if branch.failure:
