@@ -178,3 +178,33 @@ def test_children_of_a_frozen_branch_are_handed_out_warm(
         assert rows(child.connection.dsn) == [1, 2, 3, 10]
         stub.ResetBranch(branches_pb2.ResetBranchRequest(name=child.name), timeout=120)
         assert rows(child.connection.dsn) == [1, 2, 3, 10]
+
+
+def test_warm_clones_go_to_the_most_recent_templates_only(
+    pool_daemon_factory: Callable[..., DaemonHandle],
+) -> None:
+    """With `daemon.warm_templates = 1`, only the template branched from last
+    has warm clones: the other one's child is made cold, and asking for it
+    moves the warm clones over."""
+    d = pool_daemon_factory(start=False)
+    d.sections = {"daemon": "warm_branches = 1\nwarm_templates = 1"}
+    d.start()
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        for name in ("one", "two"):
+            tpl = create(stub, "bases/demo", name)
+            stub.FreezeBranch(branches_pb2.FreezeBranchRequest(name=tpl.name), timeout=120)
+        # Frozen first, `one` had a warm clone until `two` was frozen.
+        wait_for("a warm clone of branches/two", lambda: len(warm_ready(d, "branches/two")) == 1)
+        before = len(warm_ready(d, "branches/one"))
+        create(stub, "branches/one", "cold-child")
+        wait_for(
+            "a new warm clone of branches/one",
+            lambda: len(warm_ready(d, "branches/one")) == before + 1,
+        )
+        create(stub, "branches/one", "warm-child")
+        made = {e["branch"]: e["warm"] for e in events(d, "branch_created")}
+        assert (made["cold-child"], made["warm-child"]) == (False, True)
+        # `one` is the most recent now: `two` has no warm clone left.
+        (two,) = warm_ready(d, "branches/two")
+        wait_for("branches/two's warm clone destroyed", lambda: two not in branch_volumes(d))

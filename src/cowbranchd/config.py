@@ -77,9 +77,13 @@ class DaemonConfig:
     # once (clients retry with backoff). Base writes get a quarter of the turns.
     max_concurrent_writes: int = 8
     max_queued_writes: int = 24
-    # Started clones of each base's latest version kept ready for CreateBranch
-    # (btrfs only); each is an idle postgres (~15 MiB) holding a port.
+    # Started clones of each hot parent kept ready for CreateBranch (each base's
+    # latest version, recently used frozen branches); each is an idle postgres
+    # (~15 MiB) holding a port.
     warm_branches: int = 0
+    # At most this many frozen branches (templates) have warm clones at once:
+    # the most recently branched from (daemon/warm.py).
+    warm_templates: int = 8
     default_ttl: timedelta | None = None
     # How long a branch whose create finished after its caller had gone is
     # kept for a retry with the same request_id before it is deleted.
@@ -209,7 +213,12 @@ class Config:
 _ZERO_MEANS_NONE = frozenset({"max_branch_bytes", "max_branch_bytes_cap", "max_written_bytes"})
 # Integer keys for which 0 is allowed (none, or no limit).
 _ZERO_ALLOWED = frozenset(
-    {"daemon.warm_branches", "tenants.max_branches", "imports.keep_versions"}
+    {
+        "daemon.warm_branches",
+        "daemon.warm_templates",
+        "tenants.max_branches",
+        "imports.keep_versions",
+    }
 )
 TENANT_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 MAX_LEASES = 128

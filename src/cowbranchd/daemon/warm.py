@@ -1,7 +1,8 @@
 """Warm branches: clones of each hot parent whose postgres is already
 running, handed out by CreateBranch under the requested id. Hot parents are
 every base's latest version, and every frozen branch (a template, freeze.py)
-asked for a child in the last HOT_WINDOW seconds or frozen that recently.
+asked for a child in the last HOT_WINDOW seconds or frozen that recently
+(the `daemon.warm_templates` most recent of them).
 
 PostgreSQL's own start is about half of a cold create. With
 `daemon.warm_branches = N`, a background thread keeps N such clones per base;
@@ -218,14 +219,18 @@ class WarmPool:
                 )
         horizon = time.monotonic() - HOT_WINDOW
         with self._lock:
-            for source, record in frozen:
-                asked = self._asked_at.get(source) if source is not None else None
-                if source is not None and asked is not None and asked > horizon:
-                    wanted[source] = Parent(
-                        record.base_id, f"branches/{record.branch_id}", record.role
-                    )
             for source in [k for k, t in self._asked_at.items() if t <= horizon]:
                 del self._asked_at[source]
+            hot = [
+                (self._asked_at[source], source, record)
+                for source, record in frozen
+                if source is not None and source in self._asked_at
+            ]
+        hot.sort(key=lambda item: item[0], reverse=True)
+        # daemon.warm_templates caps them: a tenant with many templates cannot
+        # make the daemon run warm_branches postgres processes for each.
+        for _, source, record in hot[: self.ctx.config.daemon.warm_templates]:
+            wanted[source] = Parent(record.base_id, f"branches/{record.branch_id}", record.role)
         return wanted
 
     def _refill(self) -> None:

@@ -183,7 +183,7 @@ def render_config(pool: Pool, socket_group: str, port_range: str = "") -> str:
 socket_group = "{socket_group}"
 # default_ttl = "4h"        # TTL of branches created without one
 # max_branches = 500
-# warm_branches = 0         # started clones kept ready per base: faster creates
+# warm_branches = 0         # started clones kept ready per hot parent: faster creates
 
 [storage]
 {_storage_lines(pool)}# min_free_bytes = "256M"   # CreateBranch is refused below this free space
