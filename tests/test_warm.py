@@ -221,6 +221,25 @@ def test_a_hand_over_the_pool_lost_in_a_crash_comes_back_from_its_record(
     assert not record.exists()
 
 
+def test_a_hand_over_cut_short_is_no_hand_over(warm_daemon: DaemonHandle) -> None:
+    """Each warm clone has an empty hand-over record prepared; a crash that
+    tore the record's write (the create had not answered) leaves no branch:
+    start-up destroys the warm volumes and drops their records."""
+    d = warm_daemon
+    handovers = d.workdir / "state" / "handovers"
+    warm = sorted(v for v in volumes(d) if volume_meta(d, v).get("warm") == "1")
+    assert len(warm) == 2
+    assert [(handovers / f"{v}.json").read_text() for v in warm] == ["", ""]
+    d.kill()
+    (handovers / f"{warm[0]}.json").write_text('{"volume": "' + warm[0] + '", "meta": {"id": "to')
+    d.start()
+    with d.channel() as ch:
+        listed = d.branches(ch).ListBranches(branches_pb2.ListBranchesRequest()).branches
+    assert list(listed) == []
+    assert not set(warm) & volumes(d)
+    assert not any((handovers / f"{v}.json").exists() for v in warm)
+
+
 def test_a_warm_clone_whose_session_ended_is_still_handed_out(warm_daemon: DaemonHandle) -> None:
     """The daemon's open session to a warm clone may end meanwhile (a base's
     idle_session_timeout, an administrator): the hand-out opens a new one and

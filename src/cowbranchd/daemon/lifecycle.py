@@ -45,6 +45,7 @@ __all__ = [
     "connection",
     "dismantle",
     "forget_hand_over",
+    "prepare_hand_over",
     "open_session",
     "present",
     "present_as",
@@ -458,20 +459,39 @@ def _hand_overs_dir(ctx: Context) -> Path:
     return ctx.config.daemon.state_dir / "handovers"
 
 
-def record_hand_over(ctx: Context, volume: str, meta: Mapping[str, str]) -> None:
-    """Make the hand-over of warm volume `volume` durable: the metadata patch
-    that turns it into its branch, written and fsynced before it is applied."""
+def prepare_hand_over(ctx: Context, volume: str) -> None:
+    """When warm volume `volume` is made: its hand-over record, empty, with
+    its directory entry durable, so the hand-over itself costs one write and
+    one fdatasync (record_hand_over). An empty record means no hand-over."""
     folder = _hand_overs_dir(ctx)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = folder / f"{volume}.json"
-    tmp = folder / f".{volume}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(
+        folder / f"{volume}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+    )
+    os.close(fd)
+    _fsync_dir(folder)
+
+
+def record_hand_over(ctx: Context, volume: str, meta: Mapping[str, str]) -> None:
+    """Make the hand-over of warm volume `volume` durable: the metadata patch
+    that turns it into its branch, written into its prepared record and
+    synced before it is applied. A crash mid-write leaves a torn record,
+    which start-up reads as no hand-over: the call had not answered yet."""
+    folder = _hand_overs_dir(ctx)
+    body = json.dumps({"volume": volume, "meta": dict(meta)}).encode()
     try:
-        os.write(fd, json.dumps({"volume": volume, "meta": dict(meta)}).encode())
-        os.fsync(fd)
+        fd = os.open(folder / f"{volume}.json", os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:  # not prepared (made by an older daemon): the long way
+        prepare_hand_over(ctx, volume)
+        fd = os.open(folder / f"{volume}.json", os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        os.write(fd, body)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, target)
+
+
+def _fsync_dir(folder: Path) -> None:
     dirfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dirfd)
@@ -494,18 +514,25 @@ def replay_hand_overs(ctx: Context, volumes: list[Volume]) -> list[Volume]:
         return volumes
     records: dict[str, dict[str, str]] = {}
     for path in sorted(folder.glob("*.json")):
+        recorded = path.name.removesuffix(".json")
         try:
-            body = json.loads(path.read_text())
-            records[str(body["volume"])] = {str(k): str(v) for k, v in body["meta"].items()}
+            text = path.read_text()
+            if not text:
+                records[recorded] = {}  # prepared, never handed over
+                continue
+            body = json.loads(text)
+            records[recorded] = {str(k): str(v) for k, v in body["meta"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("hand_over_record_unreadable", path=str(path), error=str(exc))
+            # Torn by a crash mid-write: that hand-over never answered.
+            records[recorded] = {}
+            log.warning("hand_over_record_torn", path=str(path), error=str(exc))
     present = {v.name for v in volumes if v.kind is Kind.BRANCHES}
     for name in sorted(set(records) - present):
         forget_hand_over(ctx, name)
     out = []
     for volume in volumes:
         patch = records.get(volume.name) if volume.kind is Kind.BRANCHES else None
-        if patch is None or volume.meta.get(META_WARM) != "1":
+        if not patch or volume.meta.get(META_WARM) != "1":
             out.append(volume)
             continue
         ctx.driver.set_meta(Kind.BRANCHES, volume.name, patch)

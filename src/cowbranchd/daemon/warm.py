@@ -44,7 +44,13 @@ from cowbranchd.storage.base import Kind, SnapshotRef
 
 from .follow import is_followed
 from .inventory import BranchEntry, Context
-from .lifecycle import dismantle, materialise, open_session, remove_runtime_files
+from .lifecycle import (
+    dismantle,
+    materialise,
+    open_session,
+    prepare_hand_over,
+    remove_runtime_files,
+)
 from .revert import Revert
 
 __all__ = ["WarmClone", "WarmPool"]
@@ -298,6 +304,7 @@ class WarmPool:
                 if moved:
                     ctx.driver.set_meta(Kind.BRANCHES, warm_id, moved)
                 session = open_session(ctx, entry)
+                prepare_hand_over(ctx, warm_id)
                 undo.success()
         except CowbranchError as exc:
             log.warning("warm_start_failed", parent=parent.parent, error=exc.message)
