@@ -7,6 +7,7 @@ btrfs pool, real postgres."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -16,11 +17,17 @@ import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from cowbranchd import postgres
+from cowbranchd.daemon.acceptor import Acceptor, Waking
 from cowbranchd.v1 import branches_pb2
 from tests.fix_daemon import DaemonFactory, DaemonHandle
 
 Branch = branches_pb2.Branch
 WAIT_S = 60.0
+# Connections fired at a resume: a burst at once, then one every STAGGER_S,
+# together spanning the restart (postgres starts in ~100-250 ms here).
+BURST = 4
+STAGGERED = 20
+STAGGER_S = 0.025
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +212,92 @@ def test_deleting_a_suspended_branch_leaves_nothing_listening(sleepy: DaemonHand
         socket.create_connection(
             (branch.connection.host, branch.connection.port), timeout=5
         ).close()
+
+
+def test_no_connection_is_refused_while_a_branch_resumes(sleepy: DaemonHandle) -> None:
+    """Connections to a suspended branch's DSN all through its resume (a burst
+    at once, then one every few ms for half a second) each get in and see its
+    data: none meets a port nobody listens on, nor postgres still starting up."""
+    d = sleepy
+    branch = create(d, "crowd")
+    with psycopg.connect(branch.connection.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (6, 'fig')")
+    wait_state(d, "crowd", Branch.SUSPENDED)
+    go = threading.Event()
+    outcomes: dict[int, object] = {}
+
+    def attempt(n: int, delay: float) -> None:
+        go.wait()
+        time.sleep(delay)
+        try:
+            outcomes[n] = items(branch.connection.dsn)
+        except psycopg.Error as exc:
+            outcomes[n] = f"{type(exc).__name__}: {exc}"
+
+    delays = [0.0] * BURST + [i * STAGGER_S for i in range(STAGGERED)]
+    threads = [threading.Thread(target=attempt, args=(n, delay)) for n, delay in enumerate(delays)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join()
+    expected = ["apple", "banana", "cherry", "fig"]
+    failed = [
+        f"+{delay * 1000:.0f} ms: {outcomes.get(n)}"
+        for n, delay in enumerate(delays)
+        if outcomes.get(n) != expected
+    ]
+    assert failed == [], "\n".join(failed)
+    assert get(d, "crowd").state == Branch.READY
+
+
+def test_a_waking_port_is_steered_only_at_its_own_address() -> None:
+    """While a branch wakes, a new connection to its port at its listen
+    address queues for the relay even though a postgres-like listener has
+    bound the port meanwhile; the same port at another local address is not
+    taken (refused: nothing listens there); once relayed, a new connection
+    reaches that listener directly. The acceptor alone, no postgres."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    acceptor = Acceptor()
+    bound = threading.Event()
+    release = threading.Event()
+    relayed: list[int] = []
+    server = socket.socket()
+
+    def on_wake(waking: Waking) -> None:
+        # As postgres binds: SO_REUSEADDR, no SO_REUSEPORT.
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(16)
+        bound.set()
+        release.wait(WAIT_S)
+        relayed.append(waking.relay("127.0.0.1", port))
+
+    try:
+        acceptor.arm("steered", [(socket.AF_INET, "127.0.0.1")], port, on_wake)
+        first = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert bound.wait(WAIT_S)
+        during = socket.create_connection(("127.0.0.1", port), timeout=10)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # not the new listener's yet: postgres would still be starting
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", port), timeout=10).close()
+        release.set()
+        server.settimeout(10)
+        upstreams = [server.accept()[0] for _ in range(2)]
+        for upstream in upstreams:
+            upstream.sendall(b"hello")
+        assert [first.recv(5), during.recv(5)] == [b"hello", b"hello"]
+        after = socket.create_connection(("127.0.0.1", port), timeout=10)
+        direct, peer = server.accept()
+        assert peer == after.getsockname()
+        for sock in (first, during, after, direct, *upstreams):
+            sock.close()
+    finally:
+        release.set()
+        acceptor.close()
+        server.close()
+    assert relayed == [2]

@@ -3,7 +3,8 @@ connection for its `idle_suspend` has its postgres stopped (fast shutdown: a
 clean data directory) and becomes SUSPENDED, keeping its port, uid, password
 and data; the daemon's acceptor (acceptor.py) listens on that port, and the
 first connection to the unchanged DSN starts postgres there again and is
-relayed to it, while later ones reach postgres directly.
+relayed to it, as is every connection that comes while it starts (the
+acceptor keeps them from a closed port); later ones reach postgres directly.
 
 Idle means: at every reaper pass for `idle_suspend`, the postmaster had no
 child but its background processes, and its children's CPU time did not grow
@@ -15,8 +16,6 @@ A mixin of `Branches`, between it and `BranchChanges`. No gRPC.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from cowbranchd.errors import CowbranchError
 from cowbranchd.model import BranchRecord, State
 from cowbranchd.ports import bind_addresses
 
-from .acceptor import relay
+from .acceptor import Waking
 from .changes import BranchChanges
 from .inventory import BranchEntry
 from .lifecycle import start_postmaster, stop_postmaster
@@ -184,43 +183,39 @@ class BranchSuspend(BranchChanges):
         except CowbranchError as exc:
             self._mark_failed(entry, f"{why}: {exc.message}")
 
-    def _wake(self, entry: BranchEntry, clients: list[socket.socket]) -> None:
-        """The acceptor's callback: the first connections came to a suspended
-        branch (the acceptor has let go of its port). Start postgres there and
-        relay them to it; on a thread of its own."""
+    def _wake(self, entry: BranchEntry, waking: Waking) -> None:
+        """The acceptor's callback, on a thread of its own: connections came
+        to a suspended branch. The acceptor has let go of its port (and queues
+        whatever else comes meanwhile): start postgres there and have them all
+        relayed to it. What is not relayed, the acceptor closes."""
         started = time.perf_counter()
         resumed = False
-        try:
-            with entry.lock:
-                with self.ctx.inventory.lock:
-                    current = self.ctx.inventory.branches.get(entry.branch_id) is entry
-                if current and not entry.deleting and entry.record.state is State.SUSPENDED:
-                    try:
-                        start_postmaster(self.ctx, entry, allow_new_port=False)
-                    except CowbranchError as exc:
-                        log.error("resume_failed", branch=entry.branch_id, error=exc.message)
-                        self._mark_failed(entry, f"resume failed: {exc.message}")
-                        return
-                    resumed = True
-                elif not (current and entry.postmaster and entry.postmaster.alive()):
-                    return  # deleted (or failed) while the clients waited
-                suspended = entry.record
-                if resumed:
-                    # READY for everyone at once; the metadata write follows
-                    # the relay, off the first query's path.
-                    entry.record = suspended.evolve(state=State.READY)
-                for client in clients:
-                    relay(client, self.ctx.config.postgres.host, entry.record.port)
-                clients = []
-                if resumed:
-                    self._store_resumed(entry, suspended)
-        finally:
-            for client in clients:  # not relayed: they see the connection close
-                with contextlib.suppress(OSError):
-                    client.close()
+        with entry.lock:
+            with self.ctx.inventory.lock:
+                current = self.ctx.inventory.branches.get(entry.branch_id) is entry
+            if current and not entry.deleting and entry.record.state is State.SUSPENDED:
+                try:
+                    start_postmaster(self.ctx, entry, allow_new_port=False)
+                except CowbranchError as exc:
+                    log.error("resume_failed", branch=entry.branch_id, error=exc.message)
+                    self._mark_failed(entry, f"resume failed: {exc.message}")
+                    return
+                resumed = True
+            elif not (current and entry.postmaster and entry.postmaster.alive()):
+                return  # deleted (or failed) while the clients waited
+            suspended = entry.record
+            if resumed:
+                # READY for everyone at once; the metadata write follows
+                # the relay, off the first query's path.
+                entry.record = suspended.evolve(state=State.READY)
+            relayed = waking.relay(self.ctx.config.postgres.host, entry.record.port)
+            if resumed:
+                self._store_resumed(entry, suspended)
         if resumed:
             ms = round((time.perf_counter() - started) * 1000, 1)
-            log.info("branch_resumed", branch=entry.branch_id, by="connection", ms=ms)
+            log.info(
+                "branch_resumed", branch=entry.branch_id, by="connection", ms=ms, relayed=relayed
+            )
 
     def _store_resumed(self, entry: BranchEntry, before: BranchRecord | None = None) -> None:
         try:
