@@ -1,23 +1,31 @@
 """Bases from existing data directories: copied in (the source untouched),
-refreshed as new versions, whatever the source's superuser is called."""
+refreshed as new versions, whatever the source's superuser is called; and
+never a version holding files a branch's own uid could not write."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 
 from cowbranchd import ctl, postgres
 from cowbranchd.v1 import bases_pb2, branches_pb2
-from tests.fix_daemon import DaemonHandle
+from tests.fix_daemon import DaemonFactory, DaemonHandle, code_of
 
 BIN_DIRS = ("/usr/lib/postgresql/{version}/bin",)
+# What a base sealed by cowbranchd before f759db0 held: its single-user
+# postgres ran with the postgres uid but root's gid, so the shutdown
+# checkpoint left this file postgres:root.
+ROOT_GROUP_FILE = "pg_logical/replorigin_checkpoint"
 
 
 @pytest.fixture
@@ -138,3 +146,75 @@ def test_base_from_data_directory_and_refreshed_version(
         )
         assert rows(v3.connection.dsn.rsplit("/", 1)[0] + "/app") == [1, 2, 3, 4]
         bases.DeleteBase(bases_pb2.DeleteBaseRequest(name="bases/copied", force=True), timeout=120)
+
+
+def _give_root_group(pgdata: Path) -> None:
+    """chgrp root ROOT_GROUP_FILE in `pgdata`, as the old daemon left it."""
+    os.chown(pgdata / ROOT_GROUP_FILE, pwd.getpwnam("postgres").pw_uid, 0, follow_symlinks=False)
+
+
+def _btrfs_read_only(path: Path, value: bool) -> None:
+    subprocess.run(
+        ["btrfs", "property", "set", "-ts", str(path), "ro", str(value).lower()],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_base_sealed_with_roots_group_is_refused_not_handed_out_to_panic(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """A base version holding a file of root's group, as an older cowbranchd sealed them, is
+    FAILED_PRECONDITION naming the file; before, the branch started (its own uid reads the
+    file through the idmapped mount) and its first CHECKPOINT, the one a branch from it
+    takes, PANICked: `could not open file "pg_logical/replorigin_checkpoint": Permission
+    denied` (the kernel writes no inode with an unmapped group through the mount)."""
+    d = daemon_factory()
+    d.stop()
+    base = Path(d.pool_root) / "bases"
+    _give_root_group(base / "demo" / "pgdata")
+    _btrfs_read_only(base / "demo@v1", False)
+    try:
+        _give_root_group(base / "demo@v1" / "pgdata")
+    finally:
+        _btrfs_read_only(base / "demo@v1", True)
+    d.start()
+    with d.channel() as ch:
+        branches = d.branches(ch)
+        code, details = code_of(
+            branches.CreateBranch, branches_pb2.CreateBranchRequest(parent="bases/demo")
+        )
+        if code is grpc.StatusCode.OK:  # before the fix: the PANIC comes one step later
+            listed = branches.ListBranches(branches_pb2.ListBranchesRequest(), timeout=60)
+            code, details = code_of(
+                branches.CreateBranch,
+                branches_pb2.CreateBranchRequest(parent=listed.branches[0].name),
+            )
+    assert (code, f"{ROOT_GROUP_FILE} is postgres:root" in details) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        True,
+    ), details
+
+
+def test_no_version_is_sealed_from_files_of_another_group(daemon: DaemonHandle) -> None:
+    """CreateBaseVersion of a base whose data holds a file of root's group is
+    FAILED_PRECONDITION naming it, and the base keeps the versions it had."""
+    with daemon.channel() as ch:
+        bases = daemon.bases(ch)
+        bases.CreateBase(bases_pb2.CreateBaseRequest(base_id="regrouped"), timeout=120)
+        try:
+            _give_root_group(Path(daemon.pool_root) / "bases" / "regrouped" / "pgdata")
+            code, details = code_of(
+                bases.CreateBaseVersion,
+                bases_pb2.CreateBaseVersionRequest(parent="bases/regrouped"),
+            )
+            got = bases.GetBase(bases_pb2.GetBaseRequest(name="bases/regrouped"), timeout=60)
+            assert (
+                code,
+                f"{ROOT_GROUP_FILE} is postgres:root" in details,
+                [v.version for v in got.versions],
+            ) == (grpc.StatusCode.FAILED_PRECONDITION, True, [1]), details
+        finally:
+            bases.DeleteBase(
+                bases_pb2.DeleteBaseRequest(name="bases/regrouped", force=True), timeout=120
+            )

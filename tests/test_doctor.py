@@ -36,6 +36,7 @@ CHECKS = [
     "pool",
     "idmap",
     "postgres",
+    "bases",
     "ports",
     "socket",
     "state_dir",
@@ -156,6 +157,39 @@ def test_a_base_of_a_missing_postgres_major_fails_naming_it(
     assert check["status"] == "fail"
     assert check["summary"].startswith("bases/old needs PostgreSQL 99, not installed (installed: ")
     assert "apt-get install postgresql-N" in check["fix"]
+
+
+@pytest.mark.btrfs
+def test_a_base_holding_a_file_of_roots_group_warns_naming_it(
+    tmp_path: Path, pool_root: Path
+) -> None:
+    """A base whose data holds a file of root's group (as an older cowbranchd sealed
+    them; no branch's uid could write it) warns in the bases check, naming base and file."""
+    driver = BtrfsDriver(root=pool_root)
+    driver.ensure_layout()
+    record = BaseRecord(
+        base_id="regrouped",
+        state=State.READY,
+        create_time=datetime.now(UTC),
+        pg_version=15,
+        user="postgres",
+        database="postgres",
+    )
+    pgdata = driver.create_volume(Kind.BASES, "regrouped", record.to_meta()) / "pgdata"
+    postgres = pwd.getpwnam("postgres")
+    (pgdata / "pg_logical").mkdir(parents=True)
+    (pgdata / "pg_logical" / "replorigin_checkpoint").write_bytes(b"\0" * 8)
+    for path in (pgdata, pgdata / "pg_logical"):
+        os.chown(path, postgres.pw_uid, postgres.pw_gid)
+    os.chown(pgdata / "pg_logical" / "replorigin_checkpoint", postgres.pw_uid, 0)
+    code, document = doctor(write_config(tmp_path, pool_root))
+    check = by_check(document)["bases"]
+    assert (code, check["status"], check["summary"]) == (
+        0,
+        "warn",
+        "files not owned by postgres and its group: bases/regrouped "
+        f"(pg_logical/replorigin_checkpoint is postgres:root ({postgres.pw_uid}:0))",
+    )
 
 
 def test_an_occupied_port_fails_naming_it(tmp_path: Path) -> None:

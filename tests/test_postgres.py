@@ -8,6 +8,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -104,6 +105,26 @@ def test_pg_version_rejects_a_directory_without_pg_version(tmp_path: Path) -> No
     """A directory that is not a data directory fails the precondition."""
     with pytest.raises(FailedPrecondition, match="not a PostgreSQL data directory"):
         postgres.pg_version(tmp_path)
+
+
+def test_foreign_owned_names_files_of_another_group_and_never_enters_a_link(
+    tmp_path: Path,
+) -> None:
+    """A file of root's group is named with its owner; a link to a directory full of root's
+    files is only a link (owned by postgres): the walk never enters it."""
+    owner = pwd.getpwnam(OS_USER)
+    pgdata = tmp_path / "pgdata"
+    (pgdata / "pg_logical").mkdir(parents=True)
+    (pgdata / "pg_tblspc").mkdir()
+    (pgdata / "pg_logical" / "replorigin_checkpoint").write_bytes(b"\0" * 8)
+    (pgdata / "pg_tblspc" / "16384").symlink_to("/root")
+    for path in (pgdata, *pgdata.rglob("*")):
+        os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+    assert postgres.foreign_owned(pgdata, owner.pw_uid, owner.pw_gid) == ""
+    os.chown(pgdata / "pg_logical" / "replorigin_checkpoint", owner.pw_uid, 0)
+    assert postgres.foreign_owned(pgdata, owner.pw_uid, owner.pw_gid) == (
+        f"pg_logical/replorigin_checkpoint is {OS_USER}:root ({owner.pw_uid}:0)"
+    )
 
 
 def test_started_branch_answers_psycopg_and_psql(pg_dir: PgDir, start_pg: StartPg) -> None:

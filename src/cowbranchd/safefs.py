@@ -12,7 +12,9 @@ The daemon touches such trees only through this module:
   before a byte is read, and reads are capped;
 - files are written by creating a new private temp file (O_EXCL) and renaming
   it over the old name: a rename replaces a planted link, never its target;
-- removal uses unlinkat and `shutil.rmtree(dir_fd=...)`, which never follow.
+- removal uses unlinkat and `shutil.rmtree(dir_fd=...)`, which never follow;
+- a walk (`walk_tree`) reads names and their own lstat, never a file's content,
+  and enters a subdirectory only by O_NOFOLLOW | O_DIRECTORY from its parent.
 
 What this module may not do: resolve a path inside such a tree with plain
 `open()`/`Path` calls, or follow a link for anyone. Anything unexpected raises
@@ -27,6 +29,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 
 from .errors import FailedPrecondition
 
@@ -39,9 +42,12 @@ __all__ = [
     "remove_tree_entries",
     "replace_file",
     "unlink_if_present",
+    "walk_tree",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A data directory is at most ~5 levels deep (pg_tblspc/<oid>/PG_*/<db>/<file>).
+_MAX_WALK_DEPTH = 64
 
 
 class UnsafePath(FailedPrecondition):
@@ -214,3 +220,41 @@ def append_regular(dir_fd: int, name: str, data: bytes, *, shown: str) -> None:
         _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def walk_tree(dir_fd: int, *, shown: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry below the directory `dir_fd`, depth first, as (its path
+    relative to `dir_fd`, its own lstat). A link is reported, never followed;
+    a subdirectory is entered by O_NOFOLLOW | O_DIRECTORY from its parent's
+    descriptor, so one swapped for a link meanwhile is not entered. Entries
+    that vanish during the walk are skipped. Deeper than 64 levels is
+    UnsafePath (no data directory is; a planted tree could be)."""
+    return _walk(dir_fd, shown, "", 0)
+
+
+def _walk(
+    dir_fd: int, shown: str, prefix: str, depth: int
+) -> Iterator[tuple[str, os.stat_result]]:
+    if depth > _MAX_WALK_DEPTH:
+        raise UnsafePath(shown, f"is nested deeper than {_MAX_WALK_DEPTH} directories")
+    with os.scandir(dir_fd) as listing:
+        entries = list(listing)
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        path = f"{prefix}{entry.name}"
+        yield path, st
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                continue  # gone, or replaced by a file or a link since it was listed
+            raise
+        try:
+            yield from _walk(child, str(PurePosixPath(shown, entry.name)), f"{path}/", depth + 1)
+        finally:
+            os.close(child)

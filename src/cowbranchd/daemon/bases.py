@@ -2,9 +2,12 @@
 with immutable numbered versions (storage snapshots `v<n>`).
 
 Creating a base runs `initdb` or copies an existing data directory into a new
-volume, owns it by the configured OS user once (clones inherit ownership and
-are never chowned), and snapshots it as version 1. This module orchestrates;
-it does not speak gRPC and does not run branch postmasters.
+volume as the configured OS user, and snapshots it as version 1. Clones inherit
+ownership and are never chowned, so no version is sealed while anything in it
+belongs to another user or group: a branch's idmapped mount maps only the OS
+user and its group, and a file it cannot map is one the branch can never write.
+This module orchestrates; it does not speak gRPC and does not run branch
+postmasters.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -75,6 +79,10 @@ class Bases:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._creating: set[str] = set()
+        # (base, create time, latest version) -> what keeps its files from
+        # being written by a branch's own uid ("" if nothing): one walk per
+        # base version and daemon run (see `_check_branchable`).
+        self._unwritable: dict[tuple[str, datetime, int | None], str] = {}
 
     # -- queries -------------------------------------------------------------
 
@@ -102,13 +110,65 @@ class Bases:
     def resolve(self, parent: Parent) -> tuple[BaseRecord, SnapshotRef]:
         """The base record and the version snapshot a branch of `parent` clones."""
         assert parent.base is not None
-        record = self.get(parent.base).record
+        entry = self.get(parent.base)
+        record = entry.record
         if record.state is not State.READY:
             raise FailedPrecondition(f"bases/{parent.base} is {record.state.name}")
         version = parent.version if parent.version is not None else record.latest_version
         if version is None or version not in record.versions:
             raise NotFound(f"bases/{parent.base}/versions/{parent.version} does not exist")
+        if self.ctx.uids is not None:
+            self._check_branchable(entry)
         return record, SnapshotRef(Kind.BASES, record.base_id, version_snap(version))
+
+    def _ownership_problem(self, pgdata: Path) -> str:
+        """Empty if everything in `pgdata` belongs to os_user and its group,
+        the only ids a branch's idmapped mount maps; else which entries do not."""
+        os_user = self.ctx.config.postgres.os_user
+        user = pwd.getpwnam(os_user)
+        foreign = postgres.foreign_owned(pgdata, user.pw_uid, user.pw_gid)
+        if not foreign:
+            return ""
+        return (
+            f"files not owned by {os_user} and its group ({user.pw_uid}:{user.pw_gid}), which "
+            f"a branch's postgres, running as its own uid, could read but never write (the "
+            f"first CHECKPOINT would PANIC): {foreign}"
+        )
+
+    def _require_owned(self, pgdata: Path, what: str) -> None:
+        """Before `pgdata` becomes a version: FailedPrecondition if anything in
+        it belongs to another user or group."""
+        problem = self._ownership_problem(pgdata)
+        if problem:
+            raise FailedPrecondition(f"{what} holds {problem}")
+
+    def _check_branchable(self, entry: BaseEntry) -> None:
+        """FailedPrecondition if the base's data holds files a branch's own uid
+        could not write. Every version sealed by this code is checked when it
+        is made (`_require_owned`); bases made by a cowbranchd whose
+        single-user postgres kept root's group are not, and are found here,
+        once per version and daemon run, on the data the latest version was
+        sealed from (no snapshot has a path the storage interface shows)."""
+        record = entry.record
+        key = (record.base_id, record.create_time, record.latest_version)
+        with self.ctx.inventory.lock:
+            problem = self._unwritable.get(key)
+        if problem is None:
+            try:
+                problem = self._ownership_problem(entry.path / "pgdata")
+            except FileNotFoundError:
+                return  # swapped by an import right now: checked at its seal
+            with self.ctx.inventory.lock:
+                self._unwritable[key] = problem
+            if problem:
+                log.error("base_not_branchable", base=record.base_id, error=problem)
+        if problem:
+            raise FailedPrecondition(
+                f"bases/{record.base_id} cannot be branched: it holds {problem}. Bases made by "
+                "cowbranchd before its children ran with their user's own group have such "
+                "files; import the base again (CreateBaseVersion with data_directory, "
+                "ImportBase, or DeleteBase and CreateBase)"
+            )
 
     # -- create --------------------------------------------------------------
 
@@ -208,6 +268,7 @@ class Bases:
                     database=initdb.database or None,
                     init_sql=initdb.init_sql or None,
                 )
+                self._require_owned(pgdata, f"bases/{base_id}")
             postgres.check_clean_shutdown(pgdata, binaries, os_user=pg_cfg.os_user)
             driver.snapshot(Kind.BASES, base_id, version_snap(1))
             record = record.evolve(
@@ -239,7 +300,9 @@ class Bases:
         copy_in(source_dir, pgdata, os_user)
         postgres.write_hba(pgdata, os_user)
         postgres.prepare_clone(pgdata)
-        return self._set_password(pgdata, binaries, self.ctx.base_password(record))
+        superuser = self._set_password(pgdata, binaries, self.ctx.base_password(record))
+        self._require_owned(pgdata, f"the copy of {source_dir}")
+        return superuser
 
     def _set_password(self, pgdata: Path, binaries: postgres.Binaries, password: str) -> str:
         """Give the cluster's bootstrap superuser (whatever its name) the base's
@@ -285,6 +348,8 @@ class Bases:
                     )
                 postgres.check_clean_shutdown(source_dir, binaries, os_user=os_user)
                 record = record.evolve(user=self._replace_pgdata(entry.path, source_dir, record))
+            else:
+                self._require_owned(pgdata, f"bases/{base_id}")
             postgres.check_clean_shutdown(pgdata, binaries, os_user=os_user)
             version = (record.latest_version or 0) + 1
             self.ctx.driver.snapshot(Kind.BASES, base_id, version_snap(version))
@@ -364,7 +429,9 @@ class Bases:
         return self._set_password(pgdata, binaries, self.ctx.base_password(record))
 
     def swap_in(self, volume: Path, staging: Path) -> None:
-        """`staging` becomes the base's pgdata by two renames; the old one goes."""
+        """`staging` becomes the base's pgdata by two renames; the old one goes.
+        Refused (nothing renamed) if anything in it is not the os_user's."""
+        self._require_owned(staging, "the import")
         os.rename(volume / "pgdata", volume / OUTGOING)
         os.rename(staging, volume / "pgdata")
         shutil.rmtree(volume / OUTGOING, ignore_errors=True)  # never follows links

@@ -46,6 +46,9 @@ ABOUT = {
     "idmap": "with idmapped mounts each branch's postgres runs as its own OS user; without "
     "them every branch runs as postgres.os_user and a tenant's superuser can reach the others",
     "postgres": "every base needs the binaries of its PostgreSQL major version to start branches",
+    "bases": "a branch's postgres writes its clone through an idmapped mount that maps only "
+    "postgres.os_user and its group: a base file of any other user or group is one no branch "
+    "can write, so the daemon refuses to branch that base",
     "ports": "each branch's postgres listens on a port of postgres.port_range; a port taken by "
     "another program is skipped, and a range full of them refuses creates",
     "socket": "the API socket's directory is 0750 root:<socket_group>; only root and that "
@@ -314,6 +317,45 @@ def check_postgres(host: Host) -> Finding:
     return Finding("postgres", Status.OK, summary)
 
 
+def check_bases(host: Host) -> Finding:
+    pg = host.config.postgres
+    driver, why = host.pool()
+    if driver is None:
+        return Finding("bases", Status.SKIP, f"not read: {why}")
+    try:
+        user = pwd.getpwnam(pg.os_user)
+    except KeyError:
+        return Finding("bases", Status.SKIP, f"postgres.os_user {pg.os_user!r} does not exist")
+    checked = 0
+    foreign: list[str] = []
+    for volume in driver.list():
+        if volume.kind is not Kind.BASES:
+            continue
+        try:
+            # The data the latest version was sealed from, as the daemon checks it.
+            found = postgres.foreign_owned(
+                volume.path / "pgdata", user.pw_uid, user.pw_gid, limit=1
+            )
+        except FileNotFoundError:
+            continue  # half-built: the daemon removes it at its next start
+        checked += 1
+        if found:
+            foreign.append(f"bases/{volume.name} ({found})")
+    if foreign:
+        return Finding(
+            "bases",
+            Status.WARN,
+            f"files not owned by {pg.os_user} and its group: {'; '.join(foreign)}",
+            fix="import those bases again (CreateBaseVersion with data_directory, ImportBase, "
+            "or delete and create them); they were made by an older cowbranchd",
+        )
+    if not checked:
+        return Finding("bases", Status.OK, "no bases yet")
+    return Finding(
+        "bases", Status.OK, f"{checked} base(s), every file {pg.os_user}'s and its group's"
+    )
+
+
 def _sockets(ports: set[int]) -> tuple[dict[int, int], set[int]]:
     """Of `ports`: port -> pid of its listener (as far as we may see), and the
     ports that are only the local end of connections (ephemeral ports)."""
@@ -545,6 +587,7 @@ CHECKS: list[tuple[str, Callable[[Host], Finding]]] = [
     ("pool", check_pool),
     ("idmap", check_idmap),
     ("postgres", check_postgres),
+    ("bases", check_bases),
     ("ports", check_ports),
     ("socket", check_socket),
     ("state_dir", check_state_dir),

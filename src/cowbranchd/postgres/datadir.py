@@ -8,7 +8,9 @@ The public names are re-exported by `cowbranchd.postgres`.
 from __future__ import annotations
 
 import glob
+import grp
 import os
+import pwd
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from cowbranchd.safefs import (
     read_regular,
     remove_tree_entries,
     unlink_if_present,
+    walk_tree,
 )
 
 from .settings import DAEMON_OWNED_SETTINGS
@@ -33,6 +36,7 @@ __all__ = [
     "PidFile",
     "check_clean_shutdown",
     "find_binaries",
+    "foreign_owned",
     "installed_versions",
     "pg_version",
     "prepare_clone",
@@ -187,6 +191,41 @@ def prepare_clone(pgdata: str | os.PathLike[str]) -> None:
                 remove_tree_entries(slots, shown)
         except FileNotFoundError:
             pass
+
+
+def _owner_name(uid: int, gid: int) -> str:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"{user}:{group} ({uid}:{gid})"
+
+
+def foreign_owned(pgdata: str | os.PathLike[str], uid: int, gid: int, *, limit: int = 3) -> str:
+    """Empty if the data directory and everything in it belong to uid:gid,
+    else the first `limit` entries that do not, with their owners, e.g.
+    "pg_logical/replorigin_checkpoint is postgres:root (101:0)".
+
+    Metadata only (names and lstat, `safefs.walk_tree`): no file is opened,
+    no link followed. An idmapped mount maps only uid:gid, and the kernel
+    refuses every write through it to an inode whose owner or group it cannot
+    map (even one whose owner it can), so a branch could read such a file and
+    never write it."""
+    found: list[str] = []
+    with open_dir(pgdata) as root:
+        top = os.fstat(root)
+        if (top.st_uid, top.st_gid) != (uid, gid):
+            found.append(f". is {_owner_name(top.st_uid, top.st_gid)}")
+        for path, st in walk_tree(root, shown=os.fspath(pgdata)):
+            if len(found) >= limit:
+                break
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                found.append(f"{path} is {_owner_name(st.st_uid, st.st_gid)}")
+    return "; ".join(found)
 
 
 @dataclass(frozen=True)
