@@ -308,6 +308,7 @@ class Branches(BranchFreeze):
                         del inv.branches[branch_id]
 
             undo.add("forget branch", forget)
+            own = False  # a snapshot made for this child alone: never warm
             if parent_branch is not None:
                 source, own = self._snapshot_branch(parent_branch, branch_id)
                 if own:
@@ -332,7 +333,12 @@ class Branches(BranchFreeze):
             entry.record = record
             warm = None
             steps: dict[str, float] = {}
-            if not record.settings and self.warm is not None and before_start is None:
+            if (
+                not own
+                and not record.settings
+                and self.warm is not None
+                and before_start is None
+            ):
                 warm = self.warm.take(source, record.max_bytes)
             if warm is not None and self._hand_over(warm, entry, steps):
                 undo.add("dismantle", lambda: dismantle(self.ctx, entry))
