@@ -381,6 +381,9 @@ class Daemon:
             drained.wait()
         self.operations.stop(grace)
         self.warm.stop()
+        # Suspended branches' ports are let go (the next start listens again)
+        # after the wakes under way have relayed their clients.
+        self.ctx.acceptor.close()
         if stop_branches:
             stopped = self.branches.stop_all()
             log.info("branches_stopped", count=stopped)
