@@ -173,7 +173,11 @@ class BtrfsFlavour(Flavour):
         torn = root / Kind.BRANCHES.value / "torn"
         run(["btrfs", "subvolume", "snapshot", str(snap), str(torn)])
         (torn / btrfs_module.SIDECAR).write_text("")
-        return ["half", "torn"]
+        # A clone made in place before its own sidecar replaced the one it
+        # copied from its source (which names the source's volume).
+        copied = root / Kind.BRANCHES.value / "copied"
+        run(["btrfs", "subvolume", "snapshot", str(snap), str(copied)])
+        return ["half", "torn", "copied"]
 
 
 class ZfsFlavour(Flavour):

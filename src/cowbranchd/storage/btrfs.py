@@ -10,9 +10,18 @@ Layout under the pool root (a plain directory on a btrfs mount)::
     .staging/<uuid>   volumes being built; renamed into place when complete
     .trash/<uuid>     volumes being destroyed
 
-A subvolume in bases/ or branches/ without a sidecar is a leftover: list()
-skips it and gc() deletes it. btrfs snapshots are independent of each other,
-so nothing ever pins a snapshot (clones_pin_snapshots = False).
+A sidecar names the volume it belongs to (`"volume": "<kind>/<name>"`). A
+subvolume in bases/ or branches/ whose sidecar is missing, empty, or names
+another volume is a leftover: list() skips it and gc() deletes it. btrfs
+snapshots are independent of each other, so nothing ever pins a snapshot
+(clones_pin_snapshots = False).
+
+A clone is made in place, not renamed in from .staging: after a subvolume
+rename btrfs commits its whole transaction at the pool's next fsync, which
+cost every create a second commit (in postgres's first fsync). Until its own
+sidecar is written the clone holds its source's, which names the source: a
+leftover if a crash comes first. A source whose sidecar names no volume
+(written before sidecars did) is still cloned through .staging.
 
 Subvolume operations go through libbtrfsutil's Python bindings when they
 import (an ioctl, no process spawn), else through the `btrfs` command.
@@ -47,7 +56,9 @@ from .btrfs_io import (
     read_sidecar,
     rename_noreplace,
     set_subvolume_limit,
+    sidecar_owner,
     translated,
+    volume_name,
     write_sidecar,
 )
 from .btrfs_subvol import SimpleQuotas, Subvolumes, btrfsutil
@@ -80,7 +91,8 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
             raise StorageError("libbtrfsutil's Python bindings (python3-btrfsutil) do not import")
         self.root = Path(root)
         self.use_library = btrfsutil is not None if use_library is None else use_library
-        # Staging entries of operations running in this process; gc() spares them.
+        # Staging entries (`<uuid>`) and volumes made in place (`<kind>/<name>`)
+        # of operations running in this process; gc() spares them.
         self._in_flight: set[str] = set()
         # None until the first limited clone asks: then whether simple quotas
         # are on (enabled here if the filesystem had none), see _quotas_on().
@@ -95,15 +107,25 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
     _read_sidecar = staticmethod(read_sidecar)
     _write_sidecar = staticmethod(write_sidecar)
 
+    def _sidecar(self, volume: Path) -> dict[str, Any] | None:
+        """The volume's own sidecar; None when there is none, it is empty (a
+        clone's, torn by a crash before it was durable), or it names another
+        volume (a clone made in place still holds its source's). BadSidecar
+        when unreadable."""
+        data = self._read_sidecar(volume)
+        if data is not None and sidecar_owner(data) not in (None, volume_name(volume)):
+            return None
+        return data
+
     def _sidecar_or_empty(self, volume: Path) -> dict[str, Any]:
         try:
-            return self._read_sidecar(volume) or {}
+            return self._sidecar(volume) or {}
         except BadSidecar:
             return {}  # rewritten whole by the caller's set_meta
 
     def _has_sidecar(self, volume: Path) -> bool:
         try:
-            return self._read_sidecar(volume) is not None
+            return self._sidecar(volume) is not None
         except BadSidecar:
             return True  # kept and reported, never collected as a leftover
 
@@ -113,7 +135,7 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
 
     def _require_volume(self, kind: Kind, name: str) -> Path:
         path = self._volume_path(kind, name)
-        if not self._is_subvolume(path) or not (path / SIDECAR).exists():
+        if not self._is_subvolume(path) or not self._has_sidecar(path):
             raise NotFound(f"volume {kind.value}/{name} not found in {self.root}")
         return path
 
@@ -144,35 +166,51 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
         *,
         what: str,
         make: Callable[[Path], None],
+        finish: Callable[[Path], None] | None = None,
         origin: str | None,
         durable: bool = True,
+        in_place: bool = False,
     ) -> Path:
-        """Make a subvolume in .staging with `make(path)`, write its sidecar,
-        rename it into place: a crash leaves at most a staging entry."""
+        """Make a subvolume with `make(path)` (atomic), `finish(path)`, its
+        sidecar: in .staging, renamed into place (a crash leaves at most a
+        staging entry), or `in_place` when what `make` copies in names
+        another volume (so it reads as a leftover until its own is written)."""
         check_meta(meta)
         dst = self._volume_path(kind, name)
+        owner = f"{kind.value}/{name}"
         if os.path.lexists(dst):
-            raise AlreadyExists(f"volume {kind.value}/{name} already exists")
-        token = uuid.uuid4().hex
-        staging = self.root / ".staging" / token
-        self._in_flight.add(token)
+            raise AlreadyExists(f"volume {owner} already exists")
+        key = owner if in_place else uuid.uuid4().hex
+        target = dst if in_place else self.root / ".staging" / key
+        self._in_flight.add(key)
         started = time.perf_counter()
         try:
             with translated(what):
                 try:
-                    make(staging)
-                    self._write_sidecar(staging, meta, origin, durable=durable)
-                    rename_noreplace(staging, dst)
+                    make(target)
+                except BaseException:
+                    # In place, nothing of ours is there (EEXIST: someone else's).
+                    if not in_place:
+                        with contextlib.suppress(OSError, CommandError):
+                            self._remove_tree(target)
+                    raise
+                try:
+                    if finish is not None:
+                        finish(target)
+                    self._write_sidecar(target, meta, origin, owner=owner, durable=durable)
+                    if not in_place:
+                        rename_noreplace(target, dst)
                 except BaseException:
                     with contextlib.suppress(OSError, CommandError):
-                        self._remove_tree(staging)
+                        self._remove_tree(target)
                     raise
         finally:
-            self._in_flight.discard(token)
+            self._in_flight.discard(key)
         log.debug(
             what,
-            volume=f"{kind.value}/{name}",
+            volume=owner,
             origin=origin,
+            in_place=in_place,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return dst
@@ -209,19 +247,25 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
         if max_bytes and not self._quotas_on():
             raise StorageError(f"cannot limit {kind.value}/{name}: simple quotas are not on")
 
-        def make(staging: Path) -> None:
-            self._snapshot(src, staging, read_only=False)
-            if max_bytes:
-                # Before the rename into place: no branch is ever unlimited.
-                set_subvolume_limit(staging, max_bytes)
+        def make(target: Path) -> None:
+            self._snapshot(src, target, read_only=False)
 
+        def finish(target: Path) -> None:
+            if max_bytes:
+                # Before its own sidecar: no branch is ever unlimited.
+                set_subvolume_limit(target, max_bytes)
+
+        try:
+            copied = self._read_sidecar(src) or {}
+        except BadSidecar:
+            copied = {}
         # Not fsynced: a clone's metadata becomes durable with the caller's
         # next set_meta (base.py); a torn sidecar after a crash marks a
         # leftover that list() skips and gc() removes. Saves two fsyncs on
         # the branch-create path.
-        return self._build(
-            kind, name, meta, what="clone", make=make, origin=str(source), durable=False
-        )
+        in_place = sidecar_owner(copied) not in (None, f"{kind.value}/{name}")
+        return self._build(kind, name, meta, what="clone", make=make, finish=finish,
+                           origin=str(source), durable=False, in_place=in_place)
 
     def set_meta(
         self, kind: Kind, name: str, meta: Mapping[str, str], *, durable: bool = True
@@ -232,7 +276,9 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
         merged = {**data.get("meta", {}), **meta}
         merged = {key: value for key, value in merged.items() if value != ""}
         with translated(f"set meta of {kind.value}/{name}"):
-            self._write_sidecar(path, merged, data.get("origin"), durable=durable)
+            self._write_sidecar(
+                path, merged, data.get("origin"), owner=volume_name(path), durable=durable
+            )
 
     def _snapshot_names(self, kind: Kind, name: str) -> list[str]:
         prefix = f"{name}@"
@@ -256,7 +302,7 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
                 if "@" in entry:
                     continue
                 with contextlib.suppress(BadSidecar):
-                    data = self._read_sidecar(folder / entry)
+                    data = self._sidecar(folder / entry)
                     if data is not None and isinstance(data.get("origin"), str):
                         found.add(data["origin"])
         return found
@@ -308,11 +354,11 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
                 if "@" in entry or not self._is_subvolume(path):
                     continue
                 try:
-                    data = self._read_sidecar(path)
+                    data = self._sidecar(path)
                     meta_error = ""
                 except BadSidecar as exc:
                     data, meta_error = {}, str(exc)
-                if data is None:  # never finished; gc() removes it
+                if data is None:  # never finished (or still being cloned); gc() removes it
                     continue
                 volumes.append(
                     Volume(
@@ -377,6 +423,7 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
                     continue
                 if (
                     "@" in entry
+                    or f"{kind.value}/{entry}" in self._in_flight
                     or not self._is_subvolume(path)
                     or self._has_sidecar(path)
                 ):

@@ -41,7 +41,9 @@ __all__ = [
     "read_sidecar",
     "rename_noreplace",
     "set_subvolume_limit",
+    "sidecar_owner",
     "translated",
+    "volume_name",
     "write_sidecar",
 ]
 
@@ -155,10 +157,33 @@ def read_sidecar(volume: Path) -> dict[str, Any] | None:
     return dict(data)
 
 
+def sidecar_owner(data: Mapping[str, Any]) -> str | None:
+    """The volume a sidecar says it belongs to (`volume_name`); None for a
+    sidecar written before sidecars named their volume."""
+    owner = data.get("volume")
+    return owner if isinstance(owner, str) else None
+
+
+def volume_name(volume: Path) -> str:
+    """How a sidecar names the volume at `volume`: the last two components
+    of its path (`<kind>/<name>` under the pool root)."""
+    return f"{volume.parent.name}/{volume.name}"
+
+
 def write_sidecar(
-    volume: Path, meta: Mapping[str, str], origin: str | None, *, durable: bool = True
+    volume: Path,
+    meta: Mapping[str, str],
+    origin: str | None,
+    *,
+    owner: str,
+    durable: bool = True,
 ) -> None:
-    body = json.dumps({"format": 1, "meta": dict(meta), "origin": origin}, sort_keys=True)
+    """Write `volume`'s sidecar (temp file + rename), naming `owner`
+    (`volume_name` of where it belongs): a snapshot carries its source's
+    sidecar, so a clone made in place is its own only once this is written."""
+    body = json.dumps(
+        {"format": 1, "meta": dict(meta), "origin": origin, "volume": owner}, sort_keys=True
+    )
     tmp = volume / _SIDECAR_TMP
     tmp.unlink(missing_ok=True)
     try:
