@@ -142,10 +142,11 @@ class StorageDriver(abc.ABC):
         write beyond the limit fails with EDQUOT (a full clone, not a full pool).
 
         Atomic: on return the clone is in place with its metadata; after a
-        crash mid-way it is either absent or only under `.staging/` (which
-        gc() removes). Its metadata may become durable only with the next
-        set_meta: a clone found after a crash with no readable metadata is a
-        leftover, skipped by list() and removed by gc(). AlreadyExists if
+        crash mid-way it is absent, only under `.staging/`, or (btrfs, made in
+        place) in place still holding its source's metadata, which names the
+        source: all of them leftovers gc() removes and list() skips. Its
+        metadata may become durable only with the next set_meta: a clone found
+        after a crash with no readable metadata of its own is such a leftover. AlreadyExists if
         `kind/name` exists, NotFound if `source` does not. Returns the clone's
         mountpoint."""
 
