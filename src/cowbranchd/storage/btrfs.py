@@ -117,12 +117,6 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
             return None
         return data
 
-    def _sidecar_or_empty(self, volume: Path) -> dict[str, Any]:
-        try:
-            return self._sidecar(volume) or {}
-        except BadSidecar:
-            return {}  # rewritten whole by the caller's set_meta
-
     def _has_sidecar(self, volume: Path) -> bool:
         try:
             return self._sidecar(volume) is not None
@@ -271,13 +265,20 @@ class BtrfsDriver(Subvolumes, SimpleQuotas, StorageDriver):
         self, kind: Kind, name: str, meta: Mapping[str, str], *, durable: bool = True
     ) -> None:
         check_meta(meta)
-        path = self._require_volume(kind, name)
-        data = self._sidecar_or_empty(path)
-        merged = {**data.get("meta", {}), **meta}
+        path = self._volume_path(kind, name)
+        # One read of the sidecar (this is on the create path): missing or
+        # another volume's is NotFound, unreadable is rewritten whole.
+        try:
+            found = self._sidecar(path) if self._is_subvolume(path) else None
+        except BadSidecar:
+            found = {}
+        if found is None:
+            raise NotFound(f"volume {kind.value}/{name} not found in {self.root}")
+        merged = {**found.get("meta", {}), **meta}
         merged = {key: value for key, value in merged.items() if value != ""}
         with translated(f"set meta of {kind.value}/{name}"):
             self._write_sidecar(
-                path, merged, data.get("origin"), owner=volume_name(path), durable=durable
+                path, merged, found.get("origin"), owner=volume_name(path), durable=durable
             )
 
     def _snapshot_names(self, kind: Kind, name: str) -> list[str]:
