@@ -91,8 +91,13 @@ class BenchDaemon:
                     f"above {root} and read permission on the source"
                 )
 
-    def write_config(self) -> Path:
-        first, last = PORT_RANGES[self.driver]
+    def port_range(self) -> tuple[int, int]:
+        """The ports its branches take (one range per driver: two bench
+        daemons may run at once)."""
+        return PORT_RANGES[self.driver]
+
+    def write_config(self, *, max_branches: int = 500) -> Path:
+        first, last = self.port_range()
         path = self.workdir / "config.toml"
         path.write_text(
             f"""\
@@ -101,7 +106,7 @@ socket = "{self.socket_path}"
 state_dir = "{self.workdir / 'state'}"
 log_format = "json"
 log_level = "debug"
-max_branches = 500
+max_branches = {max_branches}
 warm_branches = {self.warm_branches}
 import_roots = {json.dumps([str(self.import_root)])}
 

@@ -41,7 +41,7 @@ class SuspendDaemon(BenchDaemon):
     def workdir(self) -> Path:
         return self.data_dir / f"daemon-suspend-{self.driver}"
 
-    def write_config(self) -> Path:
+    def write_config(self, *, max_branches: int = 1000) -> Path:
         path = self.workdir / "config.toml"
         path.write_text(
             f"""\
@@ -50,7 +50,7 @@ socket = "{self.socket_path}"
 state_dir = "{self.workdir / "state"}"
 log_format = "json"
 log_level = "info"
-max_branches = 1000
+max_branches = {max_branches}
 idle_suspend = "1s"
 reap_interval = "200ms"
 

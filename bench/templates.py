@@ -143,32 +143,11 @@ class TemplatesDaemon(BenchDaemon):
     def workdir(self) -> Path:
         return self.data_dir / "daemon-templates"
 
-    def write_config(self) -> Path:
-        path = self.workdir / "config.toml"
-        path.write_text(
-            f"""\
-[daemon]
-socket = "{self.socket_path}"
-state_dir = "{self.workdir / 'state'}"
-log_format = "json"
-log_level = "debug"
-max_branches = 200
-warm_branches = {self.warm_branches}
-import_roots = {json.dumps([str(self.import_root)])}
+    def port_range(self) -> tuple[int, int]:
+        return PORTS
 
-[storage]
-driver = "{self.driver}"
-root = "{self.pool_root}"
-
-[postgres]
-port_range = "{PORTS[0]}-{PORTS[1]}"
-socket_root = "{self.workdir / 'pg'}"
-
-[demo]
-enabled = false
-"""
-        )
-        return path
+    def write_config(self, *, max_branches: int = 200) -> Path:
+        return super().write_config(max_branches=max_branches)
 
 
 def _say(message: str) -> None:
