@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from cowbranchd import __version__, postgres
-from cowbranchd.errors import InvalidArgument, PermissionDenied
+from cowbranchd.errors import CowbranchError, InvalidArgument, PermissionDenied
 from cowbranchd.model import Selector, parse_name
 from cowbranchd.v1 import (
     bases_pb2,
@@ -113,7 +113,12 @@ class BranchServicer(branches_pb2_grpc.BranchServiceServicer):
         lease = self.leases.find(request.lease, spec.owner) if request.lease else None
         entry = self.branches.create(spec)
         if lease is not None:
-            self.leases.hold_entries(lease, [entry])
+            try:
+                self.leases.hold_entries(lease, [entry])
+            except CowbranchError:
+                # Held by no lease (that lease is full): not handed out either.
+                self.branches.delete_entry(entry)
+                raise
         if not context.is_active():  # cancelled, timed out or gone while we built it
             self.branches.mark_unclaimed(entry)
         return self.to_proto(entry, spec.owner, with_usage=False)
