@@ -208,3 +208,32 @@ def test_warm_clones_go_to_the_most_recent_templates_only(
         # `one` is the most recent now: `two` has no warm clone left.
         (two,) = warm_ready(d, "branches/two")
         wait_for("branches/two's warm clone destroyed", lambda: two not in branch_volumes(d))
+
+
+def test_a_template_deleted_under_its_children_can_be_made_again_by_name(
+    pool_daemon_factory: Callable[..., DaemonHandle],
+) -> None:
+    """Deleting a frozen template whose child lives keeps its data for the
+    child (on ZFS the dataset's name too, until the child goes); a new
+    branch by the same name is made all the same, and both generations'
+    children answer with their own parent's data."""
+    d = pool_daemon_factory()
+    with d.channel() as ch:
+        stub = d.branches(ch)
+        old = create(stub, "bases/demo", "tpl")
+        execute(old.connection.dsn, "INSERT INTO items VALUES (10, 'old')")
+        stub.FreezeBranch(branches_pb2.FreezeBranchRequest(name=old.name), timeout=120)
+        old_child = create(stub, old.name, "old-child")
+        stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=old.name), timeout=120)
+        new = create(stub, "bases/demo", "tpl")
+        execute(new.connection.dsn, "INSERT INTO items VALUES (20, 'new')")
+        stub.FreezeBranch(branches_pb2.FreezeBranchRequest(name=new.name), timeout=120)
+        new_child = create(stub, new.name, "new-child")
+        assert rows(new_child.connection.dsn) == [1, 2, 3, 20]
+        stub.ResetBranch(branches_pb2.ResetBranchRequest(name=old_child.name), timeout=120)
+        assert rows(old_child.connection.dsn) == [1, 2, 3, 10]
+        for name in (new.name, "branches/new-child", "branches/old-child"):
+            stub.DeleteBranch(branches_pb2.DeleteBranchRequest(name=name), timeout=120)
+    d.stop()
+    d.start()
+    assert branch_volumes(d) == set()

@@ -366,15 +366,29 @@ class Branches(BranchFreeze):
                     undo.add("release uid", lambda: self._release_uid(uid))
                 entry.record = entry.record.evolve(port=port, uid=uid)
                 cloned = entry.record
-                t_clone = materialise(
-                    self.ctx,
-                    entry,
-                    source,
-                    cloned.to_meta(),
-                    undo,
-                    allow_new_port=True,
-                    before_start=before_start,
-                )
+
+                def build() -> float:
+                    return materialise(
+                        self.ctx,
+                        entry,
+                        source,
+                        cloned.to_meta(),
+                        undo,
+                        allow_new_port=True,
+                        before_start=before_start,
+                    )
+
+                try:
+                    t_clone = build()
+                except AlreadyExists:
+                    # No branch has this id (checked above), yet storage holds
+                    # the name: a deleted branch's data kept for the branches
+                    # cloned from it (ZFS frees the name with the last of
+                    # them). The branch gets a volume name of its own, as a
+                    # reset does ('_' is never in an id).
+                    log.info("volume_name_taken", branch=branch_id, volume=entry.volume)
+                    entry.volume = f"{branch_id}_{secrets.token_hex(3)}"
+                    t_clone = build()
                 t_start = time.perf_counter()
                 # Usually one key (state; port too if a retry moved it).
                 self._store(entry, entry.record.evolve(state=State.READY), before=cloned)

@@ -38,6 +38,7 @@ TEMPLATE_LABEL = "cowbranchd.template"
 HASH_LABEL = "cowbranchd.template-hash"
 USED_LABEL = "cowbranchd.template-used"
 POLL_S = 0.2
+MAX_LOST_BUILDS = 5
 
 
 def load_migration(spec: str) -> Callable[[str], object]:
@@ -128,14 +129,30 @@ class Templates:
         caller = str(self.client.status()["caller"])
         digest = template_hash((caller, version, self.migrate), self.root, files)[:12]
         name = f"branches/tpl-{digest}"
+        lost = 0  # builds refused as ALREADY_EXISTS with no such branch to be seen
         while True:
             try:
                 template = self.client.get_branch(name)
             except NotFound:
                 try:
                     self._build(name, version, digest)
-                except (AlreadyExists, NotFound):
-                    continue  # another process won, or its build was removed: look again
+                except NotFound:
+                    continue  # its parent's build was removed meanwhile: look again
+                except AlreadyExists as exc:
+                    # Another process won (look again), unless the name stays
+                    # taken by nothing listed: storage still holding a deleted
+                    # template's data for its children (ZFS keeps the name
+                    # until the last of them goes).
+                    lost += 1
+                    if lost >= MAX_LOST_BUILDS:
+                        raise AlreadyExists(
+                            f"{name} cannot be built: {exc.message}; no such branch is "
+                            "listed, so storage still holds a deleted template of that name "
+                            f"for branches cloned from it: delete those (parent {name} in "
+                            "cowbranchctl list) and run again"
+                        ) from exc
+                    time.sleep(POLL_S)
+                    continue
                 return name
             if template.labels.get(TEMPLATE_LABEL) == "ready":
                 self._touch(template)
