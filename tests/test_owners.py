@@ -82,9 +82,9 @@ def create(
 
 def test_other_owners_branch_is_out_of_reach(tenant_daemon: DaemonHandle) -> None:
     """Bob holds nothing of alice's branch: getting it, deleting, resetting,
-    updating and branching from it are PERMISSION_DENIED, and it keeps
-    working. A listing shows it to him without secrets; alice and the admin
-    see them."""
+    updating, freezing and branching from it are PERMISSION_DENIED, and it
+    keeps working (not frozen: it still answers as READY). A listing shows
+    it to him without secrets; alice and the admin see them."""
     d = tenant_daemon
     a = create(d, ALICE, branch_id="own-a")
     b = create(d, BOB, branch_id="own-b")
@@ -112,8 +112,9 @@ def test_other_owners_branch_is_out_of_reach(tenant_daemon: DaemonHandle) -> Non
                 branches_pb2.CreateBranchRequest(parent=name, branch_id="bob-child"),
                 metadata=BOB,
             ),
+            code_of(stub.FreezeBranch, branches_pb2.FreezeBranchRequest(name=name), metadata=BOB),
         ]
-        assert [code for code, _ in denied] == [grpc.StatusCode.PERMISSION_DENIED] * 5
+        assert [code for code, _ in denied] == [grpc.StatusCode.PERMISSION_DENIED] * 6
         assert "belongs to another owner" in denied[0][1]
         listed = {
             br.name: br
@@ -129,6 +130,7 @@ def test_other_owners_branch_is_out_of_reach(tenant_daemon: DaemonHandle) -> Non
     assert mine.connection.password == admin_view.connection.password == a.connection.password
     with psycopg.connect(a.connection.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (3,)
+    assert (mine.state, mine.frozen) == (branches_pb2.Branch.READY, False)
     for branch, token in (("own-a", ALICE), ("own-b", BOB)):
         with d.channel() as ch:
             d.branches(ch).DeleteBranch(
