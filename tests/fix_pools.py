@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -180,4 +181,21 @@ def pool_daemon_factory(
         for handle in reversed(made):
             handle.cleanup()
             if handle.driver == "zfs":
-                run(["zfs", "destroy", "-r", handle.pool_root], check=False)
+                _free_dataset(handle.pool_root)
+
+
+def _free_dataset(root: str) -> None:
+    """Destroy a test daemon's dataset and everything in it, clones of its
+    snapshots included (`-R`: a frozen template's children, a branch's
+    children): the session's pool is small, and every test after this one
+    needs the space back. A dataset that will not go fails the test."""
+    error = ""
+    for _ in range(20):
+        done = run(["zfs", "destroy", "-R", "-f", root], check=False)
+        if done.returncode == 0 or "does not exist" in done.stderr:
+            return
+        error = done.stderr.strip()
+        # zfs-fuse unmounts children as it destroys them and calls their
+        # parent "busy" until it has: each attempt gets further.
+        time.sleep(0.5)
+    raise AssertionError(f"could not free the test dataset {root}: {error}")
