@@ -130,8 +130,7 @@ ANALYZE customers, products, orders, order_items;
 SEEDED_ROWS = 1000 + 200 + 2000 + 6000 + 1
 # A test's first query: customer 43 has orders 42 and 1042, 3 items each.
 FIRST_QUERY = (
-    "SELECT count(*) FROM orders o JOIN order_items i ON i.order_id = o.id "
-    "WHERE o.customer_id = 43"
+    "SELECT count(*) FROM orders o JOIN order_items i ON i.order_id = o.id WHERE o.customer_id = 43"
 )
 FIRST_QUERY_ANSWER = 6
 
@@ -174,8 +173,9 @@ def migrate(dsn: str) -> None:
         conn.execute(MIGRATION)  # one simple-query round trip, one transaction
 
 
-def build_template(d: TemplatesDaemon, base: str, branch_id: str, *, freeze: bool
-                   ) -> dict[str, Any]:
+def build_template(
+    d: TemplatesDaemon, base: str, branch_id: str, *, freeze: bool
+) -> dict[str, Any]:
     """CreateBranch of the base, the migration, FreezeBranch: seconds of each."""
     t0 = time.perf_counter()
     branch = d.branches.CreateBranch(
@@ -191,12 +191,18 @@ def build_template(d: TemplatesDaemon, base: str, branch_id: str, *, freeze: boo
         if not frozen.frozen:
             raise RuntimeError(f"FreezeBranch answered {branch.name} not frozen")
     t3 = time.perf_counter()
-    return {"name": branch.name, "create_s": t1 - t0, "migrate_s": t2 - t1,
-            "freeze_s": t3 - t2 if freeze else None, "total_s": t3 - t0}
+    return {
+        "name": branch.name,
+        "create_s": t1 - t0,
+        "migrate_s": t2 - t1,
+        "freeze_s": t3 - t2 if freeze else None,
+        "total_s": t3 - t0,
+    }
 
 
-def build_figures(builds: list[dict[str, Any]], created: dict[str, dict[str, Any]]
-                  ) -> dict[str, Any]:
+def build_figures(
+    builds: list[dict[str, Any]], created: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(builds)}
     for step in ("create", "migrate", "freeze", "total"):
         out[step] = summary(b[f"{step}_s"] for b in builds if b[f"{step}_s"] is not None)
@@ -234,8 +240,9 @@ def first_query(dsn: str) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def per_test_series(d: TemplatesDaemon, parent: str, prefix: str, *, runs: int, gap_s: float,
-                    warmup: int = 2) -> list[PerTest]:
+def per_test_series(
+    d: TemplatesDaemon, parent: str, prefix: str, *, runs: int, gap_s: float, warmup: int = 2
+) -> list[PerTest]:
     out: list[PerTest] = []
     for i in range(warmup + runs):
         time.sleep(gap_s)
@@ -267,8 +274,7 @@ def step_medians(lines: list[dict[str, Any]]) -> dict[str, float]:
     return {k: round(statistics.median(v), 2) for k, v in steps.items()}
 
 
-def series_figures(d: TemplatesDaemon, series: list[PerTest], *, warm_only: bool
-                   ) -> dict[str, Any]:
+def series_figures(d: TemplatesDaemon, series: list[PerTest], *, warm_only: bool) -> dict[str, Any]:
     """Client figures over the series (over its warm creates only, if
     `warm_only`: the daemon's `branch_created` line says which), the
     daemon's per-step medians, and the creates not served warm."""
@@ -286,11 +292,14 @@ def series_figures(d: TemplatesDaemon, series: list[PerTest], *, warm_only: bool
         "connect": summary(s.connect_s for s in counted),
         "query": summary(s.query_s for s in counted),
         "delete": summary(s.delete_s for s in series),
-        "daemon_steps_ms": step_medians([created[s.branch_id] for s in counted
-                                         if s.branch_id in created]),
-        "daemon_delete_median_ms": round(statistics.median(
-            [deleted[s.branch_id] for s in series if s.branch_id in deleted]), 2)
-        if any(s.branch_id in deleted for s in series) else None,
+        "daemon_steps_ms": step_medians(
+            [created[s.branch_id] for s in counted if s.branch_id in created]
+        ),
+        "daemon_delete_median_ms": round(
+            statistics.median([deleted[s.branch_id] for s in series if s.branch_id in deleted]), 2
+        )
+        if any(s.branch_id in deleted for s in series)
+        else None,
     }
     if warm_only:
         out["not_warm"] = {
@@ -306,8 +315,11 @@ def wait_warm(d: TemplatesDaemon, parent: str, count: int, timeout: float) -> fl
     branch, or a base: any of its versions) started (its debug line `warm_ready`)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        ready = [e for e in d.events("warm_ready")
-                 if e.get("parent") == parent or str(e.get("parent")).startswith(parent + "/")]
+        ready = [
+            e
+            for e in d.events("warm_ready")
+            if e.get("parent") == parent or str(e.get("parent")).startswith(parent + "/")
+        ]
         if len(ready) >= count:
             return time.monotonic() - started
         time.sleep(0.1)
@@ -317,8 +329,13 @@ def wait_warm(d: TemplatesDaemon, parent: str, count: int, timeout: float) -> fl
 # -- phases ---------------------------------------------------------------------------
 
 
-def cold_phase(args: argparse.Namespace, pool_root: str, sources: Path,
-               results: dict[str, Any], save: Callable[[], None]) -> None:
+def cold_phase(
+    args: argparse.Namespace,
+    pool_root: str,
+    sources: Path,
+    results: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
     """warm_branches = 0: the template builds, frozen cold creates, the old way."""
     base = f"bases/{base_id(args.scale)}"
     d = TemplatesDaemon("btrfs", pool_root, args.data_dir, warm_branches=0)
@@ -326,8 +343,10 @@ def cold_phase(args: argparse.Namespace, pool_root: str, sources: Path,
         d.start()
         size, took = ensure_base(d, args.scale, sources)
         results["base"] = {"id": base_id(args.scale), "size_bytes": size, "create_base_s": took}
-        _say(f"base {base} ({size / 1e9:.2f} GB) "
-             f"{'reused' if took is None else f'made in {took:.0f} s'}")
+        _say(
+            f"base {base} ({size / 1e9:.2f} GB) "
+            f"{'reused' if took is None else f'made in {took:.0f} s'}"
+        )
 
         load = _load()
         builds = []
@@ -335,17 +354,20 @@ def cold_phase(args: argparse.Namespace, pool_root: str, sources: Path,
             last = i == args.builds - 1
             b = build_template(d, base, f"tpl-{i}", freeze=True)
             builds.append(b)
-            _say(f"build {i + 1}/{args.builds}: create {_ms(b['create_s'])} ms, migration "
-                 f"{_ms(b['migrate_s'])} ms, freeze {_ms(b['freeze_s'])} ms, "
-                 f"total {_ms(b['total_s'])} ms")
+            _say(
+                f"build {i + 1}/{args.builds}: create {_ms(b['create_s'])} ms, migration "
+                f"{_ms(b['migrate_s'])} ms, freeze {_ms(b['freeze_s'])} ms, "
+                f"total {_ms(b['total_s'])} ms"
+            )
             if not last:
                 d.branches.DeleteBranch(
                     branches_pb2.DeleteBranchRequest(name=b["name"]), timeout=RPC_TIMEOUT
                 )
         created = {e["branch"]: e for e in d.events("branch_created")}
         results["build"] = build_figures(builds, created)
-        results["build"].update(load_before=load, load_after=_load(), daemon_warm_branches=0,
-                                time=_utc())
+        results["build"].update(
+            load_before=load, load_after=_load(), daemon_warm_branches=0, time=_utc()
+        )
         save()
 
         template = builds[-1]["name"]
@@ -353,17 +375,21 @@ def cold_phase(args: argparse.Namespace, pool_root: str, sources: Path,
         save()
 
         old = build_template(d, base, "tpl-unfrozen", freeze=False)
-        results["unfrozen_build"] = {"name": old["name"], "create_ms": _ms(old["create_s"]),
-                                     "migrate_ms": _ms(old["migrate_s"]),
-                                     "total_ms": _ms(old["total_s"])}
+        results["unfrozen_build"] = {
+            "name": old["name"],
+            "create_ms": _ms(old["create_s"]),
+            "migrate_ms": _ms(old["migrate_s"]),
+            "total_ms": _ms(old["total_s"]),
+        }
         results["unfrozen"] = run_mode(d, old["name"], "old", args)
         save()
     finally:
         d.stop()
 
 
-def warm_phase(args: argparse.Namespace, pool_root: str, results: dict[str, Any],
-               save: Callable[[], None]) -> None:
+def warm_phase(
+    args: argparse.Namespace, pool_root: str, results: dict[str, Any], save: Callable[[], None]
+) -> None:
     """warm_branches = 2: a template built and frozen, then warm creates."""
     base = f"bases/{base_id(args.scale)}"
     d = TemplatesDaemon("btrfs", pool_root, args.data_dir, warm_branches=WARM)
@@ -376,12 +402,18 @@ def warm_phase(args: argparse.Namespace, pool_root: str, results: dict[str, Any]
         b = build_template(d, base, "tpl-warm", freeze=True)
         created = {e["branch"]: e for e in d.events("branch_created")}
         results["build_warm_daemon"] = build_figures([b], created)
-        results["build_warm_daemon"].update(load_before=load, load_after=_load(),
-                                            daemon_warm_branches=WARM, time=_utc(),
-                                            base_warm_after_s=round(waited, 1))
-        _say(f"build on the warm daemon: create {_ms(b['create_s'])} ms "
-             f"({'warm' if results['build_warm_daemon']['create_warm'][0] else 'cold'}), "
-             f"migration {_ms(b['migrate_s'])} ms, freeze {_ms(b['freeze_s'])} ms")
+        results["build_warm_daemon"].update(
+            load_before=load,
+            load_after=_load(),
+            daemon_warm_branches=WARM,
+            time=_utc(),
+            base_warm_after_s=round(waited, 1),
+        )
+        _say(
+            f"build on the warm daemon: create {_ms(b['create_s'])} ms "
+            f"({'warm' if results['build_warm_daemon']['create_warm'][0] else 'cold'}), "
+            f"migration {_ms(b['migrate_s'])} ms, freeze {_ms(b['freeze_s'])} ms"
+        )
         results["template_warm_after_freeze_s"] = round(wait_warm(d, b["name"], WARM, 300), 2)
         results["frozen_warm"] = run_mode(d, b["name"], "warm", args)
         save()
@@ -389,8 +421,9 @@ def warm_phase(args: argparse.Namespace, pool_root: str, results: dict[str, Any]
         d.stop()
 
 
-def run_mode(d: TemplatesDaemon, parent: str, prefix: str, args: argparse.Namespace
-             ) -> dict[str, Any]:
+def run_mode(
+    d: TemplatesDaemon, parent: str, prefix: str, args: argparse.Namespace
+) -> dict[str, Any]:
     load, at = _load(), _utc()
     try:
         series = per_test_series(d, parent, prefix, runs=args.runs, gap_s=args.warm_gap)
@@ -399,14 +432,22 @@ def run_mode(d: TemplatesDaemon, parent: str, prefix: str, args: argparse.Namesp
         _say(f"{prefix}: failed: {exc}")
         return {"parent": parent, "time": at, "load_before": load, "error": str(exc)}
     figures = series_figures(d, series, warm_only=prefix == "warm")
-    figures.update(parent=parent, gap_s=args.warm_gap, time=at, load_before=load,
-                   load_after=_load(), daemon_warm_branches=d.warm_branches)
-    _say(f"{prefix}: {figures['counted_n']} of {figures['n']} counted "
-         f"(warm {figures['warm_n']}); RPC p50/p95/p99 "
-         f"{figures['rpc'].get('median_ms')}/{figures['rpc'].get('p95_ms')}/"
-         f"{figures['rpc'].get('p99_ms')} ms; first query "
-         f"{figures['first_query'].get('median_ms')}/{figures['first_query'].get('p95_ms')}/"
-         f"{figures['first_query'].get('p99_ms')} ms; steps {figures['daemon_steps_ms']}")
+    figures.update(
+        parent=parent,
+        gap_s=args.warm_gap,
+        time=at,
+        load_before=load,
+        load_after=_load(),
+        daemon_warm_branches=d.warm_branches,
+    )
+    _say(
+        f"{prefix}: {figures['counted_n']} of {figures['n']} counted "
+        f"(warm {figures['warm_n']}); RPC p50/p95/p99 "
+        f"{figures['rpc'].get('median_ms')}/{figures['rpc'].get('p95_ms')}/"
+        f"{figures['rpc'].get('p99_ms')} ms; first query "
+        f"{figures['first_query'].get('median_ms')}/{figures['first_query'].get('p95_ms')}/"
+        f"{figures['first_query'].get('p99_ms')} ms; steps {figures['daemon_steps_ms']}"
+    )
     return figures
 
 
@@ -431,17 +472,23 @@ def render_table(results: dict[str, Any]) -> str:
     b = results.get("build")
     if b:
         rows += ["| template build, ms | median | min | max |", "|---|---|---|---|"]
-        for step, label in (("create", "CreateBranch of the base"),
-                            ("migrate", "migration (connect, DDL + seed in one transaction)"),
-                            ("freeze", "FreezeBranch"), ("total", "**total**")):
+        for step, label in (
+            ("create", "CreateBranch of the base"),
+            ("migrate", "migration (connect, DDL + seed in one transaction)"),
+            ("freeze", "FreezeBranch"),
+            ("total", "**total**"),
+        ):
             s = b[step]
-            rows.append(f"| {label} | {s['median_ms']:.0f} | {s['min_ms']:.0f} | "
-                        f"{s['max_ms']:.0f} |")
+            rows.append(
+                f"| {label} | {s['median_ms']:.0f} | {s['min_ms']:.0f} | {s['max_ms']:.0f} |"
+            )
         rows.append(f"({b['n']} builds, daemon.warm_branches = 0)")
         rows.append("")
-    rows += ["| per-test create, ms | CreateBranch RPC p50 / p95 / p99 | create-to-first-query "
-             "p50 / p95 / p99 | connect, query p50 | daemon build p50 | creates |",
-             "|---|---|---|---|---|---|"]
+    rows += [
+        "| per-test create, ms | CreateBranch RPC p50 / p95 / p99 | create-to-first-query "
+        "p50 / p95 / p99 | connect, query p50 | daemon build p50 | creates |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, label in MODES:
         m = results.get(key)
         if not m:
@@ -456,9 +503,11 @@ def render_table(results: dict[str, Any]) -> str:
             f"{m['daemon_steps_ms'].get('total', 0):.1f} | {counted} |"
         )
     rows.append("")
-    rows.append(f"load average (1, 5, 15 min) at start {results.get('load_start')}, "
-                f"at end {results.get('load_end')}; {results.get('started')} to "
-                f"{results.get('ended')}")
+    rows.append(
+        f"load average (1, 5, 15 min) at start {results.get('load_start')}, "
+        f"at end {results.get('load_end')}; {results.get('started')} to "
+        f"{results.get('ended')}"
+    )
     return "\n".join(rows)
 
 
@@ -470,25 +519,41 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def _git_commit() -> str:
-    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
     return proc.stdout.strip()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", type=int, default=70,
-                   help="pgbench scale of the base (70 ~ 1.14 GB; 1 for a quick run)")
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=70,
+        help="pgbench scale of the base (70 ~ 1.14 GB; 1 for a quick run)",
+    )
     p.add_argument("--builds", type=int, default=5, help="template builds timed")
     p.add_argument("--runs", type=int, default=50, help="per-test creates per mode")
-    p.add_argument("--warm-gap", type=float, default=0.3, metavar="S",
-                   help="pause before each create (a test's own work; the warm pool refills)")
+    p.add_argument(
+        "--warm-gap",
+        type=float,
+        default=0.3,
+        metavar="S",
+        help="pause before each create (a test's own work; the warm pool refills)",
+    )
     p.add_argument("--data-dir", type=Path, default=Path("/var/tmp/cowbranchd-bench-templates"))
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench-templates.json")
-    p.add_argument("--keep-image", action="store_true",
-                   help="keep the pool image (and its base) for the next run")
-    p.add_argument("--remove", action="store_true",
-                   help="at the end, delete the whole data dir (source data included)")
+    p.add_argument(
+        "--keep-image",
+        action="store_true",
+        help="keep the pool image (and its base) for the next run",
+    )
+    p.add_argument(
+        "--remove",
+        action="store_true",
+        help="at the end, delete the whole data dir (source data included)",
+    )
     args = p.parse_args(argv)
     if args.scale < 1 or args.builds < 1 or args.runs < 1:
         p.error("--scale, --builds and --runs must be positive")
@@ -498,8 +563,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
-        print("run as root: it mounts a pool and starts postgres as the postgres user",
-              file=sys.stderr)
+        print(
+            "run as root: it mounts a pool and starts postgres as the postgres user",
+            file=sys.stderr,
+        )
         return 2
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -509,10 +576,19 @@ def main(argv: list[str]) -> int:
         "commit": _git_commit(),
         # Which daemon code ran: the checkout's, or one given by PYTHONPATH.
         "cowbranchd": str(Path(cowbranchd.__file__).parent),
-        "host": {"cpus": os.cpu_count(), "postgres": ",".join(sorted(os.listdir(
-            "/usr/lib/postgresql"))), "psycopg": psycopg.__version__},
-        "settings": {"scale": args.scale, "builds": args.builds, "runs": args.runs,
-                     "warm_gap_s": args.warm_gap, "warm_branches": WARM, "driver": "btrfs"},
+        "host": {
+            "cpus": os.cpu_count(),
+            "postgres": ",".join(sorted(os.listdir("/usr/lib/postgresql"))),
+            "psycopg": psycopg.__version__,
+        },
+        "settings": {
+            "scale": args.scale,
+            "builds": args.builds,
+            "runs": args.runs,
+            "warm_gap_s": args.warm_gap,
+            "warm_branches": WARM,
+            "driver": "btrfs",
+        },
         "migration": {"sql": MIGRATION, "seeded_rows": SEEDED_ROWS},
         "first_query": FIRST_QUERY,
         "load_start": _load(),
