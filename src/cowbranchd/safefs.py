@@ -36,6 +36,7 @@ from .errors import FailedPrecondition
 __all__ = [
     "UnsafePath",
     "append_regular",
+    "fsync_dir",
     "open_dir",
     "open_regular",
     "read_regular",
@@ -258,3 +259,13 @@ def _walk(
             yield from _walk(child, str(PurePosixPath(shown, entry.name)), f"{path}/", depth + 1)
         finally:
             os.close(child)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory `path` durable (a file created or
+    renamed in it): fsync of the directory itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

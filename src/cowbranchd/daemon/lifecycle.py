@@ -31,6 +31,7 @@ from cowbranchd.errors import (
     StorageError,
 )
 from cowbranchd.model import META_WARM
+from cowbranchd.safefs import fsync_dir
 from cowbranchd.storage import idmap
 from cowbranchd.storage.base import Kind, SnapshotRef, StorageDriver, Volume
 
@@ -469,7 +470,7 @@ def prepare_hand_over(ctx: Context, volume: str) -> None:
         folder / f"{volume}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
     )
     os.close(fd)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def record_hand_over(ctx: Context, volume: str, meta: Mapping[str, str]) -> None:
@@ -489,14 +490,6 @@ def record_hand_over(ctx: Context, volume: str, meta: Mapping[str, str]) -> None
         os.fdatasync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    dirfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 def forget_hand_over(ctx: Context, volume: str) -> None:

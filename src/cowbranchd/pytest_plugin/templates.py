@@ -139,17 +139,13 @@ class Templates:
                 except NotFound:
                     continue  # its parent's build was removed meanwhile: look again
                 except AlreadyExists as exc:
-                    # Another process won (look again), unless the name stays
-                    # taken by nothing listed: storage still holding a deleted
-                    # template's data for its children (ZFS keeps the name
-                    # until the last of them goes).
+                    # Another process won: look again. Bounded, should the
+                    # name stay refused while no branch by it can be seen.
                     lost += 1
                     if lost >= MAX_LOST_BUILDS:
                         raise AlreadyExists(
-                            f"{name} cannot be built: {exc.message}; no such branch is "
-                            "listed, so storage still holds a deleted template of that name "
-                            f"for branches cloned from it: delete those (parent {name} in "
-                            "cowbranchctl list) and run again"
+                            f"{name} cannot be built: {exc.message}; yet no such branch "
+                            f"is listed after {MAX_LOST_BUILDS} tries (see the daemon's log)"
                         ) from exc
                     time.sleep(POLL_S)
                     continue

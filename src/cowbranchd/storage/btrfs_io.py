@@ -29,6 +29,7 @@ from typing import Any
 
 from cowbranchd.errors import AlreadyExists, CommandError, NotFound, ResourceExhausted, StorageError
 from cowbranchd.run import run
+from cowbranchd.safefs import fsync_dir
 
 __all__ = [
     "SIDECAR",
@@ -198,13 +199,8 @@ def write_sidecar(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if not durable:
-        return
-    dirfd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    if durable:
+        fsync_dir(volume)
 
 
 # -- simple quotas ---------------------------------------------------------------
